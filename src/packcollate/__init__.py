@@ -1,0 +1,11 @@
+"""packcollate: padding-free training for transformer language models.
+
+    from packcollate import PackedCollator
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=PackedCollator())
+"""
+
+from .collate import CollateStats, PackedCollator, PaddedCollator
+
+__version__ = "0.1.0"
+
+__all__ = ["CollateStats", "PackedCollator", "PaddedCollator", "__version__"]

@@ -1,0 +1,337 @@
+"""Collators: `PackedCollator` (one row, no padding) and `PaddedCollator` (the baseline).
+
+Both share the same label semantics, so a packed and a padded batch of the same examples train on
+exactly the same target tokens:
+
+- labels are the examples' `labels`, or a copy of `input_ids`;
+- the first token of every sequence gets `separator_id` (-100): nothing predicts it;
+- with `completion_only_loss`, tokens masked by `completion_mask` / `assistant_masks` or before a
+  `response_template` get -100;
+- the length policy (`max_seq_length`, `overflow`) applies to each sequence, never to the packed row.
+
+A packed batch of `k` sequences of lengths `l_0 … l_{k-1}` (`N = sum(l_i)`, plus the padding segment
+of `pad_to_multiple_of` when set):
+
+| key | shape, dtype | value |
+| --- | --- | --- |
+| `input_ids` | `(1, N)` int64 | the tokens, in order |
+| `labels` | `(1, N)` int64 | as above |
+| `position_ids` | `(1, N)` int64 | `0 … l_i-1` per sequence, `+ position_ids_start` |
+| `cu_seq_lens_q`, `cu_seq_lens_k` | `(k+1,)` int32 | `[0, l_0, l_0+l_1, …, N]` |
+| `max_length_q`, `max_length_k` | Python int | `max(l_i)` |
+| `seq_idx` | `(1, N)` int32, when asked | sequence index of each token |
+
+No `attention_mask` is emitted: with one, transformers ignores the packing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+from .features import MASK_KEYS, flatten_features
+from .lengths import check_length_policy, plan_lengths
+from .masking import IGNORE_INDEX, TEMPLATE_MISSING_POLICIES, as_template, template_label_mask
+
+logger = logging.getLogger("packcollate")
+
+RETURN_TENSORS = ("pt", "np")
+
+
+@dataclass
+class CollateStats:
+    """Running counts over every batch a collator has made (reset with `reset()`).
+
+    With a `DataLoader` using `num_workers > 0` each worker process keeps its own copy.
+    """
+
+    batches: int = 0
+    examples: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    padding_tokens: int = 0
+    truncated_sequences: int = 0
+    truncated_tokens: int = 0
+    dropped_sequences: int = 0
+    dropped_tokens: int = 0
+    split_sequences: int = 0
+    missing_template: int = 0
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, 0)
+
+
+@dataclass
+class PreparedBatch:
+    """Validated examples after masking and the length policy, before layout.
+
+    Attributes:
+        tokens: per-token arrays `(N,)`: `input_ids`, `labels` (int64) and extra per-token keys.
+        lengths: `(k,)` int64 sequence lengths (k sequences after the length policy).
+        passthrough: per-example values of `passthrough_keys`.
+    """
+
+    tokens: dict[str, np.ndarray]
+    lengths: np.ndarray
+    passthrough: dict[str, list]
+
+
+@dataclass(kw_only=True)
+class _Collator:
+    """Options shared by both collators (documented on `PackedCollator`)."""
+
+    max_seq_length: int | None = None
+    overflow: str = "truncate"
+    completion_only_loss: bool = True
+    response_template: Sequence[int] | None = None
+    instruction_template: Sequence[int] | None = None
+    on_missing_template: str = "mask"
+    separator_id: int = IGNORE_INDEX
+    passthrough_keys: Sequence[str] = ()
+    return_tensors: str = "pt"
+    stats: CollateStats = field(default_factory=CollateStats, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_length_policy(self.max_seq_length, self.overflow)
+        if self.return_tensors not in RETURN_TENSORS:
+            raise ValueError(f"return_tensors: expected one of {RETURN_TENSORS}, got {self.return_tensors!r}")
+        if self.on_missing_template not in TEMPLATE_MISSING_POLICIES:
+            raise ValueError(
+                f"on_missing_template: expected one of {TEMPLATE_MISSING_POLICIES}, got {self.on_missing_template!r}"
+            )
+        self._response = as_template(self.response_template, "response_template")
+        self._instruction = as_template(self.instruction_template, "instruction_template")
+        if self._instruction is not None and self._response is None:
+            raise ValueError("instruction_template: expected a response_template too, got only an instruction_template")
+        self.passthrough_keys = tuple(self.passthrough_keys)
+        self._warned: set[str] = set()
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning("%s (reported once; running counts in collator.stats)", message)
+
+    def _trained_mask(self, flat) -> np.ndarray | None:
+        """`(N,)` bool of tokens trained on by completion-only rules, or None when all are."""
+        if not self.completion_only_loss:
+            return None
+        trained = None
+        for key in MASK_KEYS:
+            if key in flat.tokens:
+                trained = flat.tokens[key] if trained is None else trained & flat.tokens[key]
+        if self._response is not None:
+            by_template, missing = template_label_mask(
+                flat.tokens["input_ids"], flat.segment_lengths, self._response, self._instruction
+            )
+            if missing.any():
+                self.stats.missing_template += int(missing.sum())
+                first = int(flat.segment_example[np.flatnonzero(missing)[0]])
+                message = (
+                    f"example {first}: expected the response_template {self._response.tolist()} in every example, "
+                    f"got {int(missing.sum())} of {len(missing)} sequences without it"
+                )
+                if self.on_missing_template == "error":
+                    raise ValueError(message)
+                self._warn_once("missing_template", message + "; their labels are all masked")
+            trained = by_template if trained is None else trained & by_template
+        return trained
+
+    def prepare(self, features: Sequence[Mapping]) -> PreparedBatch:
+        """Validate `features`, build labels, apply the length policy (shared by both layouts)."""
+        flat = flatten_features(features, self.passthrough_keys)
+        tokens = flat.tokens
+        labels = tokens["labels"].copy() if "labels" in tokens else tokens["input_ids"].copy()
+        trained = self._trained_mask(flat)
+        if trained is not None:
+            labels[~trained] = IGNORE_INDEX
+        out = {key: value for key, value in tokens.items() if key not in MASK_KEYS}
+        out["labels"] = labels
+
+        plan = plan_lengths(flat.segment_lengths, self.max_seq_length, self.overflow, flat.segment_example)
+        if plan.keep is not None:
+            out = {key: value[plan.keep] for key, value in out.items()}
+        lengths = plan.lengths
+        if plan.truncated_segments:
+            self.stats.truncated_sequences += plan.truncated_segments
+            self.stats.truncated_tokens += plan.truncated_tokens
+            self._warn_once("truncate", f"truncated {plan.truncated_segments} sequences longer than "
+                            f"max_seq_length={self.max_seq_length} ({plan.truncated_tokens} tokens removed)")
+        if plan.dropped_segments:
+            self.stats.dropped_sequences += plan.dropped_segments
+            self.stats.dropped_tokens += plan.dropped_tokens
+            self._warn_once("drop", f"dropped {plan.dropped_segments} sequences longer than "
+                            f"max_seq_length={self.max_seq_length} ({plan.dropped_tokens} tokens)")
+        if plan.split_segments:
+            self.stats.split_sequences += plan.split_segments
+        if len(lengths) == 0:
+            raise ValueError(
+                f"every example of the batch is longer than max_seq_length={self.max_seq_length} and "
+                f"overflow='drop' removed them all; got lengths {flat.segment_lengths.tolist()}"
+            )
+        starts = np.cumsum(lengths) - lengths
+        out["labels"][starts] = self.separator_id
+        self.stats.batches += 1
+        self.stats.examples += len(flat.example_lengths)
+        self.stats.sequences += len(lengths)
+        self.stats.tokens += int(lengths.sum())
+        self.stats.trained_tokens += int(np.count_nonzero(out["labels"] != IGNORE_INDEX))
+        return PreparedBatch(out, lengths, flat.passthrough)
+
+    def _finish(self, batch: dict, passthrough: dict[str, list], return_tensors: str | None) -> dict:
+        """Convert numpy arrays to the requested tensor type; add passthrough values."""
+        return_tensors = return_tensors or self.return_tensors
+        if return_tensors not in RETURN_TENSORS:
+            raise ValueError(f"return_tensors: expected one of {RETURN_TENSORS}, got {return_tensors!r}")
+        if return_tensors == "pt":
+            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        for key, values in passthrough.items():
+            try:
+                batch[key] = torch.as_tensor(values) if return_tensors == "pt" else np.asarray(values)
+            except (TypeError, ValueError, RuntimeError):
+                batch[key] = values  # non-numeric or ragged: a plain list, one entry per example
+        return batch
+
+
+@dataclass(kw_only=True)
+class PackedCollator(_Collator):
+    """Concatenate a batch of examples into one row for padding-free training.
+
+    Use as `Trainer(data_collator=PackedCollator())` or `DataLoader(collate_fn=PackedCollator())`.
+    The output follows the table in this module's docstring.
+
+    Args:
+        max_seq_length: longest sequence (example) allowed; None for no limit. Bounds each example,
+            not the packed row.
+        overflow: what to do with a longer sequence: `"truncate"` (default), `"split"`, `"drop"` or
+            `"error"` (see `packcollate.lengths`). Truncated and dropped tokens are counted in `stats`
+            and reported once in the log.
+        completion_only_loss: apply `completion_mask` / `assistant_masks` and the templates to the
+            labels (default True); when False, those keys are ignored and every token is trained on.
+        response_template: token ids that open an answer; tokens up to and including its first
+            occurrence in each example are not trained on.
+        instruction_template: token ids that open a user turn (multi-turn); with it, every user turn
+            up to the end of the next response template is masked.
+        on_missing_template: `"mask"` (default: the example is not trained on, counted in
+            `stats.missing_template`) or `"error"`.
+        separator_id: label of the first token of each sequence (default -100).
+        passthrough_keys: per-example keys returned as a `(k,)` tensor (or a list when not numeric)
+            instead of being rejected.
+        return_tensors: `"pt"` (default) or `"np"`.
+        return_flash_attn_kwargs: emit `cu_seq_lens_q/_k` and `max_length_q/_k` (default True).
+        return_seq_idx: emit `seq_idx` `(1, N)` int32, for SSM / short-convolution layers.
+        position_ids_start: first position id of every sequence (2 for RoBERTa-style models).
+        pad_to_multiple_of: append one padding segment (labels -100, its own `cu_seq_lens` entry,
+            `seq_idx` k) so that N is a multiple of this; for static shapes or tensor/context parallel.
+        pad_token_id: token id of that padding segment.
+
+    Attributes:
+        stats: `CollateStats`, running counts (examples, tokens, truncated, dropped, split, …).
+    """
+
+    return_flash_attn_kwargs: bool = True
+    return_seq_idx: bool = False
+    position_ids_start: int = 0
+    pad_to_multiple_of: int | None = None
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pad_to_multiple_of is not None and (
+            not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
+        ):
+            raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
+
+    def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict:
+        """Pack `features` (a list of `k` example dicts) into one row; see the class docstring."""
+        prepared = self.prepare(features)
+        tokens, lengths = prepared.tokens, prepared.lengths
+        n_tokens = int(lengths.sum())
+        if self.pad_to_multiple_of:
+            pad = -n_tokens % self.pad_to_multiple_of
+            if pad:
+                fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+                tokens = {
+                    k: np.concatenate([v, np.full(pad, fill.get(k, 0), dtype=v.dtype)]) for k, v in tokens.items()
+                }
+                lengths = np.append(lengths, pad)
+                self.stats.padding_tokens += pad
+        cu_seq_lens = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cu_seq_lens[1:])
+        total = int(cu_seq_lens[-1])
+        position_ids = np.arange(total, dtype=np.int64) - np.repeat(cu_seq_lens[:-1], lengths)
+        if self.position_ids_start:
+            position_ids += self.position_ids_start
+
+        batch = {key: value[None] for key, value in tokens.items()}
+        batch["position_ids"] = position_ids[None]
+        if self.return_flash_attn_kwargs:
+            cu32 = cu_seq_lens.astype(np.int32)
+            batch["cu_seq_lens_q"] = cu32
+            batch["cu_seq_lens_k"] = cu32.copy()
+            batch["max_length_q"] = batch["max_length_k"] = int(lengths.max())
+        if self.return_seq_idx:
+            batch["seq_idx"] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)[None]
+        return self._finish(batch, prepared.passthrough, return_tensors)
+
+
+@dataclass(kw_only=True)
+class PaddedCollator(_Collator):
+    """The baseline: one right-padded row per sequence, with `PackedCollator`'s label semantics.
+
+    Takes the same label and length options as `PackedCollator`. A pre-packed row (`seq_lengths`)
+    becomes one padded row per sub-sequence, so the batch holds exactly the sequences a packed batch
+    keeps apart.
+
+    Output, for `k` sequences padded to `L` (the longest, rounded up to `pad_to_multiple_of`):
+    `input_ids` `(k, L)` int64 (pad: `pad_token_id`), `labels` `(k, L)` int64 (pad: -100),
+    `attention_mask` `(k, L)` int64, extra per-token keys `(k, L)` (pad: 0), and `position_ids`
+    `(k, L)` int64 when `return_position_ids`.
+
+    Args:
+        pad_token_id: token id for padding.
+        pad_to_multiple_of: round `L` up to a multiple of this.
+        return_position_ids: also emit `position_ids` (`0 … l_i-1`, then 0 on padding).
+    """
+
+    pad_token_id: int = 0
+    pad_to_multiple_of: int | None = None
+    return_position_ids: bool = False
+
+    @classmethod
+    def like(cls, collator: _Collator, **overrides) -> PaddedCollator:
+        """A padded collator with the label and length options of `collator` (e.g. a `PackedCollator`)."""
+        shared = {f.name: getattr(collator, f.name) for f in fields(_Collator) if f.init}
+        if hasattr(collator, "pad_token_id"):
+            shared["pad_token_id"] = collator.pad_token_id
+        return cls(**{**shared, **overrides})
+
+    def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict:
+        """Pad `features` into a `(k, L)` batch; see the class docstring."""
+        prepared = self.prepare(features)
+        lengths = prepared.lengths
+        width = int(lengths.max())
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+        batch = {}
+        for key, value in prepared.tokens.items():
+            padded = np.full((len(lengths), width), fill.get(key, 0), dtype=value.dtype)
+            padded[rows, cols] = value
+            batch[key] = padded
+        attention_mask = np.zeros((len(lengths), width), dtype=np.int64)
+        attention_mask[rows, cols] = 1
+        batch["attention_mask"] = attention_mask
+        if self.return_position_ids:
+            position_ids = np.zeros((len(lengths), width), dtype=np.int64)
+            position_ids[rows, cols] = cols
+            batch["position_ids"] = position_ids
+        self.stats.padding_tokens += len(lengths) * width - int(lengths.sum())
+        return self._finish(batch, prepared.passthrough, return_tensors)
