@@ -4,7 +4,10 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=PackedCollator())
 """
 
+from . import attention
 from .collate import CollateStats, PackedCollator, PaddedCollator
+
+attention.register()
 
 __version__ = "0.1.0"
 

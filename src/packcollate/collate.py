@@ -42,6 +42,29 @@ logger = logging.getLogger("packcollate")
 RETURN_TENSORS = ("pt", "np")
 
 
+_ARANGE = np.arange(1 << 16, dtype=np.int64)
+
+
+def _cumulative(lengths: np.ndarray) -> np.ndarray:
+    """`(k+1,)` int64 `[0, l_0, l_0+l_1, …]` from `(k,)` lengths."""
+    cu_seq_lens = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu_seq_lens[1:])
+    return cu_seq_lens
+
+
+def _positions(cu_seq_lens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`(N,)` int64 position of each token in its sequence: `0 … l_i-1` for every sequence.
+
+    `arange(N) - repeat(starts, lengths)`, computed in place from a cached `arange` (one pass fewer).
+    """
+    global _ARANGE
+    total = int(cu_seq_lens[-1])
+    if total > len(_ARANGE):
+        _ARANGE = np.arange(1 << total.bit_length(), dtype=np.int64)
+    positions = np.repeat(cu_seq_lens[:-1], lengths)
+    return np.subtract(_ARANGE[:total], positions, out=positions)
+
+
 @dataclass
 class CollateStats:
     """Running counts over every batch a collator has made (reset with `reset()`).
@@ -53,7 +76,6 @@ class CollateStats:
     examples: int = 0
     sequences: int = 0
     tokens: int = 0
-    trained_tokens: int = 0
     padding_tokens: int = 0
     truncated_sequences: int = 0
     truncated_tokens: int = 0
@@ -74,11 +96,13 @@ class PreparedBatch:
     Attributes:
         tokens: per-token arrays `(N,)`: `input_ids`, `labels` (int64) and extra per-token keys.
         lengths: `(k,)` int64 sequence lengths (k sequences after the length policy).
+        cu_seq_lens: `(k+1,)` int64, `[0, l_0, l_0+l_1, …, N]`.
         passthrough: per-example values of `passthrough_keys`.
     """
 
     tokens: dict[str, np.ndarray]
     lengths: np.ndarray
+    cu_seq_lens: np.ndarray
     passthrough: dict[str, list]
 
 
@@ -174,14 +198,13 @@ class _Collator:
                 f"every example of the batch is longer than max_seq_length={self.max_seq_length} and "
                 f"overflow='drop' removed them all; got lengths {flat.segment_lengths.tolist()}"
             )
-        starts = np.cumsum(lengths) - lengths
-        out["labels"][starts] = self.separator_id
+        cu_seq_lens = _cumulative(lengths)
+        out["labels"][cu_seq_lens[:-1]] = self.separator_id
         self.stats.batches += 1
         self.stats.examples += len(flat.example_lengths)
         self.stats.sequences += len(lengths)
-        self.stats.tokens += int(lengths.sum())
-        self.stats.trained_tokens += int(np.count_nonzero(out["labels"] != IGNORE_INDEX))
-        return PreparedBatch(out, lengths, flat.passthrough)
+        self.stats.tokens += int(cu_seq_lens[-1])
+        return PreparedBatch(out, lengths, cu_seq_lens, flat.passthrough)
 
     def _finish(self, batch: dict, passthrough: dict[str, list], return_tensors: str | None) -> dict:
         """Convert numpy arrays to the requested tensor type; add passthrough values."""
@@ -250,21 +273,18 @@ class PackedCollator(_Collator):
     def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict:
         """Pack `features` (a list of `k` example dicts) into one row; see the class docstring."""
         prepared = self.prepare(features)
-        tokens, lengths = prepared.tokens, prepared.lengths
-        n_tokens = int(lengths.sum())
+        tokens, lengths, cu_seq_lens = prepared.tokens, prepared.lengths, prepared.cu_seq_lens
         if self.pad_to_multiple_of:
-            pad = -n_tokens % self.pad_to_multiple_of
+            pad = -int(cu_seq_lens[-1]) % self.pad_to_multiple_of
             if pad:
                 fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
                 tokens = {
                     k: np.concatenate([v, np.full(pad, fill.get(k, 0), dtype=v.dtype)]) for k, v in tokens.items()
                 }
                 lengths = np.append(lengths, pad)
+                cu_seq_lens = np.append(cu_seq_lens, cu_seq_lens[-1] + pad)
                 self.stats.padding_tokens += pad
-        cu_seq_lens = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=cu_seq_lens[1:])
-        total = int(cu_seq_lens[-1])
-        position_ids = np.arange(total, dtype=np.int64) - np.repeat(cu_seq_lens[:-1], lengths)
+        position_ids = _positions(cu_seq_lens, lengths)
         if self.position_ids_start:
             position_ids += self.position_ids_start
 
@@ -319,7 +339,7 @@ class PaddedCollator(_Collator):
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         rows = np.repeat(np.arange(len(lengths)), lengths)
-        cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        cols = _positions(prepared.cu_seq_lens, lengths)
         fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
         batch = {}
         for key, value in prepared.tokens.items():
@@ -333,5 +353,5 @@ class PaddedCollator(_Collator):
             position_ids = np.zeros((len(lengths), width), dtype=np.int64)
             position_ids[rows, cols] = cols
             batch["position_ids"] = position_ids
-        self.stats.padding_tokens += len(lengths) * width - int(lengths.sum())
+        self.stats.padding_tokens += len(lengths) * width - int(prepared.cu_seq_lens[-1])
         return self._finish(batch, prepared.passthrough, return_tensors)

@@ -194,7 +194,7 @@ def flatten_features(features: Sequence[Mapping], passthrough_keys: Sequence[str
     """
     keys = _check_keys(features)
     ids, lengths = concat_key(features, "input_ids")
-    if np.any(lengths == 0):
+    if not lengths.all():
         i = int(np.flatnonzero(lengths == 0)[0])
         raise ValueError(f"example {i}, key 'input_ids': expected at least one token, got 0 tokens")
     if ids.min() < 0:
