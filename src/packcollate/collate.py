@@ -218,6 +218,9 @@ class _Collator:
                 batch[key] = torch.as_tensor(values) if return_tensors == "pt" else np.asarray(values)
             except (TypeError, ValueError, RuntimeError):
                 batch[key] = values  # non-numeric or ragged: a plain list, one entry per example
+            else:
+                if isinstance(batch[key], np.ndarray) and batch[key].dtype.kind not in "biufc":
+                    batch[key] = values  # numpy accepts strings and objects; keep "np" like "pt": a list
         return batch
 
 
@@ -322,6 +325,13 @@ class PaddedCollator(_Collator):
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
     return_position_ids: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pad_to_multiple_of is not None and (
+            not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
+        ):
+            raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
 
     @classmethod
     def like(cls, collator: _Collator, **overrides) -> PaddedCollator:

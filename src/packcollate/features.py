@@ -47,7 +47,7 @@ class FlatFeatures:
 
 def _describe(value) -> str:
     """A short description of a value for error messages: its type and, when short, the value."""
-    text = repr(value)
+    text = repr(value.item() if isinstance(value, np.generic) else value)  # 3, not np.int64(3)
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"
@@ -103,14 +103,23 @@ def concat_key(features: Sequence[Mapping], key: str, *, integer: bool = True, m
     Raises ValueError naming the example for a scalar, nested, ragged or non-integer value.
     """
     values = [_to_numpy(f[key]) for f in features]
+    allowed = "iub" if mask else ("iu" if integer else "iubf")
     try:
         lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-        flat = np.concatenate(values)
+        # One array per example (the conversion np.concatenate would do anyway), so that each example's
+        # dtype is checked before promotion: a bool example among int ones would otherwise become ints,
+        # and an empty list (float64) would turn the whole key into floats.
+        arrays = [np.asarray(v) for v in values]
+        nonempty = [a for a in arrays if a.size]
+        flat = np.concatenate(nonempty or arrays)
     except (TypeError, ValueError):
         _diagnose_sequence(values, key, integer=integer, mask=mask)
         raise  # pragma: no cover - the diagnosis always finds the culprit
-    allowed = "iub" if mask else ("iu" if integer else "iubf")
-    if flat.ndim != 1 or flat.shape[0] != lengths.sum() or (flat.size and flat.dtype.kind not in allowed):
+    if (
+        flat.ndim != 1
+        or flat.shape[0] != lengths.sum()
+        or any(a.dtype.kind not in allowed for a in nonempty)
+    ):
         _diagnose_sequence(values, key, integer=integer, mask=mask)
         # A well-formed value of each example that still concatenates wrongly: mixed kinds across examples.
         raise ValueError(f"key {key!r}: expected {'integers' if integer else 'numbers'} in every example, "
@@ -227,7 +236,7 @@ def flatten_features(features: Sequence[Mapping], passthrough_keys: Sequence[str
             if bad.any():
                 t = int(np.flatnonzero(bad)[0])
                 i, j = _example_of_token(t, lengths)
-                raise ValueError(f"example {i}, key {key!r}: expected 0/1 values, got {values[t]!r} at position {j}")
+                raise ValueError(f"example {i}, key {key!r}: expected 0/1 values, got {values[t].item()!r} at position {j}")
             values = values.astype(bool, copy=False)
         if key == "attention_mask":
             if not values.all():

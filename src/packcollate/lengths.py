@@ -72,7 +72,10 @@ def plan_lengths(
     if overflow == "error":
         s = int(np.flatnonzero(over)[0])
         example = int(segment_example[s]) if segment_example is not None else s
-        where = f"example {example}" + (f" (sub-sequence {s})" if segment_example is not None and s != example else "")
+        where = f"example {example}"
+        if segment_example is not None and not np.array_equal(segment_example, identity):
+            # a pre-packed row: name the sub-sequence by its index inside the row, as `seq_lengths` lists it
+            where += f" (sub-sequence {s - int(np.searchsorted(segment_example, example))})"
         raise ValueError(
             f"{where}, key 'input_ids': expected at most max_seq_length={max_seq_length} tokens, got {int(lengths[s])}; "
             f"choose overflow='truncate', 'split' or 'drop' to handle long examples"

@@ -1,0 +1,20 @@
+"""Integrations with training frameworks; nothing in the core imports from here.
+
+- `PackedTrainer`, `PackingTrainerMixin`: Hugging Face `Trainer` (`packcollate.integrations.trainer`).
+- `PackedSFTTrainer`: TRL's `SFTTrainer` (`packcollate.integrations.trl`; needs the `trl` extra).
+- `count_label_tokens`, `micro_batches`: the token-mean loss in plain PyTorch / accelerate loops
+  (`packcollate.integrations.loops`).
+"""
+
+from .loops import count_label_tokens, micro_batches
+from .trainer import PackedTrainer, PackingTrainerMixin
+
+__all__ = ["PackedTrainer", "PackingTrainerMixin", "count_label_tokens", "micro_batches"]
+
+
+def __getattr__(name):
+    if name == "PackedSFTTrainer":  # lazy: trl is an optional extra
+        from .trl import PackedSFTTrainer
+
+        return PackedSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,56 @@
+"""The token-mean loss in plain PyTorch / accelerate loops (the `Trainer` does this by itself).
+
+With padding-free batches the number of examples, and of label tokens, varies from micro-batch to
+micro-batch. Averaging each micro-batch's mean loss would weigh a token of a short batch more than
+a token of a long one; the padded loss is the mean over *all* label tokens of the optimizer step.
+So: count the step's label tokens over its micro-batches and over the ranks, have the model sum
+its token losses and divide by that count, and undo DDP's averaging of gradients over ranks:
+
+    for step in micro_batches(loader, accumulation_steps):
+        n = count_label_tokens(step)                            # all micro-batches, all ranks
+        for batch in step:
+            loss = model(**batch, num_items_in_batch=n).loss    # sum over tokens / n
+            (loss * world_size).backward()                      # DDP averages over ranks
+        optimizer.step(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from ..masking import IGNORE_INDEX
+
+
+def count_label_tokens(batches: Iterable[dict], *, across_ranks: bool = True) -> torch.Tensor:
+    """Label tokens (next-token targets) of `batches`, summed over ranks when `torch.distributed` runs.
+
+    A target is a label other than -100 at positions `1 …` of a row (the model shifts labels: the
+    first position of a row is never predicted). Returns a 0-d int64 tensor on the labels' device.
+    """
+    total = None
+    for batch in batches:
+        labels = batch["labels"]
+        count = (labels[..., 1:] != IGNORE_INDEX).sum()
+        total = count if total is None else total + count
+    if total is None:
+        raise ValueError("batches: expected at least one batch with 'labels', got none")
+    if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return total
+
+
+def micro_batches(loader: Iterable[dict], accumulation_steps: int) -> Iterator[list[dict]]:
+    """Group `loader`'s batches into lists of `accumulation_steps` (one list per optimizer step;
+    the last list may be shorter)."""
+    if accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps: expected a positive int, got {accumulation_steps!r}")
+    step: list[dict] = []
+    for batch in loader:
+        step.append(batch)
+        if len(step) == accumulation_steps:
+            yield step
+            step = []
+    if step:
+        yield step

@@ -1,0 +1,169 @@
+"""Hugging Face `Trainer` integration: packed batches, token-budget batching, packing guard.
+
+    from packcollate.integrations import PackedTrainer
+
+    trainer = PackedTrainer(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds,
+                            max_tokens_per_batch=16384)          # optional: token-budget batches
+    trainer.train()
+
+`PackingTrainerMixin` works in front of any `Trainer` subclass (TRL's `SFTTrainer` too, see
+`packcollate.integrations.trl`). On top of the plain `Trainer` it:
+
+- uses `PackedCollator()` when no `data_collator` is given;
+- keeps the columns the collator reads (`completion_mask`, `assistant_masks`, `seq_lengths`, its
+  `passthrough_keys`) through `remove_unused_columns`, which would otherwise drop them silently
+  because the model's `forward` does not name them (the prompt would then be trained on);
+- with `max_tokens_per_batch`, batches training (and, with `eval_max_tokens_per_batch`, evaluation)
+  by a `TokenBudgetBatchSampler`, one plan per rank, re-planned every epoch;
+- with `check_packing=True` (default), runs `assert_packing_safe` on the model at train start.
+
+The loss needs nothing extra: `Trainer` divides the summed token loss of every micro-batch by the
+label tokens of the whole optimizer step, gathered over gradient accumulation and over ranks
+(`num_items_in_batch`, `average_tokens_across_devices`), so a packed run gets exactly the padded
+run's token-mean loss and gradients (tested with 2 ranks in `tests/test_trainer_integration.py`).
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+
+from ..collate import PackedCollator, _Collator
+from ..features import MASK_KEYS
+from ..sampler import TokenBudgetBatchSampler
+
+#: Columns a packcollate collator reads besides the model's own inputs.
+COLLATOR_COLUMNS = ("input_ids", "labels", "seq_lengths", *MASK_KEYS)
+
+
+def collator_columns(collator) -> list[str]:
+    """Dataset columns `collator` reads: `COLLATOR_COLUMNS` plus its `passthrough_keys`."""
+    if not isinstance(collator, _Collator):
+        return []
+    return [*COLLATOR_COLUMNS, *collator.passthrough_keys]
+
+
+def example_lengths(dataset, column: str = "input_ids") -> list[int] | object:
+    """Tokens of each example: the `length` column when the dataset has one, else `len(input_ids)`.
+
+    A `datasets.Dataset` is measured in Arrow (one vectorised call), not row by row.
+    """
+    names = getattr(dataset, "column_names", None)
+    if names is not None and "length" in names:
+        return dataset["length"]
+    if names is not None and column in names:
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(dataset.data.column(column)).to_numpy()
+    return [len(example[column]) for example in dataset]
+
+
+class _SetEpoch(TrainerCallback):
+    """Re-plan the token-budget batches at every epoch (accelerate does not forward `set_epoch`
+    to a wrapped batch sampler in every version)."""
+
+    def __init__(self, sampler: TokenBudgetBatchSampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(int(state.epoch or 0))
+
+
+class PackingTrainerMixin:
+    """Packed batches for a `Trainer` subclass; put it first: `class T(PackingTrainerMixin, Trainer)`.
+
+    Args:
+        max_tokens_per_batch: token budget of one training micro-batch on one rank; None (default)
+            keeps the Trainer's fixed `per_device_train_batch_size`.
+        eval_max_tokens_per_batch: the same for evaluation (in dataset order); None keeps
+            `per_device_eval_batch_size`.
+        budget_strategy: `"bfd"` (default), `"ffd"` or `"greedy"` (see `TokenBudgetBatchSampler`).
+        check_packing: prove at train start that the model's attention backend keeps packed
+            examples apart (`packcollate.compat.assert_packing_safe`); default True.
+        data_collator: default `PackedCollator()`. The trainer is built with its own default
+            collator and this one swapped in afterwards (TRL refuses custom collators in
+            padding-free mode, which this collator provides).
+        All other arguments go to the Trainer.
+    """
+
+    def __init__(
+        self,
+        *args,
+        data_collator=None,
+        max_tokens_per_batch: int | None = None,
+        eval_max_tokens_per_batch: int | None = None,
+        budget_strategy: str = "bfd",
+        check_packing: bool = True,
+        **kwargs,
+    ):
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.eval_max_tokens_per_batch = eval_max_tokens_per_batch
+        self.budget_strategy = budget_strategy
+        super().__init__(*args, **kwargs)
+        self.data_collator = data_collator if data_collator is not None else PackedCollator()
+        if check_packing:
+            from .guard import PackingGuardCallback
+
+            self.add_callback(PackingGuardCallback(collator=self.data_collator))
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in collator_columns(self.data_collator):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def _budget_dataloader(self, dataset, description: str, max_tokens: int, training: bool) -> DataLoader:
+        """A DataLoader whose batches are planned by a rank-aware `TokenBudgetBatchSampler`."""
+        import datasets
+
+        collator = self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description=description)
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description=description)
+        sampler = TokenBudgetBatchSampler(
+            example_lengths(dataset),
+            max_tokens,
+            shuffle=training,
+            seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
+            strategy=self.budget_strategy,
+            num_replicas=max(1, self.args.world_size),
+            rank=self.args.process_index if self.args.world_size > 1 else 0,
+            overflow="own_batch",
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
+        )
+        loader = self.accelerator.prepare(loader)
+        # The sampler already gives each rank its own batches: make accelerate's shard a passthrough.
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+            shard.num_processes, shard.process_index = 1, 0
+        if training:
+            self.callback_handler.callbacks = [c for c in self.callback_handler.callbacks if not isinstance(c, _SetEpoch)]
+            self.add_callback(_SetEpoch(sampler))
+        return loader
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.max_tokens_per_batch is None or self.train_dataset is None:
+            return super().get_train_dataloader()
+        return self._budget_dataloader(self.train_dataset, "training", self.max_tokens_per_batch, training=True)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        if self.eval_max_tokens_per_batch is None:
+            return super().get_eval_dataloader(eval_dataset)
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        return self._budget_dataloader(dataset, "evaluation", self.eval_max_tokens_per_batch, training=False)
+
+
+class PackedTrainer(PackingTrainerMixin, Trainer):
+    """`transformers.Trainer` with packed batches (see `PackingTrainerMixin` for the extra arguments)."""

@@ -1,0 +1,30 @@
+"""TRL `SFTTrainer` integration: `PackedSFTTrainer`, TRL's dataset preparation with our collator.
+
+    from packcollate.integrations.trl import PackedSFTTrainer
+
+    trainer = PackedSFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds,
+                               processing_class=tokenizer, data_collator=PackedCollator(max_seq_length=2048))
+
+TRL prepares the data as usual (prompt/completion -> `labels` with the prompt masked, conversations
+-> `assistant_masks`, `packing=True` with the BFD strategy -> pre-packed rows with `seq_lengths`);
+our collator packs the batches. TRL refuses a custom collator whenever it runs padding-free
+(`padding_free=True`, or `packing=True` with BFD): `PackedSFTTrainer` lets TRL build its own
+collator and swaps ours in afterwards, so both work.
+"""
+
+from __future__ import annotations
+
+try:
+    from trl import SFTTrainer
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "packcollate.integrations.trl needs TRL: pip install 'packcollate[trl]' (or pip install trl)"
+    ) from error
+
+from .trainer import PackingTrainerMixin
+
+
+class PackedSFTTrainer(PackingTrainerMixin, SFTTrainer):
+    """TRL's `SFTTrainer` with packcollate's collator (default `PackedCollator()`), token-budget
+    batches and packing guard (see `PackingTrainerMixin`). Leave `padding_free` off in `SFTConfig`:
+    the collator does the padding-free packing."""

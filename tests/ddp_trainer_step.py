@@ -1,0 +1,32 @@
+"""Worker for test_trainer_integration: one PackedTrainer step on 2 ranks, weight change saved by rank 0.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_trainer_step.py OUT.pt
+"""
+
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_trainer_integration import arguments, prompt_completion_dataset, tiny_model  # noqa: E402
+
+from packcollate.integrations import PackedTrainer  # noqa: E402
+
+
+def main(out: str) -> None:
+    dataset = prompt_completion_dataset()
+    total = sum(len(x) for x in dataset["input_ids"])
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = arguments(out + ".dir", ddp_backend="gloo", max_steps=-1, num_train_epochs=1,
+                     gradient_accumulation_steps=8)
+    trainer = PackedTrainer(model=model, args=args, train_dataset=dataset, max_tokens_per_batch=total // 4 + 40,
+                            optimizers=(torch.optim.SGD(model.parameters(), lr=1.0), None), check_packing=False)
+    trainer.train()
+    assert trainer.state.global_step == 1, trainer.state.global_step
+    if trainer.args.process_index == 0:
+        torch.save({n: p.detach() - before[n] for n, p in model.named_parameters()}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

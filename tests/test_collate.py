@@ -1,0 +1,630 @@
+"""PackedCollator and PaddedCollator, option by option.
+
+Each test states one rule of the packed-batch contract (docs: /DESIGN.md, `packcollate.collate`) on a
+small hand-written batch whose expected output can be read off directly.
+"""
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from packcollate import CollateStats, PackedCollator, PaddedCollator
+
+IGNORE = -100
+
+# Three examples of lengths 3, 2, 4: N = 9, cu_seq_lens = [0, 3, 5, 9], max length 4.
+FEATURES = [
+    {"input_ids": [11, 12, 13]},
+    {"input_ids": [21, 22]},
+    {"input_ids": [31, 32, 33, 34]},
+]
+IDS = [11, 12, 13, 21, 22, 31, 32, 33, 34]
+POSITIONS = [0, 1, 2, 0, 1, 0, 1, 2, 3]
+CU = [0, 3, 5, 9]
+
+TOKEN_KEYS = ("input_ids", "labels", "position_ids")
+FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def to_numpy(batch: dict) -> dict:
+    """The batch with tensors as numpy arrays (other values unchanged), for easy comparison."""
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def row(batch: dict, key: str) -> list:
+    """The single packed row of `key` as a list."""
+    value = to_numpy(batch)[key]
+    assert value.shape[0] == 1
+    return value[0].tolist()
+
+
+def assert_batches_equal(a: dict, b: dict) -> None:
+    """Same keys, same types, same dtypes, same values."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert type(a[key]) is type(b[key]), key
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype, key
+            assert torch.equal(a[key], b[key]), key
+        elif isinstance(a[key], np.ndarray):
+            assert a[key].dtype == b[key].dtype, key
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+def warnings_of(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "packcollate" and r.levelno == logging.WARNING]
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout and its types
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_batch_is_one_row_with_restarting_positions():
+    """Tokens in order, positions restart per example, first label of each example -100, no pad."""
+    batch = to_numpy(PackedCollator()(FEATURES))
+    assert set(batch) == {*TOKEN_KEYS, *FLASH_KEYS}
+    assert row(batch, "input_ids") == IDS
+    assert row(batch, "position_ids") == POSITIONS
+    assert row(batch, "labels") == [IGNORE, 12, 13, IGNORE, 22, IGNORE, 32, 33, 34]
+    assert batch["cu_seq_lens_q"].tolist() == CU
+    assert batch["cu_seq_lens_k"].tolist() == CU
+    assert batch["max_length_q"] == batch["max_length_k"] == 4
+
+
+@pytest.mark.parametrize("return_seq_idx", [False, True])
+def test_pt_types_and_dtypes(return_seq_idx):
+    """"pt": (1, N) int64 tokens, (k+1,) int32 cu_seq_lens, Python int max lengths, (1, N) int32 seq_idx."""
+    batch = PackedCollator(return_seq_idx=return_seq_idx)(FEATURES)
+    for key in TOKEN_KEYS:
+        assert isinstance(batch[key], torch.Tensor), key
+        assert batch[key].dtype == torch.int64, key
+        assert tuple(batch[key].shape) == (1, 9), key
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert isinstance(batch[key], torch.Tensor)
+        assert batch[key].dtype == torch.int32
+        assert tuple(batch[key].shape) == (4,)
+    for key in ("max_length_q", "max_length_k"):
+        assert type(batch[key]) is int
+    if return_seq_idx:
+        assert isinstance(batch["seq_idx"], torch.Tensor)
+        assert batch["seq_idx"].dtype == torch.int32
+        assert tuple(batch["seq_idx"].shape) == (1, 9)
+    else:
+        assert "seq_idx" not in batch
+
+
+@pytest.mark.parametrize("per_call", [False, True], ids=["constructor", "per_call"])
+def test_np_types_and_dtypes(per_call):
+    """"np" (set on the collator or per call): the same layout as numpy arrays."""
+    if per_call:
+        batch = PackedCollator(return_seq_idx=True)(FEATURES, return_tensors="np")
+    else:
+        batch = PackedCollator(return_seq_idx=True, return_tensors="np")(FEATURES)
+    for key in TOKEN_KEYS:
+        assert isinstance(batch[key], np.ndarray), key
+        assert batch[key].dtype == np.int64, key
+        assert batch[key].shape == (1, 9), key
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert isinstance(batch[key], np.ndarray)
+        assert batch[key].dtype == np.int32
+        assert batch[key].shape == (4,)
+    assert type(batch["max_length_q"]) is int and type(batch["max_length_k"]) is int
+    assert isinstance(batch["seq_idx"], np.ndarray)
+    assert batch["seq_idx"].dtype == np.int32 and batch["seq_idx"].shape == (1, 9)
+
+
+def test_per_call_return_tensors_overrides_the_collator():
+    """return_tensors="pt" per call wins over a collator built with "np", and gives the same values."""
+    collator = PackedCollator(return_tensors="np", return_seq_idx=True)
+    pt = collator(FEATURES, return_tensors="pt")
+    assert isinstance(pt["input_ids"], torch.Tensor)
+    assert_batches_equal(to_numpy(pt), collator(FEATURES))
+
+
+def test_cu_seq_lens_q_and_k_are_independent_tensors():
+    """Writing to one of cu_seq_lens_q/_k (in place, as some kernels' wrappers do) leaves the other."""
+    batch = PackedCollator()(FEATURES)
+    batch["cu_seq_lens_q"][1] = 99
+    assert batch["cu_seq_lens_k"].tolist() == CU
+
+
+def test_seq_idx_is_example_index_of_each_token():
+    batch = PackedCollator(return_seq_idx=True)(FEATURES)
+    assert row(batch, "seq_idx") == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+
+
+def test_return_flash_attn_kwargs_false_omits_cu_seq_lens_and_max_length():
+    batch = PackedCollator(return_flash_attn_kwargs=False)(FEATURES)
+    assert set(batch) == set(TOKEN_KEYS)
+    assert row(batch, "position_ids") == POSITIONS
+
+
+def test_position_ids_start_offsets_every_example():
+    """position_ids_start=2 (RoBERTa-style): every example counts from 2; nothing else changes."""
+    base = to_numpy(PackedCollator()(FEATURES))
+    batch = to_numpy(PackedCollator(position_ids_start=2)(FEATURES))
+    assert row(batch, "position_ids") == [p + 2 for p in POSITIONS]
+    assert row(batch, "labels") == row(base, "labels")
+    assert batch["cu_seq_lens_q"].tolist() == CU
+
+
+def test_separator_id_labels_the_first_token_of_each_example():
+    batch = PackedCollator(separator_id=-1)(FEATURES)
+    assert row(batch, "labels") == [-1, 12, 13, -1, 22, -1, 32, 33, 34]
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------------------------
+
+
+def test_labels_absent_are_a_copy_of_input_ids():
+    batch = PackedCollator()(FEATURES)
+    labels = row(batch, "labels")
+    assert labels[1:3] == IDS[1:3] and labels[6:] == IDS[6:]
+    # a copy, not a view: writing labels leaves input_ids
+    batch["labels"][0, 1] = 0
+    assert row(batch, "input_ids") == IDS
+
+
+def test_labels_given_are_used_and_their_first_token_masked():
+    features = [
+        {"input_ids": [1, 2, 3], "labels": [7, 8, IGNORE]},
+        {"input_ids": [4, 5], "labels": [9, 10]},
+    ]
+    batch = PackedCollator()(features)
+    assert row(batch, "labels") == [IGNORE, 8, IGNORE, IGNORE, 10]
+    assert row(batch, "input_ids") == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("key", ["completion_mask", "assistant_masks"])
+def test_mask_key_masks_prompt_tokens_and_is_not_emitted(key):
+    """A 0 in completion_mask / assistant_masks means "not trained on": label -100."""
+    features = [
+        {"input_ids": [1, 2, 3, 4], key: [0, 0, 1, 1]},
+        {"input_ids": [5, 6, 7], key: [0, 1, 0]},
+    ]
+    batch = PackedCollator()(features)
+    assert row(batch, "labels") == [IGNORE, IGNORE, 3, 4, IGNORE, 6, IGNORE]
+    assert key not in batch
+
+
+def test_completion_mask_and_assistant_masks_combine_with_and():
+    features = [{"input_ids": [1, 2, 3, 4, 5], "completion_mask": [1, 1, 1, 0, 1], "assistant_masks": [1, 0, 1, 1, 1]}]
+    batch = PackedCollator()(features)
+    assert row(batch, "labels") == [IGNORE, IGNORE, 3, IGNORE, 5]
+
+
+def test_completion_mask_applies_on_top_of_given_labels():
+    features = [{"input_ids": [1, 2, 3, 4], "labels": [10, 20, IGNORE, 40], "completion_mask": [1, 0, 1, 1]}]
+    batch = PackedCollator()(features)
+    assert row(batch, "labels") == [IGNORE, IGNORE, IGNORE, 40]
+
+
+@pytest.mark.parametrize("key", ["completion_mask", "assistant_masks"])
+def test_completion_only_loss_false_ignores_masks(key):
+    """completion_only_loss=False: every token trained on (but the first), mask keys dropped."""
+    features = [{"input_ids": [1, 2, 3, 4], key: [0, 0, 0, 1]}, {"input_ids": [5, 6], key: [0, 0]}]
+    batch = PackedCollator(completion_only_loss=False)(features)
+    assert row(batch, "labels") == [IGNORE, 2, 3, 4, IGNORE, 6]
+    assert key not in batch
+
+
+def test_completion_only_loss_false_ignores_response_template():
+    features = [{"input_ids": [1, 9, 2, 3]}]
+    batch = PackedCollator(response_template=[9], completion_only_loss=False)(features)
+    assert row(batch, "labels") == [IGNORE, 9, 2, 3]
+
+
+def test_response_template_masks_up_to_and_including_its_first_occurrence():
+    features = [{"input_ids": [1, 7, 8, 2, 7, 8, 3]}, {"input_ids": [7, 8, 4]}]
+    batch = PackedCollator(response_template=[7, 8])(features)
+    assert row(batch, "labels") == [IGNORE, IGNORE, IGNORE, 2, 7, 8, 3, IGNORE, IGNORE, 4]
+
+
+def test_instruction_template_masks_every_user_turn():
+    """Multi-turn: from each instruction template to the end of the next response template is masked."""
+    ids = [5, 1, 7, 8, 2, 3, 5, 4, 7, 8, 6]
+    #      U  u  R  R  a  a  U  u  R  R  a
+    batch = PackedCollator(response_template=[7, 8], instruction_template=[5])([{"input_ids": ids}])
+    assert row(batch, "labels") == [IGNORE, IGNORE, IGNORE, IGNORE, 2, 3, IGNORE, IGNORE, IGNORE, IGNORE, 6]
+
+
+def test_response_template_never_matches_across_two_examples():
+    """A template split over the boundary of two examples is not a match (both examples are missing it)."""
+    collator = PackedCollator(response_template=[7, 8])
+    batch = collator([{"input_ids": [1, 7]}, {"input_ids": [8, 2]}])
+    assert row(batch, "labels") == [IGNORE] * 4
+    assert collator.stats.missing_template == 2
+
+
+def test_missing_template_masks_the_example_counts_and_warns_once(caplog):
+    collator = PackedCollator(response_template=[9])
+    with caplog.at_level(logging.WARNING, logger="packcollate"):
+        for _ in range(2):
+            batch = collator([{"input_ids": [1, 9, 2]}, {"input_ids": [3, 4, 5]}])
+    assert row(batch, "labels") == [IGNORE, IGNORE, 2, IGNORE, IGNORE, IGNORE]
+    assert collator.stats.missing_template == 2
+    records = warnings_of(caplog)
+    assert len(records) == 1
+    assert "response_template" in records[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-packed rows (`seq_lengths`, TRL's format)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_seq_lengths_split_a_row_into_independent_sequences():
+    """A pre-packed row: positions restart, cu_seq_lens split, first label of every sub-sequence masked."""
+    features = [
+        {"input_ids": [1, 2, 3, 4, 5], "seq_lengths": [2, 3]},
+        {"input_ids": [6, 7, 8], "seq_lengths": [3]},
+    ]
+    collator = PackedCollator(return_seq_idx=True)
+    batch = to_numpy(collator(features))
+    assert "seq_lengths" not in batch
+    assert row(batch, "input_ids") == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert row(batch, "position_ids") == [0, 1, 0, 1, 2, 0, 1, 2]
+    assert row(batch, "labels") == [IGNORE, 2, IGNORE, 4, 5, IGNORE, 7, 8]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 2, 5, 8]
+    assert batch["max_length_q"] == 3
+    assert row(batch, "seq_idx") == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert collator.stats.examples == 2 and collator.stats.sequences == 3
+
+
+def test_seq_lengths_bound_the_response_template_search():
+    """Templates are searched per sub-sequence, like per example."""
+    features = [{"input_ids": [9, 1, 2, 9, 3], "seq_lengths": [3, 2]}]
+    batch = PackedCollator(response_template=[9])(features)
+    assert row(batch, "labels") == [IGNORE, 1, 2, IGNORE, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Length policy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_max_seq_length_bounds_each_example_not_the_row():
+    """A row longer than max_seq_length is fine when every example fits."""
+    collator = PackedCollator(max_seq_length=4, overflow="error")
+    batch = collator(FEATURES)
+    assert row(batch, "input_ids") == IDS
+    assert collator.stats.truncated_sequences == collator.stats.dropped_sequences == 0
+
+
+def test_overflow_truncate_keeps_the_prefix_counts_and_warns_once(caplog):
+    collator = PackedCollator(max_seq_length=3)  # truncate is the default
+    with caplog.at_level(logging.WARNING, logger="packcollate"):
+        first = collator(FEATURES)
+        collator(FEATURES)
+    assert row(first, "input_ids") == [11, 12, 13, 21, 22, 31, 32, 33]
+    assert row(first, "position_ids") == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert row(first, "labels") == [IGNORE, 12, 13, IGNORE, 22, IGNORE, 32, 33]
+    assert first["cu_seq_lens_q"].tolist() == [0, 3, 5, 8]
+    assert first["max_length_q"] == 3
+    assert collator.stats.truncated_sequences == 2 and collator.stats.truncated_tokens == 2
+    records = warnings_of(caplog)
+    assert len(records) == 1
+    assert "truncated" in records[0].getMessage() and "max_seq_length=3" in records[0].getMessage()
+
+
+def test_overflow_drop_removes_long_examples_counts_and_warns_once(caplog):
+    collator = PackedCollator(max_seq_length=3, overflow="drop", return_seq_idx=True)
+    with caplog.at_level(logging.WARNING, logger="packcollate"):
+        first = collator(FEATURES)
+        collator(FEATURES)
+    assert row(first, "input_ids") == [11, 12, 13, 21, 22]
+    assert first["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    assert row(first, "seq_idx") == [0, 0, 0, 1, 1]
+    assert collator.stats.dropped_sequences == 2 and collator.stats.dropped_tokens == 8
+    assert collator.stats.examples == 6 and collator.stats.sequences == 4
+    records = warnings_of(caplog)
+    assert len(records) == 1 and "dropped" in records[0].getMessage()
+
+
+def test_overflow_split_keeps_every_token_in_independent_pieces(caplog):
+    collator = PackedCollator(max_seq_length=2, overflow="split")
+    with caplog.at_level(logging.WARNING, logger="packcollate"):
+        batch = to_numpy(collator(FEATURES))
+    assert row(batch, "input_ids") == IDS
+    assert batch["cu_seq_lens_q"].tolist() == [0, 2, 3, 5, 7, 9]
+    assert row(batch, "position_ids") == [0, 1, 0, 0, 1, 0, 1, 0, 1]
+    assert row(batch, "labels") == [IGNORE, 12, IGNORE, IGNORE, 22, IGNORE, 32, IGNORE, 34]
+    assert batch["max_length_q"] == 2
+    assert collator.stats.split_sequences == 2 and collator.stats.sequences == 5
+    assert collator.stats.truncated_tokens == collator.stats.dropped_tokens == 0
+    assert warnings_of(caplog) == []  # nothing lost, nothing to report
+
+
+def test_overflow_error_raises_for_a_long_example():
+    with pytest.raises(ValueError, match=r"example 2.*max_seq_length=3.*got 4"):
+        PackedCollator(max_seq_length=3, overflow="error")(FEATURES)
+
+
+def test_length_policy_applies_after_masking():
+    """Truncation keeps the labels computed on the whole example (here: the template at its start)."""
+    features = [{"input_ids": [9, 1, 2, 3, 4]}]
+    batch = PackedCollator(response_template=[9], max_seq_length=3)(features)
+    assert row(batch, "labels") == [IGNORE, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# pad_to_multiple_of
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pad_to_multiple_of_appends_one_padding_segment():
+    collator = PackedCollator(pad_to_multiple_of=8, pad_token_id=5, return_seq_idx=True)
+    batch = to_numpy(collator(FEATURES))
+    n = 16
+    assert batch["input_ids"].shape == (1, n)
+    assert row(batch, "input_ids") == IDS + [5] * 7
+    assert row(batch, "labels")[9:] == [IGNORE] * 7
+    assert row(batch, "position_ids") == POSITIONS + list(range(7))
+    assert batch["cu_seq_lens_q"].tolist() == CU + [n]
+    assert batch["cu_seq_lens_k"].tolist() == CU + [n]
+    assert row(batch, "seq_idx") == [0, 0, 0, 1, 1, 2, 2, 2, 2] + [3] * 7
+    # the kernel's max length covers every segment, the padding one included
+    assert batch["max_length_q"] == batch["max_length_k"] == 7
+    assert collator.stats.padding_tokens == 7
+    assert collator.stats.tokens == 9
+
+
+def test_pad_to_multiple_of_adds_nothing_when_already_a_multiple():
+    collator = PackedCollator(pad_to_multiple_of=3)
+    batch = to_numpy(collator(FEATURES))
+    assert row(batch, "input_ids") == IDS
+    assert batch["cu_seq_lens_q"].tolist() == CU
+    assert collator.stats.padding_tokens == 0
+
+
+def test_pad_to_multiple_of_pads_extra_keys_with_zero():
+    features = [{"input_ids": [1, 2, 3], "token_type_ids": [1, 1, 1]}]
+    batch = PackedCollator(pad_to_multiple_of=4)(features)
+    assert row(batch, "token_type_ids") == [1, 1, 1, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra and passthrough keys
+# ---------------------------------------------------------------------------------------------
+
+
+def test_extra_per_token_keys_are_concatenated():
+    features = [
+        {"input_ids": [1, 2, 3], "token_type_ids": [0, 0, 1]},
+        {"input_ids": [4, 5], "token_type_ids": np.array([1, 1], dtype=np.int32)},
+    ]
+    batch = PackedCollator()(features)
+    assert row(batch, "token_type_ids") == [0, 0, 1, 1, 1]
+    assert batch["token_type_ids"].dtype == torch.int64
+    assert tuple(batch["token_type_ids"].shape) == (1, 5)
+
+
+def test_float_extra_keys_stay_float():
+    features = [{"input_ids": [1, 2], "weights": [0.5, 1.0]}, {"input_ids": [3], "weights": [2.0]}]
+    batch = PackedCollator(return_tensors="np")(features)
+    assert batch["weights"].dtype.kind == "f"
+    assert batch["weights"].tolist() == [[0.5, 1.0, 2.0]]
+
+
+def test_extra_keys_follow_the_length_policy():
+    features = [{"input_ids": [1, 2, 3, 4], "token_type_ids": [5, 6, 7, 8]}, {"input_ids": [9], "token_type_ids": [1]}]
+    assert row(PackedCollator(max_seq_length=2)(features), "token_type_ids") == [5, 6, 1]
+    assert row(PackedCollator(max_seq_length=2, overflow="drop")(features), "token_type_ids") == [1]
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_passthrough_keys_are_returned_per_example(return_tensors):
+    """Numeric per-example values become a (k,) tensor/array; non-numeric ones a list."""
+    features = [
+        {"input_ids": [1, 2], "idx": 7, "source": "a"},
+        {"input_ids": [3], "idx": 8, "source": "b"},
+    ]
+    batch = PackedCollator(passthrough_keys=["idx", "source"], return_tensors=return_tensors)(features)
+    array_type = torch.Tensor if return_tensors == "pt" else np.ndarray
+    assert isinstance(batch["idx"], array_type)
+    assert tuple(batch["idx"].shape) == (2,)
+    assert batch["idx"].tolist() == [7, 8]
+    assert batch["source"] == ["a", "b"]
+    assert row(batch, "input_ids") == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_no_attention_mask_is_ever_emitted():
+    """With an attention_mask transformers ignores the packing: never emit one, whatever the options."""
+    features = [{**f, "attention_mask": [1] * len(f["input_ids"])} for f in FEATURES]
+    for options in [
+        {},
+        {"return_seq_idx": True},
+        {"pad_to_multiple_of": 8},
+        {"return_flash_attn_kwargs": False},
+        {"max_seq_length": 2, "overflow": "split"},
+        {"return_tensors": "np"},
+    ]:
+        assert "attention_mask" not in PackedCollator(**options)(features), options
+        assert "attention_mask" not in PackedCollator(**options)(FEATURES), options
+
+
+def test_all_ones_attention_mask_is_accepted_and_changes_nothing():
+    features = [{**f, "attention_mask": [1] * len(f["input_ids"])} for f in FEATURES]
+    as_tensor = [{**f, "attention_mask": torch.ones(len(f["input_ids"]), dtype=torch.int64)} for f in FEATURES]
+    expected = PackedCollator(return_seq_idx=True)(FEATURES)
+    assert_batches_equal(PackedCollator(return_seq_idx=True)(features), expected)
+    assert_batches_equal(PackedCollator(return_seq_idx=True)(as_tensor), expected)
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_list_numpy_and_torch_inputs_give_identical_output(return_tensors):
+    features = [
+        {"input_ids": [1, 2, 3], "labels": [1, IGNORE, 3], "completion_mask": [0, 1, 1], "token_type_ids": [0, 1, 1]},
+        {"input_ids": [4, 5], "labels": [4, 5], "completion_mask": [1, 1], "token_type_ids": [1, 0]},
+    ]
+    as_numpy = [{k: np.asarray(v) for k, v in f.items()} for f in features]
+    as_int32 = [{k: np.asarray(v, dtype=np.int32) for k, v in f.items()} for f in features]
+    as_torch = [{k: torch.tensor(v) for k, v in f.items()} for f in features]
+    mixed = [as_torch[0], features[1]]
+    collator = PackedCollator(return_seq_idx=True, return_tensors=return_tensors)
+    expected = collator(features)
+    assert row(expected, "labels") == [IGNORE, IGNORE, 3, IGNORE, 5]
+    for other in (as_numpy, as_int32, as_torch, mixed):
+        assert_batches_equal(collator(other), expected)
+
+
+def test_batch_longer_than_65536_tokens_has_correct_positions():
+    """Positions stay right past any internal cache size, and for a short batch afterwards."""
+    lengths = [40_000, 1, 30_000]
+    features = [{"input_ids": np.full(n, 3)} for n in lengths]
+    batch = PackedCollator(return_tensors="np", return_seq_idx=True)(features)
+    expected = np.concatenate([np.arange(n) for n in lengths])
+    np.testing.assert_array_equal(batch["position_ids"][0], expected)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 40_000, 40_001, 70_001]
+    assert batch["max_length_q"] == 40_000
+    assert row(PackedCollator()(FEATURES), "position_ids") == POSITIONS
+
+
+def test_tuple_of_examples_is_accepted():
+    assert_batches_equal(PackedCollator()(tuple(FEATURES)), PackedCollator()(FEATURES))
+
+
+def test_bool_completion_mask_is_accepted():
+    features = [{"input_ids": [1, 2, 3], "completion_mask": [False, True, True]}]
+    assert row(PackedCollator()(features), "labels") == [IGNORE, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stats_count_batches_examples_sequences_and_tokens():
+    collator = PackedCollator(pad_to_multiple_of=4)
+    collator(FEATURES)  # 9 tokens -> 3 padding
+    collator([{"input_ids": [1, 2, 3, 4, 5], "seq_lengths": [2, 3]}])  # 5 tokens -> 3 padding
+    assert collator.stats == CollateStats(batches=2, examples=4, sequences=5, tokens=14, padding_tokens=6)
+    collator.stats.reset()
+    assert collator.stats == CollateStats()
+
+
+def test_stats_are_per_collator():
+    a, b = PackedCollator(), PackedCollator()
+    a(FEATURES)
+    assert a.stats.batches == 1 and b.stats.batches == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# PaddedCollator
+# ---------------------------------------------------------------------------------------------
+
+
+def test_padded_collator_shapes_padding_and_attention_mask():
+    collator = PaddedCollator(pad_token_id=0)
+    batch = to_numpy(collator(FEATURES))
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    for key in batch:
+        assert batch[key].shape == (3, 4) and batch[key].dtype == np.int64, key
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 0], [21, 22, 0, 0], [31, 32, 33, 34]]
+    assert batch["labels"].tolist() == [
+        [IGNORE, 12, 13, IGNORE],
+        [IGNORE, 22, IGNORE, IGNORE],
+        [IGNORE, 32, 33, 34],
+    ]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert collator.stats.padding_tokens == 3
+
+
+def test_padded_collator_position_ids_and_pad_to_multiple_of():
+    batch = PaddedCollator(pad_token_id=9, return_position_ids=True, pad_to_multiple_of=3)(FEATURES)
+    assert isinstance(batch["position_ids"], torch.Tensor) and batch["position_ids"].dtype == torch.int64
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 1, 2, 3, 0, 0]]
+    assert batch["input_ids"][1].tolist() == [21, 22, 9, 9, 9, 9]
+    assert int(batch["attention_mask"].sum()) == 9
+
+
+def test_padded_collator_makes_one_row_per_sub_sequence():
+    features = [{"input_ids": [1, 2, 3, 4, 5], "seq_lengths": [2, 3]}]
+    batch = PaddedCollator(return_tensors="np")(features)
+    assert batch["input_ids"].tolist() == [[1, 2, 0], [3, 4, 5]]
+    assert batch["labels"].tolist() == [[IGNORE, 2, IGNORE], [IGNORE, 4, 5]]
+
+
+def test_padded_collator_pads_extra_keys_with_zero():
+    features = [{"input_ids": [1, 2], "token_type_ids": [3, 3]}, {"input_ids": [4], "token_type_ids": [5]}]
+    batch = PaddedCollator()(features)
+    assert batch["token_type_ids"].tolist() == [[3, 3], [5, 0]]
+
+
+def test_padded_like_shares_the_label_and_length_options():
+    packed = PackedCollator(
+        max_seq_length=3,
+        overflow="drop",
+        completion_only_loss=False,
+        response_template=[7],
+        instruction_template=[8],
+        on_missing_template="error",
+        separator_id=-1,
+        passthrough_keys=("idx",),
+        return_tensors="np",
+        pad_token_id=4,
+        pad_to_multiple_of=64,
+        position_ids_start=2,
+    )
+    padded = PaddedCollator.like(packed)
+    for name in (
+        "max_seq_length",
+        "overflow",
+        "completion_only_loss",
+        "response_template",
+        "instruction_template",
+        "on_missing_template",
+        "separator_id",
+        "passthrough_keys",
+        "return_tensors",
+        "pad_token_id",
+    ):
+        assert getattr(padded, name) == getattr(packed, name), name
+    assert padded.pad_to_multiple_of is None  # a packed row's padding is not a padded batch's width
+    assert PaddedCollator.like(packed, pad_token_id=0, return_position_ids=True).pad_token_id == 0
+
+
+def test_padded_like_gives_the_same_labels():
+    packed = PackedCollator(response_template=[7], separator_id=-1, max_seq_length=4, overflow="split")
+    padded = PaddedCollator.like(packed)
+    features = [{"input_ids": [1, 7, 2, 3, 4, 5]}, {"input_ids": [7, 6]}, {"input_ids": [1, 2, 3]}]
+    p = to_numpy(packed(features))
+    q = to_numpy(padded(features))
+    assert row(p, "labels") == q["labels"][q["attention_mask"] == 1].tolist()
+    assert row(p, "labels") == [-1, IGNORE, 2, 3, -1, 5, -1, 6, -1, IGNORE, IGNORE]
+
+
+def test_padded_collator_passthrough_keys():
+    features = [{"input_ids": [1, 2], "idx": 3}, {"input_ids": [4], "idx": 5}]
+    batch = PaddedCollator(passthrough_keys=["idx"])(features)
+    assert batch["idx"].tolist() == [3, 5]
+
+
+def test_collators_do_not_modify_features():
+    features = [
+        {"input_ids": np.array([1, 2, 3]), "labels": torch.tensor([1, 2, 3]), "completion_mask": [0, 1, 1]},
+        {"input_ids": np.array([4, 5]), "labels": torch.tensor([4, 5]), "completion_mask": [1, 1]},
+    ]
+    before = copy.deepcopy(features)
+    for collator in (PackedCollator(pad_to_multiple_of=4), PaddedCollator()):
+        batch = collator(features)
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                value.fill_(77)  # the output shares no memory with the input
+    for f, b in zip(features, before):
+        np.testing.assert_array_equal(f["input_ids"], b["input_ids"])
+        assert torch.equal(f["labels"], b["labels"])
+        assert f["completion_mask"] == b["completion_mask"]
