@@ -6,9 +6,10 @@
 
 from . import attention
 from .collate import CollateStats, PackedCollator, PaddedCollator
+from .sampler import TokenBudgetBatchSampler
 
 attention.register()
 
 __version__ = "0.1.0"
 
-__all__ = ["CollateStats", "PackedCollator", "PaddedCollator", "__version__"]
+__all__ = ["CollateStats", "PackedCollator", "PaddedCollator", "TokenBudgetBatchSampler", "__version__"]

@@ -14,6 +14,7 @@ import sys
 
 # subcommand -> (module that implements it, one-line help)
 COMMANDS = {
+    "stats": ("packcollate.stats", "length distribution of every split, padding waste, recommended max_seq_length"),
     "demo": ("packcollate.demo", "fine-tune a tiny model padded and packed on embedded data; compare speed and loss"),
 }
 

@@ -105,3 +105,102 @@ def plan_lengths(
     last = np.cumsum(pieces) - 1
     new_lengths[last] = lengths - max_seq_length * (pieces - 1)
     return LengthPlan(None, new_lengths, np.repeat(identity, pieces), split_segments=int(over.sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Length statistics (`packcollate stats`)
+# ---------------------------------------------------------------------------------------------
+
+#: Config attributes that hold a model's context length, in the order they are read
+#: (`seq_length` is ChatGLM's name, `n_positions` GPT-2's).
+CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length")
+PERCENTILES = (10, 50, 90, 99)
+
+
+def context_length(config) -> tuple[int | None, str | None]:
+    """The model's context length and the config attribute it came from, or `(None, None)`.
+
+    Reads `CONTEXT_KEYS` on the config, then on its text sub-config (multimodal configs).
+    With padding-free batches, each example (not the packed row) must fit in it.
+    """
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for cfg in configs:
+        for key in CONTEXT_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, key
+    return None, None
+
+
+@dataclass
+class LengthStats:
+    """Summary of one split's example lengths.
+
+    Attributes:
+        count, min, max: number of examples and extreme lengths.
+        mean: mean length.
+        percentiles: `{p: length}` for `PERCENTILES`.
+        over: examples longer than the `max_seq_length` asked about (0 when none was given).
+        padded_tokens, real_tokens: tokens computed with random fixed-size batches padded to their
+            longest example, and tokens that are real; `padded_tokens / real_tokens` is the speed-up
+            packing can give.
+    """
+
+    count: int
+    min: int
+    max: int
+    mean: float
+    percentiles: dict[int, int]
+    over: int
+    padded_tokens: int
+    real_tokens: int
+
+    @property
+    def padding_waste(self) -> float:
+        """Fraction of computed tokens that are padding."""
+        return 1.0 - self.real_tokens / self.padded_tokens
+
+    @property
+    def packed_speedup(self) -> float:
+        """Padded tokens per real token: the ideal speed-up of packing over padding."""
+        return self.padded_tokens / self.real_tokens
+
+
+def padded_tokens(lengths: np.ndarray, batch_size: int, seed: int = 0) -> int:
+    """Tokens computed when `lengths` `(n,)` are shuffled into batches of `batch_size`, each padded
+    to its longest example (the last batch may be smaller)."""
+    shuffled = np.random.default_rng(seed).permutation(np.asarray(lengths, dtype=np.int64))
+    starts = np.arange(0, len(shuffled), batch_size)
+    longest = np.maximum.reduceat(shuffled, starts)
+    sizes = np.diff(np.append(starts, len(shuffled)))
+    return int((longest * sizes).sum())
+
+
+def length_stats(lengths, batch_size: int = 8, max_seq_length: int | None = None, seed: int = 0) -> LengthStats:
+    """Summarise example lengths `(n,)`; see `LengthStats`."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size == 0:
+        raise ValueError("lengths: expected at least one example, got none")
+    return LengthStats(
+        count=int(lengths.size),
+        min=int(lengths.min()),
+        max=int(lengths.max()),
+        mean=float(lengths.mean()),
+        percentiles={p: int(np.percentile(lengths, p, method="higher")) for p in PERCENTILES},
+        over=int((lengths > max_seq_length).sum()) if max_seq_length else 0,
+        padded_tokens=padded_tokens(lengths, batch_size, seed),
+        real_tokens=int(lengths.sum()),
+    )
+
+
+def recommend_max_seq_length(
+    split_lengths: dict, context_limit: int | None = None, headroom: float = 0.05, multiple: int = 64
+) -> int:
+    """A `max_seq_length` covering the longest example of every split, with `headroom`, rounded up
+    to `multiple`, and capped at the model's `context_limit` (then the longer examples need the
+    length policy: see the per-split counts)."""
+    longest = max(int(np.max(lengths)) for lengths in split_lengths.values())
+    recommended = int(-(-longest * (1 + headroom) // multiple) * multiple)
+    return min(recommended, context_limit) if context_limit else recommended

@@ -1,0 +1,257 @@
+"""`packcollate stats`: how long are the examples of every split, and what would packing save?
+
+    packcollate stats train.jsonl valid.jsonl --batch-size 8 --max-seq-length 2048 --model ./my-model
+    packcollate stats ./saved_dataset_dir --tokenizer ./my-model --plot lengths.png
+
+DATA is one or more JSONL or Parquet files (each file is a split, named by its file name), a folder
+of such files, or a folder written by `datasets`' `save_to_disk` (every split it holds). Lengths
+come from a `length` or `input_ids` column, or from tokenizing `text`, `prompt`+`completion` or
+`messages` with `--tokenizer` (a local folder, or a name already in the local Hugging Face cache:
+nothing is downloaded). Prints, per split: the length distribution, the padding waste of random
+batches of `--batch-size`, the speed-up packing can give, and how many examples exceed
+`--max-seq-length`; then a recommended `max_seq_length` covering every split and the model's
+context limit (`--model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .lengths import PERCENTILES, context_length, length_stats, recommend_max_seq_length
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+TEXT_FIELDS = ("text", "prompt", "completion", "messages")
+
+
+def _tqdm(iterable, **kwargs):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are a nicety
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+def read_splits(paths: list[str]) -> dict[str, object]:
+    """`{split name: rows}`: rows are a list of dicts (JSONL) or a `datasets.Dataset`."""
+    splits: dict[str, object] = {}
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"DATA: expected a JSONL/Parquet file or a folder, got {raw!r} (no such path)")
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+            splits.update(_load_saved(path))
+        elif path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
+            if not files:
+                raise ValueError(f"DATA: expected {DATA_SUFFIXES} files or a save_to_disk folder in {raw!r}, got none")
+            for file in files:
+                splits[file.stem] = _read_file(file)
+        else:
+            splits[path.stem] = _read_file(path)
+    return splits
+
+
+def _read_file(path: Path):
+    if path.suffix == ".parquet":
+        try:
+            import datasets
+        except ImportError as error:
+            raise ImportError("reading Parquet needs the datasets extra: pip install 'packcollate[datasets]'") from error
+        return datasets.Dataset.from_parquet(str(path))
+    if path.suffix not in (".jsonl", ".json"):
+        raise ValueError(f"DATA: expected a file ending in {DATA_SUFFIXES}, got {str(path)!r}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(_tqdm(f, desc=f"reading {path.name}", unit=" lines", leave=False), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number}: expected one JSON object per line, got {error}") from None
+    return rows
+
+
+def _load_saved(path: Path) -> dict:
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("reading a save_to_disk folder needs the datasets extra: pip install 'packcollate[datasets]'") from error
+    loaded = datasets.load_from_disk(str(path))
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {path.name: loaded}
+
+
+def _columns(rows) -> list[str]:
+    if hasattr(rows, "column_names"):
+        return list(rows.column_names)
+    return list(rows[0].keys()) if rows else []
+
+
+def _column(rows, name: str) -> list:
+    return rows[name] if hasattr(rows, "column_names") else [row[name] for row in rows]
+
+
+def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000) -> np.ndarray:
+    """`(n,)` int64 token count of each example of a split; see the module docstring for the sources."""
+    columns = _columns(rows)
+    if "length" in columns:
+        return np.asarray(_column(rows, "length"), dtype=np.int64)
+    if "input_ids" in columns:
+        if hasattr(rows, "data"):  # Arrow: one vectorised call
+            import pyarrow.compute as pc
+
+            return pc.list_value_length(rows.data.column("input_ids")).to_numpy().astype(np.int64)
+        return np.fromiter((len(ids) for ids in _column(rows, "input_ids")), dtype=np.int64)
+    present = [field for field in TEXT_FIELDS if field in columns]
+    if not present:
+        raise ValueError(
+            f"split {name!r}: expected a 'length' or 'input_ids' column, or text in {TEXT_FIELDS}, got columns {columns}"
+        )
+    if tokenizer is None:
+        raise ValueError(
+            f"split {name!r}: its examples are text ({present}); pass --tokenizer PATH to count their tokens"
+        )
+    lengths = []
+    n = len(rows)
+    for start in _tqdm(range(0, n, chunk), desc=f"tokenizing {name}", unit=" chunks", leave=False):
+        part = rows[start : start + chunk] if hasattr(rows, "column_names") else None
+        get = (lambda key: part[key]) if part is not None else (lambda key: [r[key] for r in rows[start : start + chunk]])
+        if "messages" in present:
+            ids = tokenizer.apply_chat_template(get("messages"), tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        elif "prompt" in present and "completion" in present:
+            ids = [p + c for p, c in zip(tokenizer(get("prompt"))["input_ids"],
+                                         tokenizer(get("completion"), add_special_tokens=False)["input_ids"])]
+        else:
+            ids = tokenizer(get(present[0]))["input_ids"]
+        lengths.extend(len(x) for x in ids)
+    return np.asarray(lengths, dtype=np.int64)
+
+
+def _load_tokenizer(name: str | None):
+    if name is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except OSError as error:
+        raise ValueError(f"--tokenizer: expected a local folder or a name in the local Hugging Face cache, got {name!r} "
+                         f"({error.__class__.__name__}); nothing is downloaded") from None
+
+
+def _model_context(name: str | None, trust_remote_code: bool) -> tuple[int | None, str]:
+    if name is None:
+        return None, "not given (--model)"
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--model: expected a local folder, a config.json or a cached model, got {name!r} "
+                         f"({error.__class__.__name__}: {str(error).splitlines()[0]})") from None
+    limit, key = context_length(config)
+    return limit, (f"{limit} ({key} of {type(config).__name__})" if limit else "unknown (no context length in config)")
+
+
+def report(lengths: dict, batch_size: int, max_seq_length: int | None, context_limit: int | None) -> dict:
+    """Per-split statistics of `{split: (n,) lengths}` and the recommendation, as a JSON-ready dict."""
+    stats = {name: length_stats(split, batch_size, max_seq_length) for name, split in lengths.items()}
+    if len(lengths) > 1:
+        stats["all splits"] = length_stats(np.concatenate(list(lengths.values())), batch_size, max_seq_length)
+    recommended = recommend_max_seq_length(lengths, context_limit)
+    return {
+        "batch_size": batch_size,
+        "max_seq_length": max_seq_length,
+        "context_limit": context_limit,
+        "recommended_max_seq_length": recommended,
+        "over_recommended": {name: int((split > recommended).sum()) for name, split in lengths.items()},
+        "splits": {name: {**vars(s), "padding_waste": s.padding_waste, "packed_speedup": s.packed_speedup}
+                   for name, s in stats.items()},
+    }
+
+
+def format_report(result: dict, context_text: str) -> str:
+    n = result["max_seq_length"]
+    header = (f"{'split':14} {'examples':>9} {'min':>6} " + " ".join(f"{'p' + str(p):>6}" for p in PERCENTILES)
+              + f" {'max':>7} {'mean':>8} {'> ' + str(n) if n else '':>8} {'pad waste@' + str(result['batch_size']):>13}"
+              f" {'packed':>8}")
+    lines = [header]
+    for name, s in result["splits"].items():
+        lines.append(
+            f"{name[:14]:14} {s['count']:9d} {s['min']:6d} " + " ".join(f"{s['percentiles'][p]:6d}" for p in PERCENTILES)
+            + f" {s['max']:7d} {s['mean']:8.1f} {(str(s['over']) if n else ''):>8} {s['padding_waste']:12.1%}"
+            f" {s['packed_speedup']:7.2f}x"
+        )
+    lines.append("")
+    lines.append(f"padded: random batches of {result['batch_size']} padded to their longest example; "
+                 f"packed: the speed-up packing can give (padded tokens / real tokens)")
+    recommended = result["recommended_max_seq_length"]
+    over = {k: v for k, v in result["over_recommended"].items() if v}
+    lines.append(f"recommended max_seq_length: {recommended} (longest example of every split + 5%, multiple of 64"
+                 + (f"; capped at the context limit: {over} examples are longer, handled by the collator's overflow policy)"
+                    if over else ")"))
+    lines.append("  with packing it bounds each example, not the packed row; validation splits count too")
+    lines.append(f"model context limit: {context_text}")
+    if result["context_limit"] and n and n > result["context_limit"]:
+        lines.append(f"  warning: --max-seq-length {n} is longer than the model's context limit {result['context_limit']}")
+    return "\n".join(lines)
+
+
+def plot(splits: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("--plot needs matplotlib: pip install 'packcollate[bench]'") from error
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = max(int(np.max(v)) for v in splits.values())
+    bins = np.linspace(0, top, 60)
+    for name, lengths in splits.items():
+        ax.hist(lengths, bins=bins, alpha=0.5, label=f"{name} ({len(lengths)})")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.legend()
+    ax.set_title("example lengths per split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", nargs="+", metavar="DATA", help="JSONL/Parquet files, or folders of them, or save_to_disk folders")
+    parser.add_argument("--split", action="append", help="only these splits (repeatable); default: every split")
+    parser.add_argument("--max-seq-length", type=int, default=None, help="count the examples longer than this")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size for the padding waste (default 8)")
+    parser.add_argument("--model", default=None, help="model folder or config.json: report its context limit")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or cached name, for text data")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom config code (off by default)")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="write a histogram of the lengths")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    splits = read_splits(args.data)
+    if args.split:
+        missing = sorted(set(args.split) - set(splits))
+        if missing:
+            raise SystemExit(f"--split: expected names among {sorted(splits)}, got {missing}")
+        splits = {name: splits[name] for name in args.split}
+    tokenizer = _load_tokenizer(args.tokenizer)
+    lengths = {name: split_lengths(rows, tokenizer, name) for name, rows in splits.items()}
+    empty = [name for name, values in lengths.items() if values.size == 0]
+    if empty:
+        raise SystemExit(f"DATA: expected examples in every split, got none in {empty}")
+    context_limit, context_text = _model_context(args.model, args.trust_remote_code)
+    result = report(lengths, args.batch_size, args.max_seq_length, context_limit)
+    print(json.dumps(result, indent=2) if args.json else format_report(result, context_text))
+    if args.plot:
+        plot(lengths, args.plot)
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
