@@ -395,3 +395,36 @@ def test_cuda_model_packed_equals_unpacked():
     model = tiny_model("llama").cuda().to(torch.bfloat16)
     result = compare_packed_unpacked(model, features(), reference="unpacked", reference_attn_implementation="eager")
     assert result.max_logit_diff < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Architectures that needed more than the attention function
+# ---------------------------------------------------------------------------------------------
+
+
+def test_falcon_is_exact_through_its_packcollate_attention_class():
+    """Falcon's attention is written inside the model and its mask ignores position_ids: sdpa mixes
+    packed examples; `attn_implementation="packcollate"` picks packcollate's Falcon attention class."""
+    ours = tiny_model("falcon")
+    assert type(ours.transformer.h[0].self_attention).__name__ == "PackcollateFalconAttention"
+    eager = tiny_model("falcon", attn_implementation="eager")
+    eager.load_state_dict(ours.state_dict())
+    batch = PackedCollator()(features())
+    packed = ours(**batch).logits[0]
+    start = 0
+    for example in features():
+        n = len(example["input_ids"])
+        alone = eager(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+        assert torch.allclose(packed[start : start + n], alone, atol=1e-5)
+        start += n
+    sdpa = tiny_model("falcon", attn_implementation="sdpa")
+    sdpa.load_state_dict(ours.state_dict())
+    assert not torch.allclose(sdpa(**batch).logits[0], packed, atol=1e-3)  # the failure this class avoids
+
+
+def test_llama4_chunked_layers_keep_their_chunks():
+    """Chunked-attention layers: a sequence starts at every example (cu_seq_lens) and every chunk (the mask)."""
+    model = tiny_model("llama4_text")
+    assert "chunked_attention" in model.config.layer_types
+    result = compare_packed_unpacked(model, features(), reference_attn_implementation="eager", use_cache=False)
+    assert result.max_logit_diff < 1e-5 and result.max_grad_rel_diff < 1e-5

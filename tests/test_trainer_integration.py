@@ -185,3 +185,19 @@ def test_two_ranks_with_torchrun_equal_padded(padded_reference, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_same_change(padded_reference, torch.load(out))
+
+
+def test_guard_stops_a_contaminating_setup_before_the_first_step(tmp_path):
+    """sdpa with a cache mixes packed examples: PackedTrainer's guard refuses to train."""
+    model = tiny_model("sdpa")
+    trainer = PackedTrainer(model=model, args=arguments(tmp_path, use_cache=True), train_dataset=prompt_completion_dataset())
+    with pytest.raises(RuntimeError, match=r"packed batches are not safe for LlamaForCausalLM with attn_implementation='sdpa'"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_guard_lets_the_packcollate_backend_train(tmp_path):
+    trainer = PackedTrainer(model=tiny_model(), args=arguments(tmp_path, use_cache=True),
+                            train_dataset=prompt_completion_dataset())
+    trainer.train()
+    assert trainer.state.global_step == 1

@@ -6,10 +6,19 @@
 
 from . import attention
 from .collate import CollateStats, PackedCollator, PaddedCollator
+from .compat import assert_packing_safe, check_model
 from .sampler import TokenBudgetBatchSampler
 
 attention.register()
 
 __version__ = "0.1.0"
 
-__all__ = ["CollateStats", "PackedCollator", "PaddedCollator", "TokenBudgetBatchSampler", "__version__"]
+__all__ = [
+    "CollateStats",
+    "PackedCollator",
+    "PaddedCollator",
+    "TokenBudgetBatchSampler",
+    "__version__",
+    "assert_packing_safe",
+    "check_model",
+]

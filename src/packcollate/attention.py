@@ -4,12 +4,13 @@ After `import packcollate`, `attn_implementation="packcollate"` works in `from_p
 `from_config` and `model.set_attn_implementation`. The backend keeps packed examples apart whatever
 the model or cache does:
 
-1. The sequence layout comes, in order of preference, from the `cu_seq_lens_q/_k` and
-   `max_length_q/_k` kwargs the collator emits; from `position_ids` (a new sequence wherever the
-   position does not continue); from the mask this backend registers with transformers'
+1. The sequence layout comes from the `cu_seq_lens_q/_k` and `max_length_q/_k` kwargs the
+   collator emits, and from the mask this backend registers with transformers'
    `AttentionMaskInterface` (it reaches every layer as `attention_mask`, even in models whose
-   layers drop kwargs, and also carries right/left padding of normal batches); otherwise each row
-   of the batch is one sequence. It never depends on `use_cache`.
+   layers drop kwargs; it carries padding of normal batches and the chunks of chunked-attention
+   layers); a sequence starts wherever either says so. Without both, from `position_ids` (a new
+   sequence wherever the position does not continue); otherwise each row of the batch is one
+   sequence. It never depends on `use_cache`.
 2. The kernel is chosen once per call site (device, dtype, features) and reported by `describe()`:
    CUDA + `flash_attn` -> `flash_attn_varlen_func`; CUDA + `torch.nn.attention.varlen.varlen_attn`
    -> PyTorch's own varlen kernel; otherwise exact per-sequence attention (`scaled_dot_product_attention`
@@ -181,15 +182,26 @@ def _layout_from_positions(position_ids: torch.Tensor, batch: int, seq: int) -> 
     return _LAYOUTS.put(position_ids, (batch, seq), _layout_from_starts(starts, None))
 
 
-def _layout_from_sequence_map(sequence_map: torch.Tensor, batch: int, seq: int) -> SequenceLayout:
-    """Layout from this backend's mask: `(B, S)` int32, 0 on padding, a new id at every sequence start."""
-    cached = _LAYOUTS.get(sequence_map, (batch, seq))
+def _layout_from_sequence_map(
+    sequence_map: torch.Tensor, batch: int, seq: int, cu_seq_lens: torch.Tensor | None = None
+) -> SequenceLayout:
+    """Layout from this backend's mask: `(B, S)` int32, 0 on padding, a new id at every sequence start.
+
+    With `cu_seq_lens` too, a sequence starts wherever either says so: the mask can be finer than the
+    examples (chunked-attention layers, Llama 4), and the collator's boundaries are the examples
+    (which the mask does not see when a cache exists).
+    """
+    extra = (batch, seq, None if cu_seq_lens is None else (cu_seq_lens.data_ptr(), cu_seq_lens._version))
+    cached = _LAYOUTS.get(sequence_map, extra)
     if cached is not None:
         return cached
     starts = torch.ones(batch, seq, dtype=torch.bool, device=sequence_map.device)
     starts[:, 1:] = sequence_map[:, 1:] != sequence_map[:, :-1]
+    if cu_seq_lens is not None:
+        _layout_from_cu(cu_seq_lens, None, batch, seq)  # validates that it covers the batch
+        starts.view(-1)[cu_seq_lens[:-1].long()] = True
     layout = _layout_from_starts(starts, sequence_map != 0)
-    return _LAYOUTS.put(sequence_map, (batch, seq), layout)
+    return _LAYOUTS.put(sequence_map, extra, layout)
 
 
 def _is_sequence_map(attention_mask) -> bool:
@@ -202,10 +214,10 @@ def resolve_layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwarg
     if key.shape[2] != seq:
         return None
     cu = kwargs.get("cu_seq_lens_q")
+    if _is_sequence_map(attention_mask):
+        return _layout_from_sequence_map(attention_mask, batch, seq, cu)
     if cu is not None:
         return _layout_from_cu(cu, kwargs.get("max_length_q"), batch, seq)
-    if _is_sequence_map(attention_mask):
-        return _layout_from_sequence_map(attention_mask, batch, seq)
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq:
         return _layout_from_positions(position_ids, batch, seq)
@@ -663,10 +675,49 @@ def packcollate_attention(
     return out.view(batch, seq, heads, out.shape[-1]), None
 
 
+def _falcon_attention_class():
+    """Falcon writes its attention inside the model (no `AttentionInterface`) and builds its mask
+    without `position_ids`, so no backend choice keeps packed examples apart there. This subclass of
+    `FalconAttention` computes the same projections and rotary embeddings, then calls
+    `packcollate_attention` with the `position_ids` Falcon's decoder hands it. ALiBi configs are refused."""
+    from transformers.models.falcon import modeling_falcon as falcon
+
+    class PackcollateFalconAttention(falcon.FalconAttention):
+        def forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None, use_cache=False,
+                    output_attentions=False, position_embeddings=None, **kwargs):
+            if alibi is not None:
+                raise ValueError(
+                    "attn_implementation='packcollate': expected a Falcon config with rotary positions, got alibi=True "
+                    "(ALiBi biases are not supported by the packcollate backend)"
+                )
+            batch, length = hidden_states.shape[:2]
+            kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+            query, key, value = self._split_heads(self.query_key_value(hidden_states))  # (B, S, heads, D)
+            query = query.transpose(1, 2).reshape(batch, self.num_heads, length, self.head_dim)
+            key = key.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim)
+            value = value.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim)
+            cos, sin = position_embeddings
+            query, key = falcon.apply_rotary_pos_emb(query, key, cos, sin)
+            if layer_past is not None:
+                key, value = layer_past.update(key, value, self.layer_idx)
+            # as Falcon's own eager/sdpa paths: scale head_dim ** -0.5, no attention dropout
+            out, _ = packcollate_attention(self, query, key, value, attention_mask, scaling=self.head_dim**-0.5,
+                                           position_ids=position_ids, **kwargs)
+            return self.dense(out.reshape(batch, length, self.num_heads * self.head_dim)), None
+
+    return falcon.FALCON_ATTENTION_CLASSES, PackcollateFalconAttention
+
+
 def register() -> None:
-    """Register the backend and its mask with transformers (done on `import packcollate`)."""
+    """Register the backend and its mask with transformers (done on `import packcollate`), and the
+    Falcon attention class that routes Falcon through it."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(BACKEND_NAME, packcollate_attention)
     AttentionMaskInterface.register(BACKEND_NAME, packcollate_mask)
+    try:
+        classes, falcon_class = _falcon_attention_class()
+    except (ImportError, AttributeError):  # a transformers without Falcon, or with a different layout
+        return
+    classes.setdefault(BACKEND_NAME, falcon_class)

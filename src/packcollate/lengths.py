@@ -112,8 +112,8 @@ def plan_lengths(
 # ---------------------------------------------------------------------------------------------
 
 #: Config attributes that hold a model's context length, in the order they are read
-#: (`seq_length` is ChatGLM's name, `n_positions` GPT-2's).
-CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length")
+#: (`seq_length` is ChatGLM's name, `n_positions` / `n_ctx` GPT-2's).
+CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length", "max_seq_len", "n_ctx")
 PERCENTILES = (10, 50, 90, 99)
 
 

@@ -2,14 +2,16 @@
 
 - `PackedTrainer`, `PackingTrainerMixin`: Hugging Face `Trainer` (`packcollate.integrations.trainer`).
 - `PackedSFTTrainer`: TRL's `SFTTrainer` (`packcollate.integrations.trl`; needs the `trl` extra).
+- `PackingGuardCallback`: stops a `Trainer` run whose attention backend would mix packed examples.
 - `count_label_tokens`, `micro_batches`: the token-mean loss in plain PyTorch / accelerate loops
   (`packcollate.integrations.loops`).
 """
 
+from .guard import PackingGuardCallback
 from .loops import count_label_tokens, micro_batches
 from .trainer import PackedTrainer, PackingTrainerMixin
 
-__all__ = ["PackedTrainer", "PackingTrainerMixin", "count_label_tokens", "micro_batches"]
+__all__ = ["PackedTrainer", "PackingGuardCallback", "PackingTrainerMixin", "count_label_tokens", "micro_batches"]
 
 
 def __getattr__(name):

@@ -104,7 +104,8 @@ class PackingTrainerMixin:
         if check_packing:
             from .guard import PackingGuardCallback
 
-            self.add_callback(PackingGuardCallback(collator=self.data_collator))
+            collator = self.data_collator if isinstance(self.data_collator, PackedCollator) else None
+            self.add_callback(PackingGuardCallback(collator=collator))
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

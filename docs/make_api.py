@@ -1,0 +1,74 @@
+"""Write docs/api.md, the API reference, from the docstrings of the public objects.
+
+    python docs/make_api.py          # rewrite docs/api.md
+    python docs/make_api.py --check  # exit 1 when docs/api.md is out of date (run by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+# (module, [public names]) in reading order
+PUBLIC = [
+    ("packcollate", ["PackedCollator", "PaddedCollator", "CollateStats", "TokenBudgetBatchSampler", "check_model",
+                     "assert_packing_safe"]),
+    ("packcollate.attention", ["BACKEND_NAME", "describe", "packcollate_attention", "packcollate_mask"]),
+    ("packcollate.compat", ["CompatReport", "Finding", "tiny_config", "compare_packed_unpacked", "Equivalence",
+                            "check_all"]),
+    ("packcollate.integrations", ["PackedTrainer", "PackingTrainerMixin", "PackingGuardCallback", "count_label_tokens",
+                                  "micro_batches"]),
+    ("packcollate.integrations.trl", ["PackedSFTTrainer"]),
+    ("packcollate.lengths", ["plan_lengths", "context_length", "length_stats", "LengthStats", "recommend_max_seq_length"]),
+    ("packcollate.masking", ["template_label_mask", "find_template"]),
+    ("packcollate.benchmark", ["run_benchmark"]),
+    ("packcollate.toy", ["char_tokenizer", "arithmetic_problems", "load_arithmetic", "tokenize_prompt_completion"]),
+]
+OUT = Path(__file__).with_name("api.md")
+
+
+def _signature(obj) -> str:
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return ""
+
+
+def render() -> str:
+    lines = ["# API reference", "", "Generated from the docstrings by `python docs/make_api.py`; do not edit by hand.", ""]
+    for module_name, names in PUBLIC:
+        module = importlib.import_module(module_name)
+        lines += [f"## `{module_name}`", ""]
+        summary = inspect.getdoc(module)
+        if summary:
+            lines += [summary.split("\n\n")[0], ""]
+        for name in names:
+            obj = getattr(module, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                kind = "class" if inspect.isclass(obj) else "def"
+                lines += [f"### `{kind} {name}{_signature(obj)}`", "", inspect.getdoc(obj) or "(no docstring)", ""]
+            else:
+                lines += [f"### `{name} = {obj!r}`", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is out of date: run python docs/make_api.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Model compatibility: the static findings, the numeric proof, the CLI, the guard and `--all`.
+
+Every model is a tiny random copy built from a config (CPU, fp32, nothing downloaded). The full
+matrix over every architecture of transformers is a documented command (`packcollate check --all`,
+docs/compatibility.md), not a test.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, TrainerControl
+
+import packcollate  # noqa: F401  (registers the packcollate backend)
+from packcollate import PackedCollator, cli
+from packcollate.compat import (
+    CONTAMINATED,
+    ERROR,
+    EXACT,
+    OK,
+    UNSUPPORTED,
+    WARNING,
+    assert_packing_safe,
+    check_all,
+    check_architecture,
+    check_context_length,
+    check_layout_route,
+    check_model,
+    check_position_ids,
+    check_position_offset,
+    check_recurrent_layers,
+    check_rope_sections,
+    check_use_cache,
+    proof_features,
+    tiny_config,
+)
+from packcollate.integrations.guard import PackingGuardCallback
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, much faster on a shared, loaded machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model(model_type: str, attn_implementation: str = "eager", **overrides):
+    torch.manual_seed(0)
+    config = tiny_config(model_type, **overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def packed_batch(**options) -> dict:
+    return PackedCollator(**options)(proof_features())
+
+
+# --- static findings ------------------------------------------------------------------------------
+
+
+class ForwardWithoutPositions(torch.nn.Module):
+    def forward(self, input_ids, labels=None):
+        return input_ids
+
+
+class ForwardWithKwargs(torch.nn.Module):
+    def forward(self, input_ids, labels=None, **kwargs):
+        return input_ids
+
+
+def test_position_ids_finding():
+    from transformers import LlamaForCausalLM
+
+    assert check_position_ids(LlamaForCausalLM).status == OK
+    hidden = check_position_ids(ForwardWithKwargs)
+    assert hidden.status == WARNING and "only **kwargs" in hidden.message
+    missing = check_position_ids(ForwardWithoutPositions)
+    assert missing.status == ERROR
+    assert "takes no position_ids" in missing.message and "PaddedCollator" in missing.fix
+
+
+def test_layout_route_finding():
+    """cu_seq_lens_q reaches Llama's attention; StableLM's layers drop it (the mask and position_ids
+    still arrive); GPT-J's attention does not go through transformers' AttentionInterface at all."""
+    llama = check_layout_route(tiny_model("llama"), packed_batch())
+    assert llama.status == OK and "cu_seq_lens_q reaches all" in llama.message
+    stablelm = check_layout_route(tiny_model("stablelm"), packed_batch())
+    assert stablelm.status == WARNING and stablelm.note == "kwargs dropped"
+    assert "use_cache=False: mask, position_ids" in stablelm.message
+    assert "attn_implementation='packcollate'" in stablelm.fix
+    gptj = check_layout_route(tiny_model("gptj"), packed_batch())
+    assert gptj.status == WARNING and "AttentionInterface" in gptj.message
+
+
+def test_roberta_position_offset():
+    config = AutoConfig.for_model("roberta")  # pad_token_id=1: positions start at 2
+    for model in (None, tiny_model("roberta", is_decoder=True)):
+        finding = check_position_offset(config, model)
+        assert finding.status == WARNING
+        assert finding.fix == "PackedCollator(position_ids_start=2)"
+    assert check_position_offset(LlamaConfig(), tiny_model("llama")).status == OK
+
+
+def test_multimodal_rope_finding():
+    rope = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}  # as Qwen2-VL ships it
+    qwen2_vl = check_rope_sections(AutoConfig.for_model("qwen2_vl", text_config={"rope_parameters": rope}))
+    assert qwen2_vl.status == WARNING and "mrope_section=[16, 24, 24]" in qwen2_vl.message
+    assert "get_rope_index" in qwen2_vl.fix
+    assert "'qwen2_vl'" in check_rope_sections(AutoConfig.for_model("qwen2_vl")).message  # known by model type
+    with pytest.warns(FutureWarning):  # rope_scaling is the older spelling of rope_parameters
+        generic = PretrainedConfig(rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    assert check_rope_sections(generic).status == WARNING
+    assert check_rope_sections(LlamaConfig()).status == OK
+
+
+def test_recurrent_layers_finding():
+    # config only: Mamba-2 / Jamba layer types say "state along the sequence"; the fix names seq_idx
+    for model_type in ("mamba2", "jamba"):
+        finding = check_recurrent_layers(AutoConfig.for_model(model_type))
+        assert finding.status == WARNING and "PackedCollator(return_seq_idx=True)" in finding.fix
+    # Bamba's mixer reads neither seq_idx nor cu_seq_lens here: its state leaks into the next example
+    bamba = check_recurrent_layers(AutoConfig.for_model("bamba"), tiny_model("bamba"))
+    assert bamba.status == ERROR and "BambaMixer" in bamba.message and "neither seq_idx" in bamba.message
+    # Zamba's mixer reads seq_idx: the collator must emit it
+    zamba = check_recurrent_layers(AutoConfig.for_model("zamba"), tiny_model("zamba"))
+    assert zamba.status == WARNING and zamba.fix == "PackedCollator(return_seq_idx=True)"
+    assert check_recurrent_layers(LlamaConfig(), tiny_model("llama")).status == OK
+
+
+def test_context_length_finding():
+    llama = LlamaConfig(max_position_embeddings=4096)
+    assert check_context_length(llama).status == OK
+    assert check_context_length(llama, 4096).status == OK
+    too_long = check_context_length(llama, 8192)
+    assert too_long.status == ERROR and "max_position_embeddings=4096" in too_long.message
+    assert "PackedCollator(max_seq_length=4096)" in too_long.fix
+    chatglm = PretrainedConfig(seq_length=8192)  # ChatGLM names its context seq_length
+    assert "config.seq_length=8192" in check_context_length(chatglm, 32768).message
+    assert check_context_length(PretrainedConfig(), 10**6).status == OK  # no maximum named
+
+
+def test_use_cache_pitfall_finding():
+    cached = check_use_cache(LlamaConfig(use_cache=True))
+    assert cached.status == WARNING and "model.config.use_cache = False" in cached.fix
+    assert "packcollate" in cached.fix
+    assert check_use_cache(LlamaConfig(use_cache=False)).status == OK
+
+
+def test_tiny_copies_of_architectures_that_needed_care():
+    """Properties without setters (Falcon), nested sub-configs (DBRX), MLA (DeepSeek-V3), Mamba heads
+    (Bamba, Zamba2), per-layer configs (Gemma 4) and composite configs (MusicGen's decoder)."""
+    for model_type in ("falcon", "dbrx", "deepseek_v3", "bamba", "zamba2", "gemma4_text"):
+        model = tiny_model(model_type)
+        assert sum(p.numel() for p in model.parameters()) < 2_000_000, model_type
+        model(input_ids=torch.tensor([proof_features()[1]["input_ids"]]), use_cache=False).logits.sum().backward()
+    assert check_architecture("musicgen", backends=["eager"])["backends"]  # proven on the decoder part
+
+
+# --- numeric proof --------------------------------------------------------------------------------
+
+
+def test_llama_is_exact_with_packcollate_and_sdpa_without_cache():
+    report = check_model("llama", backends=["sdpa", "packcollate"])
+    assert report.architecture == "LlamaForCausalLM" and not report.error
+    packcollate_result, sdpa = report.result("packcollate"), report.result("sdpa")
+    assert [t.verdict for t in packcollate_result.trials] == [EXACT, EXACT]
+    assert packcollate_result.trial(False).max_logit_diff < 1e-5
+    assert report.ok_for("packcollate")
+    # sdpa: exact without a cache, contaminated with one (transformers ignores packing then)
+    assert sdpa.trial(False).verdict == EXACT and sdpa.trial(True).verdict == CONTAMINATED
+    assert sdpa.trial(True).max_logit_diff > 1e-2
+    assert sdpa.verdict == CONTAMINATED and sdpa.note == "contaminated only with use_cache=True"
+    assert report.ok_for("sdpa", use_cache=False) and not report.ok_for("sdpa")
+    table = report.format_table()
+    assert "contaminated only with use_cache=True" in table and "static checks:" in table
+    assert json.loads(json.dumps(report.to_dict()))["backends"][1]["verdict"] == EXACT
+
+
+def test_unsupported_backends_keep_the_error():
+    report = check_model("gemma2", backends=["sdpa", "flex_attention", "packcollate"])
+    sdpa, flex = report.result("sdpa"), report.result("flex_attention")
+    assert sdpa.verdict == UNSUPPORTED and "does not support" in sdpa.note  # Gemma 2 refuses sdpa
+    assert flex.verdict == UNSUPPORTED and flex.trial(False).error  # no flex backward on CPU
+    assert "\n" not in sdpa.trial(False).error
+    assert report.verdict("packcollate") == EXACT
+
+
+def test_roberta_is_proven_with_its_position_offset():
+    report = check_model("roberta", backends=["packcollate"])
+    assert report.collator_options["position_ids_start"] == 2
+    assert report.verdict("packcollate") == EXACT
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_exit_status_follows_the_chosen_backend(capsys):
+    assert cli.main(["check", "llama"]) == 0  # packcollate: exact
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    assert cli.main(["check", "llama", "--backend", "sdpa", "--json"]) == 1  # contaminated with a cache
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["backends"][0]["verdict"] == CONTAMINATED
+    assert cli.main(["check", "llama", "--backend", "packcollate", "--max-seq-length", "100000"]) == 1
+    assert "exceeds config.max_position_embeddings" in capsys.readouterr().out
+    assert cli.main(["check"]) == 2
+
+
+# --- runtime guard --------------------------------------------------------------------------------
+
+
+def test_guard_raises_for_a_contaminating_setup_and_passes_for_packcollate():
+    sdpa = tiny_model("llama", attn_implementation="sdpa")  # config.use_cache=True, the default
+    with pytest.raises(RuntimeError, match=r"LlamaForCausalLM with attn_implementation='sdpa' and use_cache=True"):
+        assert_packing_safe(sdpa)
+    assert_packing_safe(sdpa, use_cache=False)  # what Trainer uses: exact
+    assert_packing_safe(tiny_model("llama", attn_implementation="packcollate"))
+
+
+def test_guard_callback_stops_training():
+    control = TrainerControl()
+    with pytest.raises(RuntimeError, match="differ from the same examples one at a time"):
+        PackingGuardCallback().on_train_begin(None, None, control, model=tiny_model("llama", "sdpa"))
+    assert control.should_training_stop
+    ours = PackingGuardCallback(collator=PackedCollator())
+    assert not ours.on_train_begin(None, None, TrainerControl(), model=tiny_model("llama", "packcollate")).should_training_stop
+
+
+# --- --all machinery --------------------------------------------------------------------------------
+
+
+def breaking_check(model_type, backends, device):
+    """A check that segfaults or hangs on purpose (runs in a worker process)."""
+    if model_type == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if model_type == "hang":
+        time.sleep(600)
+    return check_architecture(model_type, backends, device)
+
+
+def test_check_all_isolates_crashes_and_hangs(tmp_path):
+    document = check_all(
+        ["hang", "segfault", "llama", "gpt2"], backends=["sdpa", "packcollate"], jobs=2, timeout=15,
+        out=tmp_path, check=breaking_check, progress=False, command="test",
+    )
+    entries = {e["model_type"]: e for e in document["architectures"]}
+    assert "killed by SIGSEGV" in entries["segfault"]["error"]
+    assert entries["hang"]["error"] == "timed out after 15 s"
+    assert entries["llama"]["backends"] and entries["gpt2"]["backends"]
+    assert document["summary"]["with_verdict"] == 2
+    assert document["summary"]["counts"]["packcollate use_cache=False"] == {EXACT: 2}
+    markdown = (tmp_path / "compatibility.md").read_text()
+    assert "| `llama` LlamaForCausalLM | exact | exact |" in markdown
+    assert "coverage: 2 of 4 architectures" in markdown and "timed out after 15 s" in markdown
+    assert json.loads((tmp_path / "compatibility.json").read_text())["command"] == "test"

@@ -1,0 +1,46 @@
+"""Every example runs, in its smallest setting (the README points users at them)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def run(*command: str, timeout: int = 300) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_trainer_sft(tmp_path):
+    out = run(sys.executable, "trainer_sft.py", "--steps", "2", "--examples", "48", "--max-tokens", "1500",
+              "--output-dir", str(tmp_path))
+    assert "eval loss" in out
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_trl_sft(tmp_path, packing):
+    pytest.importorskip("trl")
+    out = run(sys.executable, "trl_sft.py", "--steps", "2", "--examples", "48", "--output-dir", str(tmp_path),
+              *(["--packing"] if packing else []))
+    assert "train loss" in out
+
+
+def test_accelerate_loop():
+    out = run(sys.executable, "accelerate_loop.py", "--steps", "2", "--examples", "48")
+    assert "step 2: loss" in out
+
+
+def test_ddp_torchrun_two_processes():
+    out = run("bash", "ddp_torchrun.sh", "--steps", "2", "--examples", "48")
+    assert "x 2 process(es)" in out
+
+
+def test_check_my_model():
+    out = run(sys.executable, "check_my_model.py", "llama")
+    assert "exact" in out
