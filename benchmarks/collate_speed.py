@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from packcollate import PackedCollator
+from packcollate.benchmark import library_versions
 
 SHAPES = [(8, 256), (64, 512), (256, 256)]
 SIGMA = 0.8
@@ -113,7 +114,7 @@ def main(argv=None) -> dict:
         "benchmark": "collate_speed",
         "command": "python benchmarks/collate_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
-        "versions": {"numpy": np.__version__, "torch": torch.__version__, **_versions()},
+        "versions": library_versions("numpy", "torch", "transformers", "trl"),
         "lengths": f"lognormal, sigma {SIGMA}, mean as in shape",
         "repeats": args.repeats,
         "rows": rows,
@@ -124,15 +125,6 @@ def main(argv=None) -> dict:
     print(f"wrote {path}")
     return result
 
-
-def _versions() -> dict:
-    out = {}
-    for name in ("transformers", "trl"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

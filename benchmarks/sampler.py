@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from packcollate.benchmark import library_versions
 from packcollate.sampler import DEFAULT_WINDOW, STRATEGIES, TokenBudgetBatchSampler
 
 # name -> (median, sigma, max) of a lognormal length distribution, rounded and clipped to [1, max].
@@ -158,7 +159,7 @@ def main(argv=None) -> dict:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
-        "versions": {"numpy": np.__version__, "torch": torch.__version__, **_versions()},
+        "versions": library_versions("numpy", "torch", "trl", "datasets"),
         "parameters": {
             "examples": n,
             "trl_examples": n_trl if have_trl else None,
@@ -191,15 +192,6 @@ def print_rows(rows: list[dict], header: bool) -> None:
             f"{r['imbalance_max']:7.3f} {r['imbalance_mean']:6.3f} {plan}"
         )
 
-
-def _versions() -> dict:
-    out = {}
-    for name in ("transformers", "trl", "datasets"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -31,10 +32,12 @@ OUT = Path(__file__).with_name("api.md")
 
 
 def _signature(obj) -> str:
+    """The signature, with function defaults shown by name (no memory addresses)."""
     try:
-        return str(inspect.signature(obj))
+        text = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return ""
+    return re.sub(r"<function (\S+) at 0x[0-9a-f]+>", r"\1", text)
 
 
 def render() -> str:
@@ -46,7 +49,7 @@ def render() -> str:
         if summary:
             lines += [summary.split("\n\n")[0], ""]
         for name in names:
-            obj = getattr(module, name)
+            obj = inspect.unwrap(getattr(module, name))  # functools wrappers (lru_cache) show their function
             if inspect.isclass(obj) or inspect.isfunction(obj):
                 kind = "class" if inspect.isclass(obj) else "def"
                 lines += [f"### `{kind} {name}{_signature(obj)}`", "", inspect.getdoc(obj) or "(no docstring)", ""]

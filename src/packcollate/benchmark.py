@@ -16,9 +16,9 @@ Real training steps (forward, backward, AdamW) of a model built from a config (r
 | `packcollate-budget` | `TokenBudgetBatchSampler(max_tokens)` | `PackedCollator` | `packcollate` |
 | `trl-bfd` | rows of TRL's `pack_dataset(strategy="bfd", seq_length=max_tokens)`, one row a step | `PackedCollator` (reads `seq_lengths`) | `packcollate` |
 
-`max_tokens` is the mean number of tokens a fixed padded batch computes (`--max-tokens` overrides),
-so a budget step costs about what a padded step costs. `trl-bfd` needs TRL and `datasets`; it is
-skipped with a note when they are missing.
+`max_tokens` is the mean number of real tokens of a fixed batch (`--max-tokens` overrides), so a
+budget step does the same work as a packed fixed step, with every step close to that size.
+`trl-bfd` needs TRL and `datasets`; it is skipped with a note when they are missing.
 
 What is measured, per mode:
 - real (non-pad) tokens/s: every batch of the epoch is timed `--repeats` times after `--warmup`
@@ -401,9 +401,9 @@ def build_modes(
 
     examples, lengths = data.examples, data.lengths
     fixed = fixed_batches(len(examples), batch_size)
-    mean_padded = int(math.ceil(np.mean([len(b) * lengths[b].max() for b in fixed])))
-    if max_tokens is None:
-        max_tokens = max(mean_padded, int(lengths.max()))
+    mean_real = int(math.ceil(np.mean([lengths[b].sum() for b in fixed])))
+    if max_tokens is None:  # the same real tokens per step as the fixed batches: same work, balanced steps
+        max_tokens = max(mean_real, int(lengths.max()))
     elif max_tokens < int(lengths.max()):
         raise ValueError(f"--max-tokens: expected at least the longest example ({int(lengths.max())} tokens), "
                          f"got {max_tokens}")
@@ -844,6 +844,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _label_bars(ax, bars, ratios) -> None:
+    """Write each bar's ratio to padded (`1.23x`) above it; None writes nothing."""
+    for bar, ratio in zip(bars, ratios):
+        if ratio is not None:
+            ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+
+
 def plot_result(result: dict, path: Path) -> Path:
     """Two bar charts (real tokens/s, peak memory per mode) into `path` (PNG)."""
     try:
@@ -860,12 +868,7 @@ def plot_result(result: dict, path: Path) -> Path:
     colors = ["#9e9e9e" if n.startswith("padded") else "#4c72b0" if n.startswith("packcollate") else "#dd8452"
               for n in names]
     rates = [modes[n]["tokens_per_s"] for n in names]
-    bars = ax_speed.bar(names, rates, color=colors)
-    for bar, n in zip(bars, names):
-        ratio = modes[n]["speedup_vs_padded"]
-        if ratio is not None:
-            ax_speed.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                              ha="center", va="bottom", fontsize=8)
+    _label_bars(ax_speed, ax_speed.bar(names, rates, color=colors), [modes[n]["speedup_vs_padded"] for n in names])
     if "padded" in modes:
         ideal = modes["padded"]["tokens_per_s"] * result["ideal_speedup"]
         ax_speed.axhline(ideal, color="k", linestyle="--", linewidth=1,
@@ -876,12 +879,7 @@ def plot_result(result: dict, path: Path) -> Path:
     mems = [modes[n]["peak_mem_bytes"] for n in names]
     if any(m is not None for m in mems):
         values = [(m or 0) / 2**20 for m in mems]
-        bars = ax_mem.bar(names, values, color=colors)
-        for bar, n in zip(bars, names):
-            ratio = modes[n]["mem_vs_padded"]
-            if ratio is not None:
-                ax_mem.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=8)
+        _label_bars(ax_mem, ax_mem.bar(names, values, color=colors), [modes[n]["mem_vs_padded"] for n in names])
         ax_mem.set_ylabel("peak memory (MiB)")
     else:
         ax_mem.text(0.5, 0.5, "memory not measured", ha="center", va="center", transform=ax_mem.transAxes)
@@ -962,7 +960,7 @@ def run_benchmark(
         repeats: times every batch is timed; its median counts (default 3 on CPU, 1 on CUDA).
         modes: subset of `MODES` (default all).
         max_tokens: token budget of `packcollate-budget` and TRL's row length (default: the mean
-            tokens of a fixed padded batch).
+            real tokens of a fixed batch, so budget steps do the same work as fixed ones, balanced).
         max_length: truncate examples to this many tokens.
         tokenizer: local tokenizer directory for a file dataset.
         text_field: the field holding the text (default `text`, else prompt/completion, else messages).
@@ -1098,8 +1096,7 @@ def run_benchmark(
                  "completion_only": any("labels" in e for e in data.examples[:1])},
         "model": {"parameters": n_params, "config": {k: v for k, v in PRESETS.get(preset, {}).items()},
                   "vocab_size": int(model.config.vocab_size), "random_init": not load_weights},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__, "packcollate": _version()},
+        "versions": library_versions("torch", "transformers", "trl"),
         "modes": modes_result,
         "loss_check": checks,
         "notes": notes,
@@ -1163,10 +1160,19 @@ def _targets(result: dict, device_type: str) -> list[dict]:
     return found
 
 
-def _version() -> str:
+def library_versions(*names: str) -> dict[str, str]:
+    """`{name: version}` of Python, packcollate and each of `names` that imports (the others are left out)."""
+    import importlib
+
     from . import __version__
 
-    return __version__
+    found = {"python": platform.python_version(), "packcollate": __version__}
+    for name in names:
+        try:
+            found[name] = importlib.import_module(name).__version__
+        except ImportError:
+            pass
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
