@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -34,7 +33,7 @@ import torch
 import packcollate  # noqa: F401  (registers the backend)
 from packcollate import PackedCollator, PaddedCollator
 from packcollate.attention import describe
-from packcollate.benchmark import library_versions
+from packcollate.benchmark import library_versions, save_result
 
 MEDIAN_LENGTH, SIGMA, MIN_LENGTH, MAX_LENGTH = 120, 0.9, 8, 1024
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -175,10 +174,7 @@ def main(argv=None) -> dict:
         "modes": results,
     }
     out_dir = args.out or Path("benchmarks/results") / device_name.replace(" ", "-")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"attention_step_{out['dtype']}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    save_result(out, out_dir / f"attention_step_{out['dtype']}.json")
     return out
 
 

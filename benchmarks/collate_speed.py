@@ -11,7 +11,6 @@ hits all of them alike; the table shows median M tokens/s and ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from packcollate import PackedCollator
-from packcollate.benchmark import library_versions
+from packcollate.benchmark import library_versions, save_result
 
 SHAPES = [(8, 256), (64, 512), (256, 256)]
 SIGMA = 0.8
@@ -119,10 +118,7 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "collate_speed.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    save_result(result, args.out / "collate_speed.json")
     return result
 
 

@@ -23,7 +23,6 @@ an epoch of `--examples` examples.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packcollate.benchmark import library_versions
+from packcollate.benchmark import library_versions, save_result
 from packcollate.sampler import DEFAULT_WINDOW, STRATEGIES, TokenBudgetBatchSampler
 
 # name -> (median, sigma, max) of a lognormal length distribution, rounded and clipped to [1, max].
@@ -171,10 +170,7 @@ def main(argv=None) -> dict:
         },
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "sampler.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    save_result(result, args.out / "sampler.json")
     return result
 
 

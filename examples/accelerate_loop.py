@@ -61,3 +61,6 @@ while step < args.steps:
         if step >= args.steps:
             break
     epoch += 1
+
+accelerator.wait_for_everyone()
+accelerator.end_training()  # destroys the process group: gloo aborts at exit when it is left alive

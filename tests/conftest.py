@@ -1,5 +1,8 @@
-"""Shared test configuration: the hypothesis profile every property test runs under."""
+"""Shared test configuration: the hypothesis profile every property test runs under; a free port."""
 
+import socket
+
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Deterministic (derandomize) so a failure reproduces on every machine; no deadline because CI
@@ -12,3 +15,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun rendezvous (a fixed port collides on shared CI)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -26,6 +26,9 @@ def main(out: str) -> None:
     assert trainer.state.global_step == 1, trainer.state.global_step
     if trainer.args.process_index == 0:
         torch.save({n: p.detach() - before[n] for n, p in model.named_parameters()}, out)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # gloo may abort at exit when it is left alive
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import pytest
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def run(*command: str, timeout: int = 300) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def run(*command: str, timeout: int = 300, **extra_env: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra_env}
     result = subprocess.run(command, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -36,8 +36,8 @@ def test_accelerate_loop():
     assert "step 2: loss" in out
 
 
-def test_ddp_torchrun_two_processes():
-    out = run("bash", "ddp_torchrun.sh", "--steps", "2", "--examples", "48")
+def test_ddp_torchrun_two_processes(free_port):
+    out = run("bash", "ddp_torchrun.sh", "--steps", "2", "--examples", "48", timeout=180, MASTER_PORT=str(free_port))
     assert "x 2 process(es)" in out
 
 

@@ -176,13 +176,13 @@ def test_plain_loop_helpers_give_the_padded_gradient(padded_reference):
     assert_same_change(padded_reference, change)
 
 
-def test_two_ranks_with_torchrun_equal_padded(padded_reference, tmp_path):
+def test_two_ranks_with_torchrun_equal_padded(padded_reference, tmp_path, free_port):
     """The same global step over 2 ranks (torchrun, gloo, CPU), token-budget batches: same change."""
     out = tmp_path / "change.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
                str(HERE / "ddp_trainer_step.py"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_same_change(padded_reference, torch.load(out))
 

@@ -1160,6 +1160,15 @@ def _targets(result: dict, device_type: str) -> list[dict]:
     return found
 
 
+def save_result(result: dict, path: Path) -> Path:
+    """Write a benchmark's result as indented JSON to `path` (its folder made if missing); say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return path
+
+
 def library_versions(*names: str) -> dict[str, str]:
     """`{name: version}` of Python, packcollate and each of `names` that imports (the others are left out)."""
     import importlib
