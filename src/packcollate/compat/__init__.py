@@ -1,0 +1,49 @@
+"""Model compatibility: is a packed batch exactly equivalent to the same examples unpacked?
+
+- `tiny_config` (tiny.py) shrinks any causal-LM config to a few-thousand-parameter copy that keeps its
+  structure (attention pattern, GQA ratio, sliding windows, softcapping, experts, layer types).
+- `compare_packed_unpacked` (equivalence.py) runs one packed forward and backward and the reference
+  (each sequence on its own, or a padded batch, optionally through another attention backend) on the
+  same model, and returns the largest differences of logits, loss and every parameter's gradient.
+- `check_model` (model_check.py) runs the static checks (static_checks.py) and that proof for every
+  attention backend on a tiny copy of an architecture; `CompatReport` (report.py) holds the verdicts.
+- `assert_packing_safe` (guard.py) is the runtime check for training loops.
+- `packcollate check` (matrix.py) checks one model, or every causal-LM architecture of transformers,
+  each in an isolated worker process.
+"""
+
+from .equivalence import BackendRefused, Equivalence, compare_packed_unpacked
+from .guard import assert_packing_safe
+from .matrix import add_arguments, check_all, check_architecture, main, run_isolated, summarize
+from .model_check import available_backends, backend_unavailable, check_model
+from .report import (
+    CONTAMINATED,
+    ERROR,
+    EXACT,
+    OK,
+    UNSUPPORTED,
+    WARNING,
+    BackendResult,
+    CompatReport,
+    Finding,
+    Trial,
+)
+from .static_checks import (
+    check_context_length,
+    check_layout_route,
+    check_position_ids,
+    check_position_offset,
+    check_recurrent_layers,
+    check_rope_sections,
+    check_use_cache,
+)
+from .tiny import proof_features, tiny_config
+
+__all__ = [
+    "CONTAMINATED", "ERROR", "EXACT", "OK", "UNSUPPORTED", "WARNING",
+    "BackendRefused", "BackendResult", "CompatReport", "Equivalence", "Finding", "Trial",
+    "add_arguments", "assert_packing_safe", "available_backends", "backend_unavailable", "check_all",
+    "check_architecture", "check_context_length", "check_layout_route", "check_model", "check_position_ids",
+    "check_position_offset", "check_recurrent_layers", "check_rope_sections", "check_use_cache",
+    "compare_packed_unpacked", "main", "proof_features", "run_isolated", "summarize", "tiny_config",
+]
