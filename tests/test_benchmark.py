@@ -150,7 +150,7 @@ def test_length_grouped_batches_keep_every_example():
 def test_schedule_interleaves_modes_evenly():
     runs = {name: benchmark.ModeRun(name, "sdpa", "x", [{}] * n, [1] * n, [1] * n, n, 0.0)
             for name, n in (("a", 6), ("b", 3))}
-    order = benchmark._schedule(runs, repeats=2)
+    order = benchmark.measure._schedule(runs, repeats=2)
     assert [name for name, _ in order].count("a") == 12 and [name for name, _ in order].count("b") == 6
     first_half = [name for name, _ in order[:9]]
     assert first_half.count("b") == 3  # b is not left to the end

@@ -1,0 +1,205 @@
+"""What every mode trains: its batches (fixed, length-grouped, token-budget, TRL BFD rows), collated
+once, and the model built from a preset."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..attention import BACKEND_NAME
+from ..collate import PackedCollator, PaddedCollator
+from ..sampler import TokenBudgetBatchSampler
+from .config import MODES, PRESETS
+from .data import Data
+
+
+def fixed_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Batches of `batch_size` consecutive indices (the last one may be shorter)."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, mega_batch_mult: int | None = None) -> list[list[int]]:
+    """transformers' `group_by_length` without its shuffle: indices in dataset order are cut into
+    mega-batches of `mega_batch_mult * batch_size` (default `min(n // (4 * batch_size), 50)`, at
+    least 1), each sorted by length (longest first) and cut into batches; the batch holding the
+    longest example goes first (so an out-of-memory error shows at once)."""
+    n = len(lengths)
+    if mega_batch_mult is None:
+        mega_batch_mult = max(min(n // (batch_size * 4), 50), 1)
+    mega = mega_batch_mult * batch_size
+    order = []
+    for start in range(0, n, mega):
+        chunk = np.arange(start, min(start + mega, n))
+        order.extend(chunk[np.argsort(-lengths[chunk], kind="stable")].tolist())
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    batches.insert(0, batches.pop(longest))
+    return batches
+
+
+@dataclass
+class ModeRun:
+    """One mode's batches, ready to train on, and what was measured."""
+
+    name: str
+    attn_implementation: str
+    collator_name: str
+    batches: list[dict]  # collated, on the device
+    real_tokens: list[int]  # per batch
+    computed_tokens: list[int]  # per batch
+    examples: int
+    collate_seconds: float
+    note: str = ""
+    times: list[list[float]] = field(default_factory=list)  # per batch, one per repeat
+    losses: list[float] = field(default_factory=list)  # every step in order, warm-up included
+    peak_mem_bytes: int | None = None
+    epoch_loss: float | None = None
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=False) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _hf_attention(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        try:
+            from transformers.utils import is_flash_attn_2_available
+        except ImportError:  # pragma: no cover
+            return "sdpa"
+        return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    return "sdpa"
+
+
+def _trl_bfd_rows(examples: list[dict], seq_length: int) -> list[dict]:
+    """Rows of TRL's `pack_dataset(strategy="bfd")`: each `{input_ids, [labels], seq_lengths}`."""
+    import datasets
+    from trl.data_utils import pack_dataset
+
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        packed = pack_dataset(datasets.Dataset.from_list(examples), seq_length, strategy="bfd")
+        return packed.to_list()
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+def build_modes(
+    data: Data,
+    modes: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+    *,
+    max_tokens: int | None = None,
+    hf_attn: str = "auto",
+    seed: int = 0,
+) -> tuple[dict[str, ModeRun], int, list[str]]:
+    """Collate every mode's batches (on `device`). Returns the runs, `max_tokens` and notes on skipped modes."""
+    from transformers import DataCollatorWithFlattening
+
+    examples, lengths = data.examples, data.lengths
+    fixed = fixed_batches(len(examples), batch_size)
+    mean_real = int(math.ceil(np.mean([lengths[b].sum() for b in fixed])))
+    if max_tokens is None:  # the same real tokens per step as the fixed batches: same work, balanced steps
+        max_tokens = max(mean_real, int(lengths.max()))
+    elif max_tokens < int(lengths.max()):
+        raise ValueError(f"--max-tokens: expected at least the longest example ({int(lengths.max())} tokens), "
+                         f"got {max_tokens}")
+    packed = PackedCollator()
+    padded = PaddedCollator.like(packed, pad_token_id=data.pad_token_id)
+    notes = []
+    plans: dict[str, tuple[list[list[dict]], object, str, str]] = {}
+    for mode in modes:
+        if mode == "padded":
+            plans[mode] = ([[examples[i] for i in b] for b in fixed], padded, "sdpa", "")
+        elif mode == "padded-grouped":
+            grouped = length_grouped_batches(lengths, batch_size)
+            plans[mode] = ([[examples[i] for i in b] for b in grouped], padded, "sdpa",
+                           "length-grouped mega-batches (transformers' group_by_length, no shuffle)")
+        elif mode == "hf-flatten":
+            plans[mode] = ([[examples[i] for i in b] for b in fixed], DataCollatorWithFlattening(),
+                           _hf_attention(hf_attn, device), "use_cache=False")
+        elif mode == "packcollate":
+            plans[mode] = ([[examples[i] for i in b] for b in fixed], packed, BACKEND_NAME, "")
+        elif mode == "packcollate-budget":
+            sampler = TokenBudgetBatchSampler(lengths, max_tokens, seed=seed, num_replicas=1, rank=0)
+            plans[mode] = ([[examples[i] for i in b] for b in sampler], packed, BACKEND_NAME,
+                           f"TokenBudgetBatchSampler(max_tokens={max_tokens})")
+        elif mode == "trl-bfd":
+            try:
+                rows = _trl_bfd_rows(examples, max_tokens)
+            except ImportError as error:
+                notes.append(f"trl-bfd skipped: needs TRL and datasets ({error})")
+                continue
+            kept = sum(len(r["input_ids"]) for r in rows)
+            note = f"trl.data_utils.pack_dataset(seq_length={max_tokens}, strategy='bfd'), one row a step"
+            if kept != int(lengths.sum()):
+                note += f"; TRL kept {kept} of {int(lengths.sum())} tokens"
+            plans[mode] = ([[r] for r in rows], packed, BACKEND_NAME, note)
+        else:
+            raise ValueError(f"modes: expected names from {MODES}, got {mode!r}")
+
+    runs = {}
+    for mode, (feature_batches, collator, attn, note) in plans.items():
+        start = time.perf_counter()
+        collated = [collator(b) for b in feature_batches]
+        seconds = time.perf_counter() - start
+        runs[mode] = ModeRun(
+            name=mode,
+            attn_implementation=attn,
+            collator_name=type(collator).__name__,
+            batches=[_to_device(b, device) for b in collated],
+            real_tokens=[sum(len(f["input_ids"]) for f in b) for b in feature_batches],
+            computed_tokens=[int(b["input_ids"].numel()) for b in collated],
+            examples=sum(len(b) if "seq_lengths" not in b[0] else sum(len(f["seq_lengths"]) for f in b)
+                         for b in feature_batches),
+            collate_seconds=seconds,
+            note=note,
+        )
+    return runs, max_tokens, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(preset: str, vocab_size: int, dtype: torch.dtype, device: torch.device, *,
+                load_weights: bool = False, seed: int = 0):
+    """A causal LM from a preset name or a local model directory (config only unless `load_weights`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    if preset in PRESETS:
+        if load_weights:
+            raise ValueError(f"--load-weights: expected a local model directory, got the preset {preset!r}")
+        params = dict(PRESETS[preset])
+        params["vocab_size"] = max(params["vocab_size"], vocab_size)
+        config = LlamaConfig(**params, use_cache=False)
+    elif Path(preset).is_dir():
+        if load_weights:
+            model = AutoModelForCausalLM.from_pretrained(preset, local_files_only=True, dtype=dtype,
+                                                         attn_implementation="sdpa")
+            return model.to(device)
+        config = AutoConfig.from_pretrained(preset, local_files_only=True)
+        if getattr(config, "vocab_size", vocab_size) < vocab_size:
+            raise ValueError(f"--preset {preset}: its vocabulary ({config.vocab_size}) is smaller than the "
+                             f"data's tokenizer ({vocab_size})")
+    else:
+        raise ValueError(f"--preset: expected one of {tuple(PRESETS)} or a local model directory, got {preset!r}")
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model
+
+
+def _parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
