@@ -5,7 +5,7 @@
     python benchmarks/train_throughput.py --help                           # every option
 
 The implementation, its modes, metrics and the way peak memory is measured are documented in
-`packcollate.benchmark` (src/packcollate/benchmark.py). Results go to benchmarks/results/<device>/
+`packcollate.benchmark` (src/packcollate/benchmark/). Results go to benchmarks/results/<device>/
 as train_throughput_<preset>_<dataset>.json and .png unless --out says otherwise.
 """
 
