@@ -613,6 +613,30 @@ def test_padded_collator_passthrough_keys():
     assert batch["idx"].tolist() == [3, 5]
 
 
+@pytest.mark.parametrize("cls", [PackedCollator, PaddedCollator])
+@pytest.mark.parametrize(
+    "features, options, expected",
+    [
+        # split: the long example's value for each of its pieces
+        ([{"input_ids": [1] * 5, "w": 0.1}, {"input_ids": [2] * 2, "w": 0.9}],
+         {"max_seq_length": 3, "overflow": "split"}, [0.1, 0.1, 0.9]),
+        # drop: the dropped example's value goes with it
+        ([{"input_ids": [1] * 5, "w": 0.1}, {"input_ids": [2] * 2, "w": 0.9}],
+         {"max_seq_length": 3, "overflow": "drop"}, [0.9]),
+        # a pre-packed row: its value for each sub-sequence
+        ([{"input_ids": [1, 1, 2], "seq_lengths": [2, 1], "w": 0.1}, {"input_ids": [3], "seq_lengths": [1], "w": 0.9}],
+         {}, [0.1, 0.1, 0.9]),
+    ],
+    ids=["split", "drop", "pre-packed"],
+)
+def test_passthrough_values_follow_the_sequences(cls, features, options, expected):
+    """One value per sequence (per row of the padded batch, per `cu_seq_lens` segment of the packed one)."""
+    batch = cls(passthrough_keys=["w"], **options)(features)
+    assert batch["w"].tolist() == pytest.approx(expected)
+    sequences = batch["input_ids"].shape[0] if cls is PaddedCollator else len(batch["cu_seq_lens_q"]) - 1
+    assert sequences == len(expected)
+
+
 def test_collators_do_not_modify_features():
     features = [
         {"input_ids": np.array([1, 2, 3]), "labels": torch.tensor([1, 2, 3]), "completion_mask": [0, 1, 1]},

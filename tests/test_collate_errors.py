@@ -134,6 +134,13 @@ def test_malformed_extra_key():
     raises([*features, {"input_ids": [1, 2], "token_type_ids": [[0], [1]]}], ValueError, "example 2", "'token_type_ids'", "nested")
 
 
+def test_non_numeric_extra_per_token_key():
+    """The given value is described once: `got list ['a', 'b']`."""
+    features = [{"input_ids": [1, 2], "w": [0.5, 1.0]}, {"input_ids": [1, 2], "w": ["a", "b"]}]
+    message = raises(features, ValueError, "example 1", "'w'", "expected a flat sequence of numbers")
+    assert message.endswith("got list ['a', 'b']"), message
+
+
 # ---------------------------------------------------------------------------------------------
 # Masks
 # ---------------------------------------------------------------------------------------------

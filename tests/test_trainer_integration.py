@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArg
 import packcollate  # noqa: F401
 from packcollate import PackedCollator, PaddedCollator
 from packcollate.integrations import PackedTrainer, count_label_tokens, micro_batches
+from packcollate.integrations.trainer import example_lengths
 
 HERE = Path(__file__).parent
 N_EXAMPLES = 16
@@ -128,6 +129,40 @@ def test_token_budget_sees_every_example_once_per_epoch(tmp_path):
     seen = sorted(i for batch in batches for i in batch["idx"].tolist())
     assert seen == list(range(40))
     assert all(batch["input_ids"].shape[1] <= 200 for batch in batches)
+
+
+@pytest.mark.parametrize("view", ["shuffle-select", "filter"])
+def test_token_budget_follows_the_rows_a_dataset_shows(tmp_path, view):
+    """After select/shuffle/filter the lengths are those of the rows the dataset shows, in its order."""
+    dataset = prompt_completion_dataset(n=40)
+    if view == "shuffle-select":
+        dataset = dataset.shuffle(seed=3).select(range(25))
+    else:
+        dataset = dataset.filter(lambda row: row["idx"] % 3 != 0)
+    assert example_lengths(dataset).tolist() == [len(ids) for ids in dataset["input_ids"]]
+    trainer = PackedTrainer(model=tiny_model(), args=arguments(tmp_path, remove_unused_columns=False),
+                            train_dataset=dataset, data_collator=PackedCollator(passthrough_keys=["idx"]),
+                            max_tokens_per_batch=120, check_packing=False)
+    batches = list(trainer.get_train_dataloader())
+    assert sorted(i for batch in batches for i in batch["idx"].tolist()) == sorted(dataset["idx"])
+    assert all(batch["input_ids"].shape[1] <= 120 for batch in batches)
+
+
+def test_token_budget_reads_the_length_column(tmp_path):
+    """A `length` column is the sampler's measure, though the Trainer removes it as an unused column."""
+    dataset = prompt_completion_dataset(n=12)
+    dataset = dataset.add_column("length", [1000] * len(dataset))  # each example alone fills the budget
+    trainer = PackedTrainer(model=tiny_model(), args=arguments(tmp_path), train_dataset=dataset,
+                            max_tokens_per_batch=1000, check_packing=False)
+    batches = list(trainer.get_train_dataloader())
+    assert len(batches) == 12
+    assert all(len(batch["cu_seq_lens_q"]) == 2 for batch in batches)
+
+
+def test_count_label_tokens_of_numpy_batches():
+    batches = [PackedCollator(return_tensors="np")([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])] * 2
+    count = count_label_tokens(batches)
+    assert torch.is_tensor(count) and count.dtype == torch.int64 and int(count) == 2 * 3
 
 
 def test_long_validation_examples_never_crash(tmp_path):

@@ -59,10 +59,11 @@ def _positions(cu_seq_lens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """
     global _ARANGE
     total = int(cu_seq_lens[-1])
-    if total > len(_ARANGE):
-        _ARANGE = np.arange(1 << total.bit_length(), dtype=np.int64)
+    arange = _ARANGE  # one read: another thread may replace the cache meanwhile
+    if total > len(arange):
+        arange = _ARANGE = np.arange(1 << total.bit_length(), dtype=np.int64)
     positions = np.repeat(cu_seq_lens[:-1], lengths)
-    return np.subtract(_ARANGE[:total], positions, out=positions)
+    return np.subtract(arange[:total], positions, out=positions)
 
 
 @dataclass
@@ -97,13 +98,22 @@ class PreparedBatch:
         tokens: per-token arrays `(N,)`: `input_ids`, `labels` (int64) and extra per-token keys.
         lengths: `(k,)` int64 sequence lengths (k sequences after the length policy).
         cu_seq_lens: `(k+1,)` int64, `[0, l_0, l_0+l_1, …, N]`.
-        passthrough: per-example values of `passthrough_keys`.
+        passthrough: values of `passthrough_keys`, one per sequence (`k`): an example split into
+            pieces, or a pre-packed row, repeats its value for each of its sequences; a dropped
+            example's value is dropped with it.
     """
 
     tokens: dict[str, np.ndarray]
     lengths: np.ndarray
     cu_seq_lens: np.ndarray
     passthrough: dict[str, list]
+
+
+def _per_sequence(passthrough: dict[str, list], sequence_example: np.ndarray) -> dict[str, list]:
+    """Per-example values -> one per sequence; `sequence_example` `(k,)` is each sequence's example."""
+    if not passthrough or np.array_equal(sequence_example, np.arange(len(next(iter(passthrough.values()))))):
+        return passthrough
+    return {key: [values[i] for i in sequence_example.tolist()] for key, values in passthrough.items()}
 
 
 @dataclass(kw_only=True)
@@ -204,7 +214,7 @@ class _Collator:
         self.stats.examples += len(flat.example_lengths)
         self.stats.sequences += len(lengths)
         self.stats.tokens += int(cu_seq_lens[-1])
-        return PreparedBatch(out, lengths, cu_seq_lens, flat.passthrough)
+        return PreparedBatch(out, lengths, cu_seq_lens, _per_sequence(flat.passthrough, flat.segment_example[plan.source]))
 
     def _finish(self, batch: dict, passthrough: dict[str, list], return_tensors: str | None) -> dict:
         """Convert numpy arrays to the requested tensor type; add passthrough values."""
@@ -246,8 +256,8 @@ class PackedCollator(_Collator):
         on_missing_template: `"mask"` (default: the example is not trained on, counted in
             `stats.missing_template`) or `"error"`.
         separator_id: label of the first token of each sequence (default -100).
-        passthrough_keys: per-example keys returned as a `(k,)` tensor (or a list when not numeric)
-            instead of being rejected.
+        passthrough_keys: per-example keys returned as a `(k,)` tensor, one value per sequence (or a
+            list when not numeric) instead of being rejected; see `PreparedBatch.passthrough`.
         return_tensors: `"pt"` (default) or `"np"`.
         return_flash_attn_kwargs: emit `cu_seq_lens_q/_k` and `max_length_q/_k` (default True).
         return_seq_idx: emit `seq_idx` `(1, N)` int32, for SSM / short-convolution layers.

@@ -93,7 +93,7 @@ def _diagnose_sequence(values: list, key: str, *, integer: bool, mask: bool) -> 
                 f"example {i}, key {key!r}: expected {expected}, got a nested sequence of shape {arr.shape}"
             )
         if arr.size and arr.dtype.kind not in kinds:
-            bad = _first_non_integer(value, arr) if integer or mask else _describe(value)
+            bad = _first_non_integer(value, arr) if integer or mask else value
             raise ValueError(f"example {i}, key {key!r}: expected {expected}, got {_describe(bad)}")
 
 

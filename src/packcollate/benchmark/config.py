@@ -14,7 +14,7 @@ PRESETS = {
     # for tests: a few hundred thousand parameters
     "micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096),
-    # CPU: 5.2 M parameters, grouped-query attention 8/2. The vocabulary is sized so that the LM head
+    # CPU: 5.1 M parameters, grouped-query attention 8/2. The vocabulary is sized so that the LM head
     # does about the share of a step's matrix work it does in Llama-3.2-1B (~25% here, ~21% there):
     # a larger one would make the CPU step a memory-bound logits benchmark.
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,

@@ -31,7 +31,7 @@ def count_label_tokens(batches: Iterable[dict], *, across_ranks: bool = True) ->
     """
     total = None
     for batch in batches:
-        labels = batch["labels"]
+        labels = torch.as_tensor(batch["labels"])  # numpy batches too (`return_tensors="np"`)
         count = (labels[..., 1:] != IGNORE_INDEX).sum()
         total = count if total is None else total + count
     if total is None:

@@ -25,6 +25,7 @@ run's token-mean loss and gradients (tested with 2 ranks in `tests/test_trainer_
 
 from __future__ import annotations
 
+import numpy as np
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
@@ -43,18 +44,20 @@ def collator_columns(collator) -> list[str]:
     return [*COLLATOR_COLUMNS, *collator.passthrough_keys]
 
 
-def example_lengths(dataset, column: str = "input_ids") -> list[int] | object:
-    """Tokens of each example: the `length` column when the dataset has one, else `len(input_ids)`.
+def example_lengths(dataset, column: str = "input_ids") -> np.ndarray | list[int]:
+    """Tokens of each example `(n,)`: the `length` column when the dataset has one, else `len(input_ids)`.
 
-    A `datasets.Dataset` is measured in Arrow (one vectorised call), not row by row.
+    A `datasets.Dataset` is measured in Arrow (one vectorised call, over the rows it shows, in its
+    order, after `select`/`shuffle`/`filter`), not row by row.
     """
     names = getattr(dataset, "column_names", None)
-    if names is not None and "length" in names:
-        return dataset["length"]
-    if names is not None and column in names:
+    if names is not None and ("length" in names or column in names):
         import pyarrow.compute as pc
 
-        return pc.list_value_length(dataset.data.column(column)).to_numpy()
+        table = dataset.with_format("arrow")  # the dataset's rows in its order (select, shuffle, filter)
+        if "length" in names:
+            return table["length"].to_numpy()
+        return pc.list_value_length(table[column]).to_numpy()
     return [len(example[column]) for example in dataset]
 
 
@@ -118,12 +121,13 @@ class PackingTrainerMixin:
         import datasets
 
         collator = self.data_collator
+        lengths = example_lengths(dataset)  # before unused columns go: `length` is one of them
         if isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description=description)
         else:
             collator = self._get_collator_with_removed_columns(collator, description=description)
         sampler = TokenBudgetBatchSampler(
-            example_lengths(dataset),
+            lengths,
             max_tokens,
             shuffle=training,
             seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
