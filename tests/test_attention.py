@@ -127,6 +127,59 @@ def test_generation_matches_eager(model_type):
     assert torch.equal(ours.generate(**kwargs), eager.generate(**kwargs))
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_generation_with_a_static_cache_matches_eager(model_type):
+    """A static cache hands every call all `max_cache_len` keys, unfilled slots included: prefill stays
+    causal and decoding never attends an empty slot."""
+    ours = tiny_model(model_type)
+    eager = tiny_model(model_type, attn_implementation="eager")
+    ids = torch.tensor([[0, 0, 0, 5, 9, 11, 4, 8, 3], [7, 3, 8, 6, 2, 10, 12, 5, 9]])
+    mask = (ids != 0).long()
+    kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0,
+              "cache_implementation": "static", "output_logits": True, "return_dict_in_generate": True}
+    got, want = ours.generate(**kwargs), eager.generate(**kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(got.logits, want.logits)) < 1e-5
+
+
+def test_inference_mode_forward():
+    """Tensors made under torch.inference_mode have no version counter: layouts are not cached, and
+    packed and padded batches still work."""
+    model = tiny_model("llama")
+    batch = PackedCollator()(features())
+    with torch.no_grad():
+        want = model(**batch).logits
+    with torch.inference_mode():
+        assert torch.equal(model(**batch).logits, want)
+        padded = model(input_ids=torch.tensor([[5, 9, 11, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0]])).logits
+    assert torch.isfinite(padded).all()
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_padded_rows_of_packed_examples_are_exact(use_cache):
+    """Batch of 2 rows, each packing two examples (position_ids restart), the second right-padded
+    (2-D attention_mask): each example sees only itself."""
+    ours = tiny_model("llama")
+    eager = tiny_model("llama", attn_implementation="eager")
+    rows = [features(3, [5, 7]), features(4, [4, 6])]
+    width = 12
+    ids = torch.zeros(2, width, dtype=torch.long)
+    positions, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        start = 0
+        for example in row:
+            n = len(example["input_ids"])
+            ids[r, start : start + n] = torch.tensor(example["input_ids"])
+            positions[r, start : start + n] = torch.arange(n)
+            mask[r, start : start + n] = 1
+            start += n
+    with torch.no_grad():
+        got = ours(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=use_cache).logits
+        for r, row in enumerate(rows):
+            want = torch.cat([eager(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in row])
+            assert torch.allclose(got[r, : len(want)], want, atol=1e-5)
+
+
 def test_mqa_and_gqa_are_exact():
     for kv_heads in (1, 2):
         model = tiny_model("llama", num_key_value_heads=kv_heads)
@@ -252,9 +305,11 @@ def fake_varlen(window_api: bool, gqa: bool):
 
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, **kwargs):
         assert torch.equal(cu_q, cu_k) and max_q == max_k == int(torch.diff(cu_q).max())
-        if window_api:
+        if window_api:  # (left, right) keys around each query, -1 unbounded, as torch documents it
             left, right = kwargs["window_size"]
-            causal, window = right == 0, None if left < 0 else left + 1
+            causal = right == 0
+            assert causal or right == left, f"a one-sided window {kwargs['window_size']} outside causal attention"
+            window = None if left < 0 else left + 1
         else:
             causal, window = kwargs["is_causal"], None
         if k.shape[1] != q.shape[1]:
@@ -278,15 +333,17 @@ def fake_varlen(window_api: bool, gqa: bool):
 
 @pytest.mark.parametrize("window_api,gqa", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("window", [None, 4])
-def test_torch_varlen_calling_convention(window_api, gqa, window):
-    """Whatever the varlen_attn signature (is_causal / window_size, with or without GQA), results are exact."""
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_varlen_calling_convention(window_api, gqa, window, causal):
+    """Whatever the varlen_attn signature (is_causal / window_size, with or without GQA), results are exact,
+    causal or bidirectional (a bidirectional window bounds both sides)."""
     if window and not window_api:
         pytest.skip("the is_causal API has no window: dispatch falls back (tested below)")
     lengths = [5, 12, 1, 9]
     torch.manual_seed(0)
     q, k, v = torch.randn(27, 4, 8), torch.randn(27, 2, 8), torch.randn(27, 2, 8)
     layout = SequenceLayout(torch.tensor([0, 5, 17, 18, 27], dtype=torch.int32), 12)
-    opts = AttentionOptions(sliding_window=window, scaling=0.3)
+    opts = AttentionOptions(causal=causal, sliding_window=window, scaling=0.3)
     got = attention.torch_varlen(q, k, v, layout, opts, fn=fake_varlen(window_api, gqa))
     assert torch.allclose(got, reference_attention(q, k, v, lengths, opts), atol=1e-5)
 

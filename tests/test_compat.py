@@ -256,3 +256,18 @@ def test_check_all_isolates_crashes_and_hangs(tmp_path):
     assert "| `llama` LlamaForCausalLM | exact | exact |" in markdown
     assert "coverage: 2 of 4 architectures" in markdown and "timed out after 15 s" in markdown
     assert json.loads((tmp_path / "compatibility.json").read_text())["command"] == "test"
+
+
+def test_half_precision_trial_leaves_the_shared_model_untouched():
+    """The bf16 trial (flash-attn backends, CUDA) runs on a copy: later fp32 trials see unrounded weights."""
+    from transformers import LlamaForCausalLM
+
+    from packcollate.compat import model_check
+
+    model = model_check._tiny_model(LlamaForCausalLM, tiny_config("llama"), "cpu")
+    proof = model_check._prepare_proof(model, proof_features(), PackedCollator(), torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    trial = model_check._half_precision_trial(model, proof, use_cache=False)  # on eager here: any backend will do
+    assert trial.verdict == EXACT
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    assert model_check._prove_backend(model, proof, "packcollate").trial(False).verdict == EXACT

@@ -118,12 +118,16 @@ class _LayoutCache:
         self.entries: list[tuple[weakref.ref, int, tuple, SequenceLayout]] = []
 
     def get(self, tensor: torch.Tensor, extra: tuple) -> SequenceLayout | None:
+        if tensor.is_inference():  # no version counter (torch.inference_mode): never cached
+            return None
         for ref, version, key, layout in self.entries:
             if ref() is tensor and version == tensor._version and key == extra:
                 return layout
         return None
 
     def put(self, tensor: torch.Tensor, extra: tuple, layout: SequenceLayout) -> SequenceLayout:
+        if tensor.is_inference():
+            return layout
         self.entries = [e for e in self.entries if e[0]() is not None][-(self.size - 1) :]
         self.entries.append((weakref.ref(tensor), tensor._version, extra, layout))
         return layout
@@ -182,17 +186,30 @@ def _layout_from_positions(position_ids: torch.Tensor, batch: int, seq: int) -> 
     return _LAYOUTS.put(position_ids, (batch, seq), _layout_from_starts(starts, None))
 
 
+def _identity(tensor: torch.Tensor | None) -> tuple | None:
+    """What makes a cached layout stale: the tensor's storage and version (None: not cacheable)."""
+    if tensor is None:
+        return ()
+    return None if tensor.is_inference() else (tensor.data_ptr(), tensor._version)
+
+
 def _layout_from_sequence_map(
-    sequence_map: torch.Tensor, batch: int, seq: int, cu_seq_lens: torch.Tensor | None = None
+    sequence_map: torch.Tensor,
+    batch: int,
+    seq: int,
+    cu_seq_lens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> SequenceLayout:
     """Layout from this backend's mask: `(B, S)` int32, 0 on padding, a new id at every sequence start.
 
-    With `cu_seq_lens` too, a sequence starts wherever either says so: the mask can be finer than the
-    examples (chunked-attention layers, Llama 4), and the collator's boundaries are the examples
-    (which the mask does not see when a cache exists).
+    With `cu_seq_lens` or `position_ids` `(B|1, S)` too, a sequence starts wherever any of them says
+    so: the mask can be finer than the examples (chunked-attention layers, Llama 4), and the
+    collator's boundaries are the examples (which the mask does not see when a cache exists, nor in
+    a padded batch whose rows hold several packed examples).
     """
-    extra = (batch, seq, None if cu_seq_lens is None else (cu_seq_lens.data_ptr(), cu_seq_lens._version))
-    cached = _LAYOUTS.get(sequence_map, extra)
+    extra = (batch, seq, _identity(cu_seq_lens), _identity(position_ids))
+    cacheable = None not in extra
+    cached = _LAYOUTS.get(sequence_map, extra) if cacheable else None
     if cached is not None:
         return cached
     starts = torch.ones(batch, seq, dtype=torch.bool, device=sequence_map.device)
@@ -200,8 +217,10 @@ def _layout_from_sequence_map(
     if cu_seq_lens is not None:
         _layout_from_cu(cu_seq_lens, None, batch, seq)  # validates that it covers the batch
         starts.view(-1)[cu_seq_lens[:-1].long()] = True
+    if position_ids is not None:
+        starts[:, 1:] |= position_ids[:, 1:] != position_ids[:, :-1] + 1
     layout = _layout_from_starts(starts, sequence_map != 0)
-    return _LAYOUTS.put(sequence_map, extra, layout)
+    return _LAYOUTS.put(sequence_map, extra, layout) if cacheable else layout
 
 
 def _is_sequence_map(attention_mask) -> bool:
@@ -214,12 +233,14 @@ def resolve_layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwarg
     if key.shape[2] != seq:
         return None
     cu = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    if not (isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq):
+        position_ids = None  # absent, or several position sections (multimodal rotary embeddings)
     if _is_sequence_map(attention_mask):
-        return _layout_from_sequence_map(attention_mask, batch, seq, cu)
+        return _layout_from_sequence_map(attention_mask, batch, seq, cu, position_ids)
     if cu is not None:
         return _layout_from_cu(cu, kwargs.get("max_length_q"), batch, seq)
-    position_ids = kwargs.get("position_ids")
-    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq:
+    if position_ids is not None:
         return _layout_from_positions(position_ids, batch, seq)
     return None  # one sequence per row, no padding
 
@@ -261,15 +282,21 @@ def packcollate_mask(
         - prefill / training (`q_length == kv_length`): a `(B, S)` int32 sequence map, 0 on padding
           and a new id at every sequence start (packed sequences found from `mask_function`), or
           None when each row is one unpadded sequence;
-        - decoding: the `(B, S_kv)` bool padding mask, or None without padding.
+        - with a cache (`q_length != kv_length`, or offsets: decoding, a static cache whose keys
+          include unfilled slots, chunked prefill): transformers' own `(B, 1, S, S_kv)` bool mask,
+          which knows where the queries sit among the keys.
     """
+    if q_length != kv_length or q_offset or kv_offset:
+        from transformers.masking_utils import sdpa_mask
+
+        kwargs.pop("allow_is_causal_skip", None)
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                         allow_is_causal_skip=False, **kwargs)
     padding = None
     if attention_mask is not None:
         padding = attention_mask[:, -kv_length:].to(torch.bool)
         if padding.shape[-1] != kv_length:
             padding = F.pad(padding, (0, kv_length - padding.shape[-1]), value=False)
-    if q_length != kv_length or q_offset or kv_offset:
-        return None if padding is None or bool(padding.all()) else padding
 
     device = padding.device if padding is not None else kwargs.get("device", "cpu")
     starts = torch.zeros(batch_size, q_length, dtype=torch.bool, device=device)
@@ -481,7 +508,7 @@ def torch_varlen(q, k, v, layout: SequenceLayout, opts: AttentionOptions, fn=Non
     kwargs = {"scale": opts.scaling}
     if "window_size" in params:  # torch >= 2.13: causality is a window
         left = opts.sliding_window - 1 if opts.sliding_window is not None and layout.max_length > opts.sliding_window else -1
-        kwargs["window_size"] = (left, 0 if opts.causal else -1)
+        kwargs["window_size"] = (left, 0 if opts.causal else left)  # -1: unbounded on that side
     else:  # older releases: is_causal, no window
         kwargs["is_causal"] = opts.causal
     groups = q.shape[1] // k.shape[1]
@@ -637,8 +664,11 @@ def packcollate_attention(
     )
     batch, heads, seq, _ = query.shape
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        # a mask the caller built (create_causal_mask passes 4-D masks through untouched): honour it
+        # a mask the caller built (create_causal_mask passes 4-D masks through untouched), or ours with a
+        # cache: honour it; a query with no key left (padding) attends everywhere, so it stays finite
         mask = attention_mask[..., : key.shape[2]]
+        if mask.dtype == torch.bool:
+            mask = mask | ~mask.any(-1, keepdim=True)
         out = _attention_dense(query, key, value, opts, mask, s_aux, is_causal=False)
         return out.transpose(1, 2).contiguous(), None
     layout = resolve_layout(query, key, attention_mask, kwargs)

@@ -264,13 +264,11 @@ def _run_trial(model, proof: _Proof, backend: str, use_cache: bool) -> Trial:
 
 
 def _half_precision_trial(model, proof: _Proof, use_cache: bool) -> Trial:
-    """bf16 kernels: packed vs the same backend one example at a time, both bf16."""
-    model.to(torch.bfloat16)
-    try:
-        packed = _packed_run(model, proof.batch, proof.n_real, use_cache)
-        reference = _reference_run(model, proof.features, proof.collator, "unpacked", False, proof.device)
-    finally:
-        model.to(torch.float32)
+    """bf16 kernels: packed vs the same backend one example at a time, both bf16, on a copy (a round
+    trip through bf16 would round the weights every later fp32 trial compares against)."""
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    packed = _packed_run(model, proof.batch, proof.n_real, use_cache)
+    reference = _reference_run(model, proof.features, proof.collator, "unpacked", False, proof.device)
     return _trial(use_cache, _equivalence(packed, reference), (BF16_TOLERANCE, BF16_TOLERANCE))
 
 
