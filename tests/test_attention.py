@@ -142,6 +142,23 @@ def test_generation_with_a_static_cache_matches_eager(model_type):
     assert max(float((a - b).abs().max()) for a, b in zip(got.logits, want.logits)) < 1e-5
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_call_with_cached_keys_and_no_mask(window):
+    """Called directly with more keys than queries and no mask (a model that builds no mask): the
+    queries are the last of the keys, causal and windowed as eager's definition."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 2, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    module = torch.nn.Module()
+    got, _ = attention.packcollate_attention(module.eval(), q, k, v, None, sliding_window=window)
+    i = torch.arange(4, 6)[:, None]  # query positions among the 6 keys
+    j = torch.arange(6)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed
+    )
+    assert torch.allclose(got, want.transpose(1, 2), atol=1e-6)
+
+
 def test_inference_mode_forward():
     """Tensors made under torch.inference_mode have no version counter: layouts are not cached, and
     packed and padded batches still work."""
