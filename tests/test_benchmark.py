@@ -126,6 +126,18 @@ def test_user_jsonl_with_tokenizer(tmp_path):
     assert Path(result["json"]).name == "train_throughput_micro_problems.json"
 
 
+def test_truncation_that_leaves_nothing_to_predict_is_a_clear_error(tmp_path):
+    """--max-length shorter than every prompt: each mode's loss would be NaN; refuse, naming the row."""
+    tokenizer_dir = tmp_path / "tokenizer"
+    char_tokenizer().save_pretrained(tokenizer_dir)
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_problems(4, seed=1)))
+    with pytest.raises(ValueError, match=r"row \d+ keeps no trained token after --max-length 10"):
+        benchmark.load_data(str(data), 4, vocab_size=512, tokenizer=str(tokenizer_dir), max_length=10)
+    with pytest.raises(ValueError, match=r"--dataset arithmetic: row \d+ keeps no trained token after --max-length 10"):
+        benchmark.load_data("arithmetic", 4, vocab_size=512, max_length=10)
+
+
 def test_tokenize_rows_formats():
     tokenizer = char_tokenizer()
     text = tokenize_rows([{"text": "abc"}], tokenizer)

@@ -99,3 +99,44 @@ def test_text_without_a_tokenizer_is_a_clear_error(data_dir):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such path"):
         main(["stats", str(tmp_path / "nope.jsonl")])
+
+
+def chat_tokenizer_dir(tmp_path):
+    path = tmp_path / "tokenizer"
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["messages", "conversational prompt/completion"])
+def test_cli_counts_chat_rows_through_the_template(tmp_path, capsys, layout):
+    """Conversations are counted through the tokenizer's chat template, one length per row."""
+    problems = arithmetic_problems(6, seed=2)
+    user = [[{"role": "user", "content": p["prompt"]}] for p in problems]
+    assistant = [[{"role": "assistant", "content": p["completion"]}] for p in problems]
+    if layout == "messages":
+        rows = [{"messages": u + a} for u, a in zip(user, assistant)]
+    else:
+        rows = [{"prompt": u, "completion": a} for u, a in zip(user, assistant)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = char_tokenizer()
+    want = [len(tokenizer.apply_chat_template(u + a, tokenize=True, return_dict=True)["input_ids"])
+            for u, a in zip(user, assistant)]
+    main(["stats", str(tmp_path / "train.jsonl"), "--tokenizer", str(chat_tokenizer_dir(tmp_path)), "--json"])
+    split = json.loads(capsys.readouterr().out)["splits"]["train"]
+    assert split["count"] == 6 and split["min"] == min(want) and split["max"] == max(want)
+    assert split["real_tokens"] == sum(want)
+
+
+def test_an_empty_split_is_named(data_dir):
+    (data_dir / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"expected examples in every split, got none in \['empty'\]"):
+        main(["stats", str(data_dir / "train.jsonl"), str(data_dir / "empty.jsonl")])
+
+
+def test_console_script_prints_input_errors_on_one_line(tmp_path, capsys):
+    from packcollate.cli import console_main
+
+    assert console_main(["stats", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("packcollate stats: error: DATA:") and "no such path" in err and "Traceback" not in err
+

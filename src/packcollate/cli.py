@@ -39,5 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.module.main(args) or 0)
 
 
+#: Errors that describe bad input (a path, a flag, a data row): one line, no traceback.
+INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The `packcollate` console script: `main`, with input errors printed as one line (exit status 2)."""
+    try:
+        return main(argv)
+    except INPUT_ERRORS as error:
+        command = " ".join(["packcollate", *(sys.argv[1:2] if argv is None else argv[:1])])
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"{command}: error: {message}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -78,9 +78,14 @@ def train_side_by_side(runs: dict[str, tuple], lr: float) -> dict[str, tuple[lis
 def run_demo(steps: int = 8, batch_size: int = 16, seed: int = 0, lr: float = 1e-3, quiet: bool = False) -> dict:
     """Train padded then packed on the same batches; return the measurements (and print them)."""
     say = (lambda *a: None) if quiet else print
+    if steps < 2:
+        raise ValueError(f"steps: expected at least 2 (step 0 is an untimed warm-up), got {steps}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = char_tokenizer()
     problems = load_arithmetic()
+    if steps * batch_size > len(problems):
+        raise ValueError(f"steps x batch_size: expected at most the {len(problems)} shipped problems, "
+                         f"got {steps} x {batch_size} = {steps * batch_size}")
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(problems))[: steps * batch_size]
     examples = tokenize_prompt_completion([problems[i] for i in chosen], tokenizer)

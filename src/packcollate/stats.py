@@ -94,16 +94,23 @@ def _column(rows, name: str) -> list:
     return rows[name] if hasattr(rows, "column_names") else [row[name] for row in rows]
 
 
+def _chat_ids(tokenizer, conversations: list) -> list[list[int]]:
+    """Token ids of each conversation through the tokenizer's chat template."""
+    return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)["input_ids"]
+
+
 def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000) -> np.ndarray:
     """`(n,)` int64 token count of each example of a split; see the module docstring for the sources."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)  # reported by the caller, with every empty split named
     columns = _columns(rows)
     if "length" in columns:
         return np.asarray(_column(rows, "length"), dtype=np.int64)
     if "input_ids" in columns:
-        if hasattr(rows, "data"):  # Arrow: one vectorised call
+        if hasattr(rows, "with_format"):  # Arrow: one vectorised call over the rows the dataset shows
             import pyarrow.compute as pc
 
-            return pc.list_value_length(rows.data.column("input_ids")).to_numpy().astype(np.int64)
+            return pc.list_value_length(rows.with_format("arrow")["input_ids"]).to_numpy().astype(np.int64)
         return np.fromiter((len(ids) for ids in _column(rows, "input_ids")), dtype=np.int64)
     present = [field for field in TEXT_FIELDS if field in columns]
     if not present:
@@ -120,11 +127,14 @@ def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000) -> np
         part = rows[start : start + chunk] if hasattr(rows, "column_names") else None
         get = (lambda key: part[key]) if part is not None else (lambda key: [r[key] for r in rows[start : start + chunk]])
         if "messages" in present:
-            ids = tokenizer.apply_chat_template(get("messages"), tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            ids = _chat_ids(tokenizer, get("messages"))
         elif "prompt" in present and "completion" in present:
-            ids = [p + c for p, c in zip(tokenizer(get("prompt"))["input_ids"],
-                                         tokenizer(get("completion"), add_special_tokens=False)["input_ids"])]
+            prompts, completions = get("prompt"), get("completion")
+            if prompts and isinstance(prompts[0], list):  # TRL's conversational prompt/completion
+                ids = _chat_ids(tokenizer, [p + c for p, c in zip(prompts, completions)])
+            else:
+                ids = [p + c for p, c in zip(tokenizer(prompts)["input_ids"],
+                                             tokenizer(completions, add_special_tokens=False)["input_ids"])]
         else:
             ids = tokenizer(get(present[0]))["input_ids"]
         lengths.extend(len(x) for x in ids)

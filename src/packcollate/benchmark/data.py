@@ -123,6 +123,18 @@ def _truncate(examples: list[dict], max_length: int | None) -> list[dict]:
     return [{k: v[:max_length] for k, v in e.items()} for e in examples]
 
 
+def _require_targets(examples: list[dict], dataset: str, rows: np.ndarray, max_length: int | None) -> None:
+    """Every example keeps something to predict: 2 tokens or more and, with labels, a trained token
+    after the first (a completion truncated away would make every mode's loss NaN)."""
+    for i, example in enumerate(examples):
+        where = f"--dataset {dataset}: row {int(rows[i])}"
+        if len(example["input_ids"]) < 2:
+            raise ValueError(f"{where} has fewer than 2 tokens; nothing to predict in it")
+        if "labels" in example and not (np.asarray(example["labels"][1:]) != IGNORE_INDEX).any():
+            cut = f" after --max-length {max_length}" if max_length else ""
+            raise ValueError(f"{where} keeps no trained token{cut} (its completion is empty or was truncated away)")
+
+
 def load_data(
     dataset: str,
     n_examples: int,
@@ -155,7 +167,9 @@ def load_data(
         examples = [{"input_ids": e["input_ids"],
                      "labels": [t if m else IGNORE_INDEX for t, m in zip(e["input_ids"], e["completion_mask"])]}
                     for e in tokenized]
-        return Data(dataset, _truncate(examples, max_length), tok.pad_token_id, len(tok),
+        examples = _truncate(examples, max_length)
+        _require_targets(examples, dataset, chosen, max_length)
+        return Data(dataset, examples, tok.pad_token_id, len(tok),
                     "the shipped arithmetic word problems (packcollate.toy), character tokenizer, completion-only")
     path = Path(dataset)
     if not path.exists():
@@ -172,9 +186,6 @@ def load_data(
                          f"got {len(rows)}")
     chosen = rng.permutation(len(rows))[:n_examples]
     examples = _truncate(tokenize_rows([rows[i] for i in chosen], tok, text_field), max_length)
-    short = [i for i, e in enumerate(examples) if len(e["input_ids"]) < 2]
-    if short:
-        raise ValueError(f"--dataset {dataset}: row {int(chosen[short[0]])} has fewer than 2 tokens; "
-                         "nothing to predict in it")
+    _require_targets(examples, dataset, chosen, max_length)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     return Data(dataset, examples, int(pad), len(tok), f"{dataset} tokenized with {tokenizer}")

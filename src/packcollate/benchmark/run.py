@@ -298,7 +298,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="times each batch is timed, median kept (default 3 CPU, 1 CUDA)")
     parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="token budget of packcollate-budget / trl-bfd (default: mean padded tokens per batch)")
+                        help="token budget of packcollate-budget / trl-bfd (default: mean real tokens of a fixed "
+                             "batch, at least the longest example)")
     parser.add_argument("--interleave", choices=("auto", "step", "mode"), default="auto",
                         help="modes take turns by step (CPU default) or run one after the other (CUDA default)")
     parser.add_argument("--memory", choices=("auto", "fork", "cuda", "off"), default="auto",
