@@ -32,8 +32,9 @@ What is measured, per mode:
   AdamW state takes ~10 GB, several copies would distort each other's peak memory, and a dedicated
   GPU's step time is steady after warm-up (`--interleave` overrides).
 - peak memory: CUDA: `torch.cuda.max_memory_allocated()`, reset before each mode's warm-up, with
-  only that mode's model resident: weights + gradients + AdamW state + activations. CPU: each mode
-  trains on its largest batches (`--memory-steps`, default 2: the two batches that compute the most
+  only that mode's model resident: weights + gradients + AdamW state + activations (plus the
+  collated token batches of every mode, moved to the GPU before timing: a few MB, the same for
+  all). CPU: each mode trains on its largest batches (`--memory-steps`, default 2: the two batches that compute the most
   tokens, the largest last) in a forked child process (one thread) that resets
   the kernel's peak-RSS counter (`/proc/self/clear_refs`), copies the initial model and trains; the
   figure is the child's peak resident memory (`VmHWM`) less file-backed pages (library code) over
