@@ -26,7 +26,7 @@ Guarantees, per epoch, over all ranks together:
 | --- | --- |
 | every example exactly once | packing partitions the indices; `drop_last=True` drops whole bins and counts their examples in `dropped_examples` |
 | no batch over `max_tokens` | bins never exceed it; a longer example raises (`overflow="error"`) or gets a batch of its own (`overflow="own_batch"`, counted in `oversized_examples`) |
-| equal steps on every rank | when the number of bins is not a multiple of `num_replicas`, the least-filled bins are repacked into more bins (or, with `drop_last=True`, the remainder is dropped) |
+| equal steps on every rank | when the number of bins is not a multiple of `num_replicas`, the least-filled bins are repacked into more bins; when too few examples fit the budget for that, the packable bins are merged into fewer (or, with `drop_last=True`, the remainder is dropped) |
 | small per-step token imbalance | a step holds bins of similar size; the smallest bins are repacked evenly (`rank_imbalance()`) |
 | deterministic, resumable | the plan depends only on `(seed, epoch)` and the arguments; `state_dict()` / `load_state_dict()` resume mid-epoch |
 """
@@ -253,6 +253,19 @@ def _split_halves(runs: list[np.ndarray], lengths: np.ndarray, splits: int) -> l
     return runs
 
 
+def _merged(bins: _Bins, lengths: np.ndarray, capacity: int, remove: int, num_replicas: int) -> _Bins | None:
+    """`remove` bins fewer, the packable ones repacked within the budget; None when they do not fit
+    or fewer than `num_replicas` bins would be left."""
+    packable = np.flatnonzero(bins.packable)
+    keep = len(packable) - remove
+    if remove == 0 or keep < 1 or len(bins.sizes) - remove < num_replicas:
+        return None
+    starts = np.cumsum(bins.sizes) - bins.sizes
+    pool = np.concatenate([bins.items[starts[b] : starts[b] + bins.sizes[b]] for b in packable])
+    items, sizes, tokens = _deal(pool, lengths[pool], keep)
+    return None if tokens.max() > capacity else bins.replace(packable, items, sizes)
+
+
 def _equal_counts(
     bins: _Bins, lengths: np.ndarray, capacity: int, num_replicas: int, drop_last: bool
 ) -> tuple[_Bins, int]:
@@ -260,7 +273,8 @@ def _equal_counts(
 
     The `s + num_replicas` least-filled packable bins (`s` = bins past the last full step) are
     repacked into `2 * num_replicas` bins (`num_replicas` when `s == 0`) of nearly equal tokens;
-    where that would exceed the budget, the fullest of them are split in two instead. With
+    where that would exceed the budget, the fullest of them are split in two instead. When too few
+    examples fit the budget to split, the packable bins are merged into `s` fewer instead. With
     `drop_last`, the `s` least-filled bins are dropped first. Returns the bins and the number of
     examples dropped.
     """
@@ -287,11 +301,14 @@ def _equal_counts(
     target = len(chosen) + extra
     available = int(bins.sizes[chosen].sum())
     if available < target:
-        raise ValueError(
-            f"num_replicas={num_replicas}: expected a number of batches divisible by it, got {len(bins.sizes)} "
-            f"batches, and splitting batches cannot make {target} out of the {available} examples that fit the "
-            f"budget; use drop_last=True or fewer replicas"
-        )
+        merged = _merged(bins, lengths, capacity, remainder, num_replicas)
+        if merged is None:
+            raise ValueError(
+                f"num_replicas={num_replicas}: expected a number of batches divisible by it, got {len(bins.sizes)} "
+                f"batches; splitting batches cannot make {target} out of the {available} examples that fit the "
+                f"budget, and merging {remainder} batches away does not fit it; use drop_last=True or fewer replicas"
+            )
+        return merged, dropped
     starts = np.cumsum(bins.sizes) - bins.sizes
     runs = [bins.items[starts[b] : starts[b] + bins.sizes[b]] for b in chosen]
     pool = np.concatenate(runs) if runs else np.zeros(0, np.int64)
