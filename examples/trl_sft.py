@@ -3,8 +3,8 @@
     python examples/trl_sft.py --steps 20            # prompt/completion: the prompt is not trained on
     python examples/trl_sft.py --steps 20 --packing  # TRL's BFD-packed rows (seq_lengths)
 
-TRL prepares the dataset as usual; `PackedSFTTrainer` collates with `PackedCollator` (keep
-`padding_free` off in `SFTConfig`: the collator packs).
+TRL prepares the dataset as usual; `PackedSFTTrainer` collates with `PackedCollator`, which packs
+padding-free whether `padding_free` in `SFTConfig` is on or off.
 """
 
 import argparse

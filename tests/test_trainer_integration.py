@@ -192,8 +192,34 @@ def test_token_budget_eval_loader(tmp_path):
     assert np.isfinite(trainer.evaluate()["eval_loss"])
 
 
-def test_plain_loop_helpers_give_the_padded_gradient(padded_reference):
-    """count_label_tokens + num_items_in_batch in a plain loop: micro-batches of 5, 5, 6 examples."""
+def test_eval_follows_the_training_budget_unless_told_otherwise(tmp_path):
+    eval_set = prompt_completion_dataset(n=12, seed=2)
+
+    def eval_widths(**budgets):
+        trainer = PackedTrainer(model=tiny_model(), args=arguments(tmp_path), eval_dataset=eval_set,
+                                check_packing=False, **budgets)
+        return [batch["input_ids"].shape[1] for batch in trainer.get_eval_dataloader()]
+
+    assert max(eval_widths(max_tokens_per_batch=100)) <= 100  # the training budget
+    assert max(eval_widths(max_tokens_per_batch=100, eval_max_tokens_per_batch=150)) <= 150
+    fixed = eval_widths(max_tokens_per_batch=100, eval_max_tokens_per_batch=0)  # 0: per_device_eval_batch_size (4)
+    assert len(fixed) == 3
+
+
+def test_examples_over_the_budget_are_announced(tmp_path, caplog):
+    dataset = prompt_completion_dataset(n=8, long_every=4)  # 2 examples of 300 tokens
+    trainer = PackedTrainer(model=tiny_model(), args=arguments(tmp_path), train_dataset=dataset,
+                            max_tokens_per_batch=200, check_packing=False)
+    with caplog.at_level("WARNING", logger="packcollate"):
+        batches = list(trainer.get_train_dataloader())
+    assert "training: 2 examples are longer than the token budget (200)" in caplog.text
+    assert sorted(b["input_ids"].shape[1] for b in batches if b["input_ids"].shape[1] > 200) == [300, 300]
+
+
+@pytest.mark.parametrize("loop", ["torch", "accelerate"])
+def test_plain_loop_helpers_give_the_padded_gradient(padded_reference, loop):
+    """count_label_tokens + num_items_in_batch in a plain loop (or accelerate's, as in
+    examples/accelerate_loop.py): micro-batches of 5, 5, 6 examples."""
     model = tiny_model()
     dataset = prompt_completion_dataset()
     features = [dataset[i] for i in range(N_EXAMPLES)]
@@ -201,11 +227,18 @@ def test_plain_loop_helpers_give_the_padded_gradient(padded_reference):
     loader = [collator(features[0:5]), collator(features[5:10]), collator(features[10:16])]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    backward, world = (lambda loss: loss.backward()), 1
+    if loop == "accelerate":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        backward, world = accelerator.backward, accelerator.num_processes
     for step in micro_batches(loader, 3):
         n = count_label_tokens(step)
         for batch in step:
             batch = {k: v for k, v in batch.items() if k != "idx"}
-            model(**batch, num_items_in_batch=n).loss.backward()
+            backward(model(**batch, num_items_in_batch=n).loss * world)
         optimizer.step()
     change = {n: p.detach() - before[n] for n, p in model.named_parameters()}
     assert_same_change(padded_reference, change)

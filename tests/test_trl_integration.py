@@ -52,18 +52,20 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def run_pair(tmp_path, dataset, **sft_options):
+def run_pair(tmp_path, dataset, ours_padding_free=False, **sft_options):
     """(TRL's padding-free collator, PackedSFTTrainer) on the same data: per-step losses."""
     theirs = SFTTrainer(model=tiny_model(), args=config(tmp_path / "trl", padding_free=True, **sft_options),
                         train_dataset=dataset, processing_class=char_tokenizer())
-    ours = PackedSFTTrainer(model=tiny_model(), args=config(tmp_path / "ours", **sft_options), train_dataset=dataset,
-                            processing_class=char_tokenizer())
+    ours = PackedSFTTrainer(model=tiny_model(), args=config(tmp_path / "ours", padding_free=ours_padding_free,
+                                                            **sft_options),
+                            train_dataset=dataset, processing_class=char_tokenizer())
     assert isinstance(ours.data_collator, PackedCollator)
     return losses(theirs), losses(ours), ours
 
 
-def test_prompt_completion_matches_trl(tmp_path):
-    theirs, ours, trainer = run_pair(tmp_path, prompt_completion())
+@pytest.mark.parametrize("ours_padding_free", [False, True])
+def test_prompt_completion_matches_trl(tmp_path, ours_padding_free):
+    theirs, ours, trainer = run_pair(tmp_path, prompt_completion(), ours_padding_free=ours_padding_free)
     assert len(ours) == STEPS
     assert max(abs(a - b) for a, b in zip(theirs, ours)) < 1e-5
     batch = next(iter(trainer.get_train_dataloader()))

@@ -46,7 +46,8 @@ def main(args) -> int:
               + ("both" if args.all else "neither"), file=sys.stderr)
         return 2
     if args.all:
-        check_all(backends=args.backends, jobs=args.jobs, timeout=args.timeout, out=args.out, device=args.device)
+        check_all(backends=args.backends, jobs=args.jobs, timeout=args.timeout, out=args.out, device=args.device,
+                  command=" ".join(["packcollate", *sys.argv[1:]]) if sys.argv[1:2] == ["check"] else ALL_COMMAND)
         return 0
     report = check_model(args.model, backends=args.backends, device=args.device,
                          max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code)

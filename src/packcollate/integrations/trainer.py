@@ -13,8 +13,9 @@
 - keeps the columns the collator reads (`completion_mask`, `assistant_masks`, `seq_lengths`, its
   `passthrough_keys`) through `remove_unused_columns`, which would otherwise drop them silently
   because the model's `forward` does not name them (the prompt would then be trained on);
-- with `max_tokens_per_batch`, batches training (and, with `eval_max_tokens_per_batch`, evaluation)
-  by a `TokenBudgetBatchSampler`, one plan per rank, re-planned every epoch;
+- with `max_tokens_per_batch`, batches training and evaluation (its own budget with
+  `eval_max_tokens_per_batch`) by a `TokenBudgetBatchSampler`, one plan per rank, re-planned every
+  epoch; examples longer than the budget train in a batch of their own, with a warning;
 - with `check_packing=True` (default), runs `assert_packing_safe` on the model at train start.
 
 The loss needs nothing extra: `Trainer` divides the summed token loss of every micro-batch by the
@@ -25,6 +26,8 @@ run's token-mean loss and gradients (tested with 2 ranks in `tests/test_trainer_
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
@@ -32,6 +35,8 @@ from transformers import Trainer, TrainerCallback
 from ..collate import PackedCollator, _Collator
 from ..features import MASK_KEYS
 from ..sampler import TokenBudgetBatchSampler
+
+logger = logging.getLogger("packcollate")
 
 #: Columns a packcollate collator reads besides the model's own inputs.
 COLLATOR_COLUMNS = ("input_ids", "labels", "seq_lengths", *MASK_KEYS)
@@ -78,7 +83,8 @@ class PackingTrainerMixin:
     Args:
         max_tokens_per_batch: token budget of one training micro-batch on one rank; None (default)
             keeps the Trainer's fixed `per_device_train_batch_size`.
-        eval_max_tokens_per_batch: the same for evaluation (in dataset order); None keeps
+        eval_max_tokens_per_batch: the same for evaluation (in dataset order); None (default): the
+            training budget (or `per_device_eval_batch_size` without one); 0 keeps
             `per_device_eval_batch_size`.
         budget_strategy: `"bfd"` (default), `"ffd"` or `"greedy"` (see `TokenBudgetBatchSampler`).
         check_packing: prove at train start that the model's attention backend keeps packed
@@ -100,7 +106,9 @@ class PackingTrainerMixin:
         **kwargs,
     ):
         self.max_tokens_per_batch = max_tokens_per_batch
-        self.eval_max_tokens_per_batch = eval_max_tokens_per_batch
+        self.eval_max_tokens_per_batch = (
+            max_tokens_per_batch if eval_max_tokens_per_batch is None else eval_max_tokens_per_batch or None
+        )
         self.budget_strategy = budget_strategy
         super().__init__(*args, **kwargs)
         self.data_collator = data_collator if data_collator is not None else PackedCollator()
@@ -136,6 +144,12 @@ class PackingTrainerMixin:
             rank=self.args.process_index if self.args.world_size > 1 else 0,
             overflow="own_batch",
         )
+        if sampler.oversized_examples:
+            logger.warning(
+                "%s: %d examples are longer than the token budget (%d): each is a batch of its own, over the "
+                "budget; give the collator max_seq_length to truncate or split them",
+                description, sampler.oversized_examples, max_tokens,
+            )
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,

@@ -26,5 +26,5 @@ from .trainer import PackingTrainerMixin
 
 class PackedSFTTrainer(PackingTrainerMixin, SFTTrainer):
     """TRL's `SFTTrainer` with packcollate's collator (default `PackedCollator()`), token-budget
-    batches and packing guard (see `PackingTrainerMixin`). Leave `padding_free` off in `SFTConfig`:
-    the collator does the padding-free packing."""
+    batches and packing guard (see `PackingTrainerMixin`). `padding_free` in `SFTConfig` may be on or
+    off: the collator packs padding-free either way."""
