@@ -496,9 +496,11 @@ def test_falcon_is_exact_through_its_packcollate_attention_class():
     assert not torch.allclose(sdpa(**batch).logits[0], packed, atol=1e-3)  # the failure this class avoids
 
 
-def test_llama4_chunked_layers_keep_their_chunks():
-    """Chunked-attention layers: a sequence starts at every example (cu_seq_lens) and every chunk (the mask)."""
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_llama4_chunked_layers_keep_their_chunks(use_cache):
+    """Chunked-attention layers: chunks start at every example's start (cu_seq_lens), whether or not
+    transformers' mask saw the packing (with a cache, or transformers 5.17, its chunks run across the row)."""
     model = tiny_model("llama4_text")
     assert "chunked_attention" in model.config.layer_types
-    result = compare_packed_unpacked(model, features(), reference_attn_implementation="eager", use_cache=False)
+    result = compare_packed_unpacked(model, features(), reference_attn_implementation="eager", use_cache=use_cache)
     assert result.max_logit_diff < 1e-5 and result.max_grad_rel_diff < 1e-5

@@ -223,6 +223,46 @@ def _layout_from_sequence_map(
     return _LAYOUTS.put(sequence_map, extra, layout) if cacheable else layout
 
 
+def _chunk_size(module) -> int | None:
+    """The chunk length of a chunked-attention layer (Llama 4: `attention_chunk_size` on the layers
+    `layer_types` marks `"chunked_attention"`), else None."""
+    config = getattr(module, "config", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    types = getattr(config, "layer_types", None)
+    index = getattr(module, "layer_idx", None)
+    if chunk and types and isinstance(index, int) and index < len(types) and types[index] == "chunked_attention":
+        return int(chunk)
+    return None
+
+
+def _chunked(layout: SequenceLayout, chunk: int) -> SequenceLayout:
+    """Every sequence cut into chunks of `chunk` tokens from its own start (the last one shorter)."""
+    lengths = torch.diff(layout.cu_seq_lens.long())
+    pieces = torch.div(lengths + chunk - 1, chunk, rounding_mode="floor")
+    starts = torch.repeat_interleave(layout.cu_seq_lens[:-1].long(), pieces)
+    first = torch.repeat_interleave(torch.cumsum(pieces, 0) - pieces, pieces)
+    starts = starts + chunk * (torch.arange(len(starts), device=starts.device) - first)
+    cu = torch.cat([starts, layout.cu_seq_lens[-1:].long()]).to(torch.int32)
+    return SequenceLayout(cu, min(layout.max_length, chunk), layout.token_index, False)
+
+
+def _chunked_layout(module, query, key, kwargs: dict) -> SequenceLayout | None:
+    """A chunked-attention layer's layout from the examples (`cu_seq_lens`, else `position_ids`), chunked
+    from each example's start, or None (not a chunked layer, or no examples given: the mask decides).
+
+    transformers' chunked mask counts chunks from each example's start only when it sees the packing
+    (no cache, recent versions); otherwise its chunks run across the packed row."""
+    chunk = _chunk_size(module)
+    examples = resolve_layout(query, key, None, kwargs) if chunk else None
+    if examples is None:
+        return None
+    source = kwargs.get("cu_seq_lens_q")
+    source = source if source is not None else kwargs["position_ids"]
+    extra = ("chunked", chunk, tuple(query.shape[:1] + query.shape[2:3]))
+    cached = _LAYOUTS.get(source, extra)
+    return cached if cached is not None else _LAYOUTS.put(source, extra, _chunked(examples, chunk))
+
+
 def _is_sequence_map(attention_mask) -> bool:
     return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.dtype == torch.int32
 
@@ -671,7 +711,7 @@ def packcollate_attention(
             mask = mask | ~mask.any(-1, keepdim=True)
         out = _attention_dense(query, key, value, opts, mask, s_aux, is_causal=False)
         return out.transpose(1, 2).contiguous(), None
-    layout = resolve_layout(query, key, attention_mask, kwargs)
+    layout = _chunked_layout(module, query, key, kwargs) or resolve_layout(query, key, attention_mask, kwargs)
     if layout is None and key.shape[2] != seq:
         out = _decode_attention(query, key, value, attention_mask, opts, s_aux)
         return out.transpose(1, 2).contiguous(), None
