@@ -658,19 +658,16 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def _decode_attention(query, key, value, attention_mask, opts: AttentionOptions, sinks) -> torch.Tensor:
-    """Dense attention when queries are the last `S` of `S_kv` keys (generation with a cache)."""
+def _decode_attention(query, key, value, opts: AttentionOptions, sinks) -> torch.Tensor:
+    """Dense attention when queries are the last `S` of `S_kv` keys and no mask came with them (a
+    model that builds none; with a cache, `packcollate_mask` hands transformers' 4-D mask instead)."""
     length, length_kv = query.shape[2], key.shape[2]
     idx_q = torch.arange(length, device=query.device)[:, None] + (length_kv - length)
     idx_k = torch.arange(length_kv, device=query.device)[None, :]
     allowed = idx_k <= idx_q if opts.causal else torch.ones_like(idx_k, dtype=torch.bool).expand(length, -1)
     if opts.sliding_window is not None:
         allowed = allowed & (idx_q - idx_k < opts.sliding_window)
-    allowed = allowed[None, None]
-    if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 2:
-        allowed = allowed & attention_mask[:, None, None, :]
-        allowed = allowed | ~allowed.any(-1, keepdim=True)  # a query with no key left: keep it finite
-    return _attention_dense(query, key, value, opts, allowed, sinks, is_causal=False)
+    return _attention_dense(query, key, value, opts, allowed[None, None], sinks, is_causal=False)
 
 
 def packcollate_attention(
@@ -713,7 +710,7 @@ def packcollate_attention(
         return out.transpose(1, 2).contiguous(), None
     layout = _chunked_layout(module, query, key, kwargs) or resolve_layout(query, key, attention_mask, kwargs)
     if layout is None and key.shape[2] != seq:
-        out = _decode_attention(query, key, value, attention_mask, opts, s_aux)
+        out = _decode_attention(query, key, value, opts, s_aux)
         return out.transpose(1, 2).contiguous(), None
     if layout is None or layout.full_rows:
         if query.device.type != "cuda" or batch == 1:

@@ -111,6 +111,34 @@ def plan_lengths(
 # Length statistics (`packcollate stats`)
 # ---------------------------------------------------------------------------------------------
 
+
+def column_names(rows) -> list[str]:
+    """The columns of a `datasets.Dataset`, or the keys of the first row of a list of dicts."""
+    if hasattr(rows, "column_names"):
+        return list(rows.column_names)
+    return list(rows[0].keys()) if len(rows) else []
+
+
+def token_counts(rows, column: str = "input_ids") -> np.ndarray | None:
+    """`(n,)` int64 tokens of each row: its `length` column, else the length of `column`; None when
+    it has neither.
+
+    `rows`: a `datasets.Dataset` (measured in Arrow, one vectorised call over the rows it shows, in
+    its order, after `select`/`shuffle`/`filter`) or a list of dicts.
+    """
+    columns = column_names(rows)
+    if "length" not in columns and column not in columns:
+        return None
+    if hasattr(rows, "with_format"):
+        import pyarrow.compute as pc
+
+        table = rows.with_format("arrow")
+        counts = table["length"] if "length" in columns else pc.list_value_length(table[column])
+        return counts.to_numpy().astype(np.int64)
+    if "length" in columns:
+        return np.asarray([row["length"] for row in rows], dtype=np.int64)
+    return np.fromiter((len(row[column]) for row in rows), dtype=np.int64, count=len(rows))
+
 #: Config attributes that hold a model's context length, in the order they are read
 #: (`seq_length` is ChatGLM's name, `n_positions` / `n_ctx` GPT-2's).
 CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length", "max_seq_len", "n_ctx")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .lengths import PERCENTILES, context_length, length_stats, recommend_max_seq_length
+from .lengths import PERCENTILES, column_names, context_length, length_stats, recommend_max_seq_length, token_counts
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TEXT_FIELDS = ("text", "prompt", "completion", "messages")
@@ -84,16 +84,6 @@ def _load_saved(path: Path) -> dict:
     return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {path.name: loaded}
 
 
-def _columns(rows) -> list[str]:
-    if hasattr(rows, "column_names"):
-        return list(rows.column_names)
-    return list(rows[0].keys()) if rows else []
-
-
-def _column(rows, name: str) -> list:
-    return rows[name] if hasattr(rows, "column_names") else [row[name] for row in rows]
-
-
 def _chat_ids(tokenizer, conversations: list) -> list[list[int]]:
     """Token ids of each conversation through the tokenizer's chat template."""
     return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)["input_ids"]
@@ -103,15 +93,10 @@ def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000) -> np
     """`(n,)` int64 token count of each example of a split; see the module docstring for the sources."""
     if len(rows) == 0:
         return np.zeros(0, dtype=np.int64)  # reported by the caller, with every empty split named
-    columns = _columns(rows)
-    if "length" in columns:
-        return np.asarray(_column(rows, "length"), dtype=np.int64)
-    if "input_ids" in columns:
-        if hasattr(rows, "with_format"):  # Arrow: one vectorised call over the rows the dataset shows
-            import pyarrow.compute as pc
-
-            return pc.list_value_length(rows.with_format("arrow")["input_ids"]).to_numpy().astype(np.int64)
-        return np.fromiter((len(ids) for ids in _column(rows, "input_ids")), dtype=np.int64)
+    counts = token_counts(rows)
+    if counts is not None:
+        return counts
+    columns = column_names(rows)
     present = [field for field in TEXT_FIELDS if field in columns]
     if not present:
         raise ValueError(

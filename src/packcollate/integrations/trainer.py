@@ -34,6 +34,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..collate import PackedCollator, _Collator
 from ..features import MASK_KEYS
+from ..lengths import token_counts
 from ..sampler import TokenBudgetBatchSampler
 
 logger = logging.getLogger("packcollate")
@@ -52,18 +53,10 @@ def collator_columns(collator) -> list[str]:
 def example_lengths(dataset, column: str = "input_ids") -> np.ndarray | list[int]:
     """Tokens of each example `(n,)`: the `length` column when the dataset has one, else `len(input_ids)`.
 
-    A `datasets.Dataset` is measured in Arrow (one vectorised call, over the rows it shows, in its
-    order, after `select`/`shuffle`/`filter`), not row by row.
+    A `datasets.Dataset` is measured in Arrow (`lengths.token_counts`), any other dataset row by row.
     """
-    names = getattr(dataset, "column_names", None)
-    if names is not None and ("length" in names or column in names):
-        import pyarrow.compute as pc
-
-        table = dataset.with_format("arrow")  # the dataset's rows in its order (select, shuffle, filter)
-        if "length" in names:
-            return table["length"].to_numpy()
-        return pc.list_value_length(table[column]).to_numpy()
-    return [len(example[column]) for example in dataset]
+    counts = token_counts(dataset, column) if hasattr(dataset, "column_names") else None
+    return counts if counts is not None else [len(example[column]) for example in dataset]
 
 
 class _SetEpoch(TrainerCallback):
