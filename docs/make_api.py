@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import inspect
 import re
@@ -29,6 +30,7 @@ PUBLIC = [
     ("packcollate.toy", ["char_tokenizer", "arithmetic_problems", "load_arithmetic", "tokenize_prompt_completion"]),
 ]
 OUT = Path(__file__).with_name("api.md")
+PACKAGE = Path(__file__).resolve().parent.parent / "src" / "packcollate"
 
 
 def _signature(obj) -> str:
@@ -40,8 +42,22 @@ def _signature(obj) -> str:
     return re.sub(r"<function (\S+) at 0x[0-9a-f]+>", r"\1", text)
 
 
+def layout() -> list[str]:
+    """A table of every module of the package and the first line of its docstring, read from the source
+    files (nothing is imported, so optional extras need not be installed)."""
+    lines = ["## Package layout", "", "| module | what it owns |", "| --- | --- |"]
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        doc = ast.get_docstring(ast.parse(path.read_text())) or "(no docstring)"
+        summary = " ".join(doc.split("\n\n")[0].split()).replace("|", "\\|")
+        lines.append(f"| `{name}` | {summary} |")
+    return lines + [""]
+
+
 def render() -> str:
     lines = ["# API reference", "", "Generated from the docstrings by `python docs/make_api.py`; do not edit by hand.", ""]
+    lines += layout()
     for module_name, names in PUBLIC:
         module = importlib.import_module(module_name)
         lines += [f"## `{module_name}`", ""]
