@@ -477,10 +477,18 @@ def test_cuda_model_packed_equals_unpacked():
 
 
 def test_falcon_is_exact_through_its_packcollate_attention_class():
-    """Falcon's attention is written inside the model and its mask ignores position_ids: sdpa mixes
-    packed examples; `attn_implementation="packcollate"` picks packcollate's Falcon attention class."""
+    """Falcon's mask ignores position_ids: sdpa mixes packed examples. Up to transformers 5.24 its
+    attention is written inside the model (a class per backend in FALCON_ATTENTION_CLASSES) and
+    `attn_implementation="packcollate"` picks packcollate's Falcon attention class; from 5.25 it calls
+    AttentionInterface and reaches the backend directly. Which one this release does is read here."""
+    from transformers.models.falcon import modeling_falcon
+
     ours = tiny_model("falcon")
-    assert type(ours.transformer.h[0].self_attention).__name__ == "PackcollateFalconAttention"
+    attention_class = type(ours.transformer.h[0].self_attention).__name__
+    if hasattr(modeling_falcon, "FALCON_ATTENTION_CLASSES"):
+        assert attention_class == "PackcollateFalconAttention"
+    else:
+        assert attention_class == "FalconAttention" and hasattr(modeling_falcon, "ALL_ATTENTION_FUNCTIONS")
     eager = tiny_model("falcon", attn_implementation="eager")
     eager.load_state_dict(ours.state_dict())
     batch = PackedCollator()(features())
