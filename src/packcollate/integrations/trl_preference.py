@@ -113,6 +113,14 @@ def _route_packed_layout(module: torch.nn.Module) -> None:
     module.forward = forward
 
 
+def _refuse_sequence_weighting(name: str, kwargs: dict) -> None:
+    if kwargs.get("loss_weighting", "token") != "token":
+        raise ValueError(
+            f"{name}: loss_weighting applies to the next-token loss of PackedTrainer / PackedSFTTrainer; preference "
+            f"losses are per pair already. Expected 'token' (the default), got {kwargs['loss_weighting']!r}"
+        )
+
+
 class PackedDPOTrainer(PackingTrainerMixin, DPOTrainer):
     """TRL's `DPOTrainer` with packed batches: chosen and rejected of every pair in one row, no padding.
 
@@ -125,6 +133,7 @@ class PackedDPOTrainer(PackingTrainerMixin, DPOTrainer):
     """
 
     def __init__(self, *args, data_collator=None, **kwargs):
+        _refuse_sequence_weighting(type(self).__name__, kwargs)
         super().__init__(*args, data_collator=data_collator, **kwargs)
         if self._is_vision_dataset:
             raise NotImplementedError("PackedDPOTrainer: vision preference datasets are not supported; use DPOTrainer")
@@ -175,6 +184,7 @@ class PackedRewardTrainer(PackingTrainerMixin, RewardTrainer):
     """
 
     def __init__(self, *args, data_collator=None, **kwargs):
+        _refuse_sequence_weighting(type(self).__name__, kwargs)
         super().__init__(*args, data_collator=data_collator if data_collator is not None else PackedPairCollator(),
                          **kwargs)
 
