@@ -13,7 +13,7 @@ import packcollate  # noqa: F401
 from packcollate.compat import tiny_config
 from packcollate.preference import PackedPairCollator
 from packcollate.segments import padding_mask, to_padded
-from packcollate.sequence_scores import packed_sequence_logits, score_head
+from packcollate.sequence_scores import assert_sequence_scores_safe, packed_sequence_logits, score_head
 
 torch.set_num_threads(1)
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral"]
@@ -80,6 +80,12 @@ def test_pad_tokens_inside_an_example_follow_the_hf_rule():
     torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_scoring_guard_passes_on_the_packcollate_backend(model_type):
+    _, packed_model = classifier_pair(model_type, dtype=torch.float32)
+    assert assert_sequence_scores_safe(packed_model) < 1e-4
+
+
 def test_not_a_classifier_is_named():
     from transformers import AutoModelForCausalLM
 
@@ -107,9 +113,8 @@ def reward_trainers(tmp_path, **options):
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).double()
         args = RewardConfig(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=6, max_steps=2,
                             report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=1, **options)
-        extra = {} if cls is RewardTrainer else {"check_packing": False}
         made.append(cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                        processing_class=char_tokenizer(), **extra))
+                        processing_class=char_tokenizer()))
     return made
 
 
@@ -131,5 +136,5 @@ def test_reward_trainer_loss_metrics_gradients_equal_padded(tmp_path, options):
     assert metrics_o.keys() == metrics_t.keys() and metrics_o == pytest.approx(metrics_t, rel=1e-9)
     for name in grads_t:
         torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-9, atol=1e-12, msg=name)
-    ours.train()
+    ours.train()  # the scoring guard runs at train start (check_packing default)
     assert ours.state.global_step == 2

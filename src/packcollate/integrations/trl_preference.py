@@ -31,12 +31,13 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import DPOTrainer, RewardTrainer
 
 from ..preference import PackedPairCollator, PackedPreferenceCollator, pair_tokens
 from ..segments import IGNORE_INDEX, from_padded, padding_mask, segment_starts, to_padded
-from ..sequence_scores import packed_sequence_logits
+from ..sequence_scores import assert_sequence_scores_safe, packed_sequence_logits
 from .trainer import PackingTrainerMixin
 
 #: Per-token fields of TRL's `FusedCausalLMOutput` that are laid out like `log_probs` `(rows, L-1)`.
@@ -176,17 +177,32 @@ class _PackedScorer:
         return SequenceClassifierOutputWithPast(logits=scores, cache=getattr(outputs, "cache", None))
 
 
+class SequenceScoreGuardCallback(TrainerCallback):
+    """On `on_train_begin`, prove that packed scoring is exact for the classifier about to be trained
+    (`packcollate.sequence_scores.assert_sequence_scores_safe`); training stops before the first step
+    otherwise. The reward trainer's `check_packing`: the causal-LM guard does not apply to a classifier."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("SequenceScoreGuardCallback: expected the trainer to pass the model to on_train_begin, got None")
+        assert_sequence_scores_safe(model)
+        return control
+
+
 class PackedRewardTrainer(PackingTrainerMixin, RewardTrainer):
     """TRL's `RewardTrainer` with packed batches: chosen and rejected of every pair in one row, each
     scored at its last non-pad token. Same arguments as `RewardTrainer`, plus `PackingTrainerMixin`'s;
-    `data_collator` defaults to `PackedPairCollator()`. Loss and metrics are TRL's, computed from
+    `data_collator` defaults to `PackedPairCollator()`; `check_packing` (default True) runs
+    `SequenceScoreGuardCallback` at train start. Loss and metrics are TRL's, computed from
     the packed scores (equal to the padded ones: tested for Llama, Qwen2, Qwen3, Gemma, Gemma 2).
     """
 
-    def __init__(self, *args, data_collator=None, **kwargs):
+    def __init__(self, *args, data_collator=None, check_packing: bool = True, **kwargs):
         _refuse_sequence_weighting(type(self).__name__, kwargs)
         super().__init__(*args, data_collator=data_collator if data_collator is not None else PackedPairCollator(),
-                         **kwargs)
+                         check_packing=False, **kwargs)
+        if check_packing:
+            self.add_callback(SequenceScoreGuardCallback())
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
