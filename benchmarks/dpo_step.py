@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="passes over the batches, modes interleaved")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a shared machine's cores)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/dpo_step_<preset>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/<device>/dpo_step_<preset>.json)")
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         "first_logps_chosen": first_logps,
         "first_logps_rel_diff": abs(first_logps["packed"] - first_logps["padded"]) / abs(first_logps["padded"]),
         "modes": summary,
-        "memory_method": "CUDA max_memory_allocated" if device.type == "cuda" else "peak anonymous RSS increase of a forked child (weights + grads + AdamW state + activations)",
+        "memory_method": "CUDA max_memory_allocated" if device.type == "cuda" else
+                         "peak anonymous RSS increase of a forked child (weights + grads + AdamW state + activations)",
         "versions": {"python": platform.python_version(), "packcollate": packcollate.__version__,
                      "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "trl": __import__("trl").__version__},
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in MODES:
         s = summary[mode]
         ratio = s["tokens_per_s"] / summary["padded"]["tokens_per_s"]
-        mem = "" if not memory.get("padded") or s["peak_memory_bytes"] is None else f"{s['peak_memory_bytes'] / memory['padded']:.2f}x"
+        peak = s["peak_memory_bytes"]
+        mem = "" if not memory.get("padded") or peak is None else f"{peak / memory['padded']:.2f}x"
         print(f"{mode:<8} {s['tokens_per_s']:>10.0f} {ratio:>8.2f}x {mib(s['peak_memory_bytes']):>12} {mem:>7} "
               f"{s['first_loss']:>11.6f}")
     print(f"ideal speed-up (padded / real tokens): {ideal:.2f}x; measured {speedup:.2f}x "

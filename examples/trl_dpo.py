@@ -24,7 +24,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--examples", type=int, default=200)
 parser.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
-parser.add_argument("--max-tokens", type=int, default=None, help="token budget per micro-batch (both sequences of a pair)")
+parser.add_argument("--max-tokens", type=int, default=None,
+                    help="token budget per micro-batch (both sequences of a pair)")
 parser.add_argument("--loss-type", default="sigmoid", help="any DPOConfig.loss_type: sigmoid, ipo, hinge, …")
 parser.add_argument("--output-dir", default="/tmp/packcollate-trl-dpo")
 args = parser.parse_args()

@@ -23,7 +23,8 @@ from packcollate.toy import char_tokenizer
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--examples", type=int, default=200)
-parser.add_argument("--max-tokens", type=int, default=None, help="token budget per micro-batch (both sequences of a pair)")
+parser.add_argument("--max-tokens", type=int, default=None,
+                    help="token budget per micro-batch (both sequences of a pair)")
 parser.add_argument("--output-dir", default="/tmp/packcollate-trl-reward")
 args = parser.parse_args()
 

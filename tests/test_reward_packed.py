@@ -138,3 +138,25 @@ def test_reward_trainer_loss_metrics_gradients_equal_padded(tmp_path, options):
         torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-9, atol=1e-12, msg=name)
     ours.train()  # the scoring guard runs at train start (check_packing default)
     assert ours.state.global_step == 2
+
+
+def test_lora_classifier_scores_and_gradients_equal_padded():
+    """PEFT-wrapped (LoRA on attention, the score head trained in full via modules_to_save)."""
+    peft = pytest.importorskip("peft")
+    wrapped = []
+    for model in classifier_pair("qwen3"):
+        torch.manual_seed(3)
+        config = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        wrapped.append(peft.get_peft_model(model, config).double())
+    padded_model, packed_model = wrapped
+    batch = packed_batch(sequences())
+    cu = batch["cu_seq_lens_q"].long()
+    expected = padded_model(input_ids=to_padded(batch["input_ids"], cu, fill=0),
+                            attention_mask=padding_mask(cu).long()).logits
+    scores, _ = packed_sequence_logits(packed_model, batch)
+    torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-10)
+    weights = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    theirs, ours = grads(padded_model, expected, weights), grads(packed_model, scores, weights)
+    assert any("lora" in name for name in ours) and any("score" in name for name in ours)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-12, msg=name)

@@ -134,7 +134,8 @@ def test_sft_trainer_sequence_weighting(tmp_path):
     from packcollate.integrations.trl import PackedSFTTrainer
     from packcollate.toy import char_tokenizer
 
-    trainer = PackedSFTTrainer(model=tiny_causal_lm(), args=config(tmp_path, per_device_train_batch_size=8, max_steps=1),
+    trainer = PackedSFTTrainer(model=tiny_causal_lm(),
+                               args=config(tmp_path, per_device_train_batch_size=8, max_steps=1),
                                train_dataset=prompt_completion(8), processing_class=char_tokenizer(),
                                loss_weighting="sequence")
     reference = tiny_causal_lm()

@@ -49,7 +49,8 @@ def preference_pairs(n=PAIRS, seed=5):
 
 def config(tmp_path, **overrides):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=PAIRS, max_steps=2, learning_rate=1e-2,
-                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, max_length=None)  # TRL default beta 0.1
+                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                max_length=None)  # beta: TRL's default, 0.1
     base.update(overrides)
     return DPOConfig(**base)
 
@@ -140,6 +141,9 @@ def test_training_steps_match_and_token_budget_runs(tmp_path):
         trainer.train()
         history.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
     assert len(history[1]) == 2 and history[1] == pytest.approx(history[0], rel=1e-5)
+    evaluated = [trainer.evaluate(preference_pairs(4, seed=11)) for trainer in (theirs, ours)]
+    assert evaluated[1]["eval_loss"] == pytest.approx(evaluated[0]["eval_loss"], rel=1e-5)
+    assert evaluated[1]["eval_rewards/accuracies"] == evaluated[0]["eval_rewards/accuracies"]
 
     budget = PackedDPOTrainer(model=tiny_model("packcollate"), ref_model=tiny_model("packcollate", seed=1),
                               args=config(tmp_path / "budget"), train_dataset=preference_pairs(),

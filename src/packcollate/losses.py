@@ -52,7 +52,9 @@ def count_loss_examples(batches: Iterable[dict], *, across_ranks: bool = True) -
     total = None
     for index, batch in enumerate(batches):
         if "labels" not in batch or "cu_seq_lens_q" not in batch:
-            raise KeyError(f"batch {index}: expected a packed batch with 'labels' and 'cu_seq_lens_q', got {sorted(batch)}")
+            raise KeyError(
+                f"batch {index}: expected a packed batch with 'labels' and 'cu_seq_lens_q', got {sorted(batch)}"
+            )
         labels = torch.as_tensor(batch["labels"])
         count = examples_with_targets(labels, torch.as_tensor(batch["cu_seq_lens_q"])).sum()
         total = count if total is None else total + count

@@ -16,7 +16,7 @@ order: `per_sequence.chunk(2)` splits them), each `prompt + completion` for DPO:
 | `position_ids` | `(1, N)` int64 | `0 … l_i-1` for every sequence |
 | `cu_seq_lens_q`, `cu_seq_lens_k` | `(2B+1,)` int32 | sequence offsets `[0, l_0, …, N]` |
 | `max_length_q`, `max_length_k` | Python int | longest sequence |
-| `ref_chosen_logps`, `ref_rejected_logps` | `(B,)` float | DPO, when the examples carry them (TRL's precomputed reference) |
+| `ref_chosen_logps`, `ref_rejected_logps` | `(B,)` float | DPO, when the examples carry them (TRL's precompute) |
 | `margin` | `(B,)` float32 | reward models, when the examples carry it |
 
 Truncation follows TRL's `DataCollatorForPreference`: each sequence (prompt + completion) is cut to
@@ -67,7 +67,9 @@ def _floats(examples: Sequence[dict], key: str, dtype) -> torch.Tensor | None:
         return None
     missing = [i for i, example in enumerate(examples) if key not in example]
     if missing:
-        raise KeyError(f"example {missing[0]}: expected a key {key!r} (example 0 has one), got {sorted(examples[missing[0]])}")
+        raise KeyError(
+            f"example {missing[0]}: expected a key {key!r} (example 0 has one), got {sorted(examples[missing[0]])}"
+        )
     return torch.tensor([example[key] for example in examples], dtype=dtype)
 
 

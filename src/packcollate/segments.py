@@ -44,7 +44,8 @@ def _flat(values: torch.Tensor, cu_seq_lens, name: str = "values") -> tuple[torc
     cu = torch.as_tensor(cu_seq_lens, device=values.device).long()
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(
-            f"cu_seq_lens: expected a 1-D tensor [0, l_0, l_0+l_1, …, N] of k+1 >= 2 offsets, got shape {tuple(cu.shape)}"
+            "cu_seq_lens: expected a 1-D tensor [0, l_0, l_0+l_1, …, N] of k+1 >= 2 offsets, got shape "
+            f"{tuple(cu.shape)}"
         )
     total = int(cu[-1])
     if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == total:

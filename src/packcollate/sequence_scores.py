@@ -61,7 +61,8 @@ def packed_sequence_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor,
     finally:
         handle.remove()
     if len(captured) != 1:
-        raise RuntimeError(f"{type(_unwrapped(model)).__name__}: expected its head to run once, it ran {len(captured)} times")
+        name = type(_unwrapped(model)).__name__
+        raise RuntimeError(f"{name}: expected its classification head to run once, it ran {len(captured)} times")
     per_token = captured[0]
     pad_token_id = _unwrapped(model).config.get_text_config().pad_token_id
     input_ids = batch["input_ids"].to(per_token.device)

@@ -48,7 +48,9 @@ class SequenceWeightedLossMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         if "cu_seq_lens_q" not in inputs:
-            raise ValueError(f"loss_weighting='sequence': expected a packed batch with 'cu_seq_lens_q', got {sorted(inputs)}")
+            raise ValueError(
+                f"loss_weighting='sequence': expected a packed batch with 'cu_seq_lens_q', got {sorted(inputs)}"
+            )
         labels = inputs["labels"]
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         loss = sequence_weighted_loss(outputs.logits, labels, inputs["cu_seq_lens_q"], num_items_in_batch)

@@ -184,7 +184,9 @@ class SequenceScoreGuardCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
-            raise ValueError("SequenceScoreGuardCallback: expected the trainer to pass the model to on_train_begin, got None")
+            raise ValueError(
+                "SequenceScoreGuardCallback: expected the trainer to pass the model to on_train_begin, got None"
+            )
         assert_sequence_scores_safe(model)
         return control
 
