@@ -110,7 +110,8 @@ def assert_same(theirs, ours, dtype=torch.float64, beta=0.1):
     {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [1.0, 0.5, 0.2]},
     {"loss_type": ["sigmoid"], "max_length": 60, "truncation_mode": "keep_end"},
     {"loss_type": ["sigmoid"], "max_length": 120},
-], ids=["sigmoid", "ipo", "hinge", "mixed", "keep_end", "keep_start"])
+    {"loss_type": ["sigmoid_norm", "robust"], "use_weighting": True, "ld_alpha": 0.5, "label_smoothing": 0.1},
+], ids=["sigmoid", "ipo", "hinge", "mixed", "keep_end", "keep_start", "wpo-ld-alpha"])
 def test_loss_metrics_gradients_equal_padded_dpo(tmp_path, options):
     theirs, ours = trainer_pair(tmp_path, **options)
     assert isinstance(ours.data_collator, PackedPreferenceCollator)

@@ -80,10 +80,10 @@ class PackedLayout:
         }
         return {**view, **{key: batch[key] for key in ("ref_chosen_logps", "ref_rejected_logps") if key in batch}}
 
-    def forward(self, inner, *args, labels=None, fused_lm_head=False, **kwargs):
+    def forward(self, inner, labels=None, fused_lm_head=False, **kwargs):
         """Run `inner` (TRL's fused forward) on the packed row; per-token outputs in the padded view."""
-        if not fused_lm_head or args:  # logits requested (TRL's deprecated return_outputs path): padded forward
-            return inner(*args, labels=labels, fused_lm_head=fused_lm_head, **kwargs)
+        if not fused_lm_head:  # logits requested (TRL's deprecated `return_outputs` path): the padded forward
+            return inner(labels=labels, **kwargs)
         for key in ("input_ids", "attention_mask", "position_ids"):
             kwargs.pop(key, None)
         packed_labels = from_padded(labels, self.cu_seq_lens)  # (1, N)
@@ -108,7 +108,10 @@ def _route_packed_layout(module: torch.nn.Module) -> None:
     def forward(*args, packed_layout: PackedLayout | None = None, **kwargs):
         if packed_layout is None:
             return inner(*args, **kwargs)
-        return packed_layout.forward(inner, *args, **kwargs)
+        if args:
+            raise TypeError(f"forward with packed_layout: expected keyword inputs (as TRL passes them), got {len(args)} "
+                            "positional")
+        return packed_layout.forward(inner, **kwargs)
 
     forward._packcollate_routed = True
     module.forward = forward
