@@ -25,3 +25,14 @@ def tiny_model(model_path: str | None = None, attn_implementation: str = "packco
 def arithmetic_features(n: int, offset: int = 0) -> list[dict]:
     """`n` shipped problems as `{"input_ids", "completion_mask"}` (TRL's prompt/completion format)."""
     return tokenize_prompt_completion(load_arithmetic()[offset : offset + n])
+
+
+def arithmetic_preferences(n: int, offset: int = 0) -> list[dict]:
+    """`n` shipped problems as preference pairs `{"prompt", "chosen", "rejected"}`: the worked answer is
+    chosen; a wrong final answer (every other pair) or the answer cut in half is rejected."""
+    pairs = []
+    for i, problem in enumerate(load_arithmetic()[offset : offset + n]):
+        worked = problem["completion"]
+        rejected = worked[: len(worked) // 2] if i % 2 else worked.rsplit(" ", 1)[0] + " 0."
+        pairs.append({"prompt": problem["prompt"], "chosen": " " + worked, "rejected": " " + rejected})
+    return pairs

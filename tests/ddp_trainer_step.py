@@ -1,6 +1,6 @@
 """Worker for test_trainer_integration: one PackedTrainer step on 2 ranks, weight change saved by rank 0.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_trainer_step.py OUT.pt
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_trainer_step.py OUT.pt [--loss-weighting sequence]
 """
 
 import sys
@@ -13,7 +13,7 @@ from test_trainer_integration import arguments, prompt_completion_dataset, tiny_
 from packcollate.integrations import PackedTrainer  # noqa: E402
 
 
-def main(out: str) -> None:
+def main(out: str, loss_weighting: str = "token") -> None:
     dataset = prompt_completion_dataset()
     total = sum(len(x) for x in dataset["input_ids"])
     model = tiny_model()
@@ -21,7 +21,8 @@ def main(out: str) -> None:
     args = arguments(out + ".dir", ddp_backend="gloo", max_steps=-1, num_train_epochs=1,
                      gradient_accumulation_steps=8)
     trainer = PackedTrainer(model=model, args=args, train_dataset=dataset, max_tokens_per_batch=total // 4 + 40,
-                            optimizers=(torch.optim.SGD(model.parameters(), lr=1.0), None), check_packing=False)
+                            optimizers=(torch.optim.SGD(model.parameters(), lr=1.0), None), check_packing=False,
+                            loss_weighting=loss_weighting)
     trainer.train()
     assert trainer.state.global_step == 1, trainer.state.global_step
     if trainer.args.process_index == 0:
@@ -32,4 +33,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[3:4])  # OUT.pt [--loss-weighting WEIGHTING]

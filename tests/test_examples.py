@@ -44,3 +44,23 @@ def test_ddp_torchrun_two_processes(free_port):
 def test_check_my_model():
     out = run(sys.executable, "check_my_model.py", "llama")
     assert "exact" in out
+
+
+@pytest.mark.parametrize("options", [[], ["--lora", "--max-tokens", "2000"]], ids=["full", "lora-budget"])
+def test_trl_dpo(options):
+    pytest.importorskip("trl")
+    if "--lora" in options:
+        pytest.importorskip("peft")
+    out = run(sys.executable, "trl_dpo.py", "--steps", "2", "--examples", "24", *options)
+    assert "reward margin" in out
+
+
+def test_trl_reward():
+    pytest.importorskip("trl")
+    assert "pair accuracy" in run(sys.executable, "trl_reward.py", "--steps", "2", "--examples", "24")
+
+
+@pytest.mark.parametrize("options", [[], ["--trainer"]], ids=["loop", "trainer"])
+def test_sequence_weighted_loss(options):
+    out = run(sys.executable, "sequence_weighted_loss.py", "--steps", "2", "--examples", "48", *options)
+    assert "loss" in out and "examples" in out

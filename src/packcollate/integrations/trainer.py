@@ -36,6 +36,7 @@ from ..collate import PackedCollator, _Collator
 from ..features import MASK_KEYS
 from ..lengths import token_counts
 from ..sampler import TokenBudgetBatchSampler
+from .sequence_loss import SequenceWeightedLossMixin
 
 logger = logging.getLogger("packcollate")
 
@@ -70,7 +71,7 @@ class _SetEpoch(TrainerCallback):
         self.sampler.set_epoch(int(state.epoch or 0))
 
 
-class PackingTrainerMixin:
+class PackingTrainerMixin(SequenceWeightedLossMixin):
     """Packed batches for a `Trainer` subclass; put it first: `class T(PackingTrainerMixin, Trainer)`.
 
     Args:
@@ -80,6 +81,9 @@ class PackingTrainerMixin:
             training budget (or `per_device_eval_batch_size` without one); 0 keeps
             `per_device_eval_batch_size`.
         budget_strategy: `"bfd"` (default), `"ffd"` or `"greedy"` (see `TokenBudgetBatchSampler`).
+        loss_weighting: `"token"` (default): the Trainer's token-mean loss; `"sequence"`: every example
+            weighs the same (mean over the step's examples of each one's mean token loss, exact
+            across gradient accumulation and ranks; see `packcollate.losses`).
         check_packing: prove at train start that the model's attention backend keeps packed
             examples apart (`packcollate.compat.assert_packing_safe`); default True.
         data_collator: default `PackedCollator()`. The trainer is built with its own default
@@ -96,8 +100,11 @@ class PackingTrainerMixin:
         eval_max_tokens_per_batch: int | None = None,
         budget_strategy: str = "bfd",
         check_packing: bool = True,
+        loss_weighting: str = "token",
         **kwargs,
     ):
+        self.loss_weighting = loss_weighting
+        self._check_loss_weighting()
         self.max_tokens_per_batch = max_tokens_per_batch
         self.eval_max_tokens_per_batch = (
             max_tokens_per_batch if eval_max_tokens_per_batch is None else eval_max_tokens_per_batch or None

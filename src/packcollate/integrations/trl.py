@@ -22,6 +22,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from .trainer import PackingTrainerMixin
+from .trl_preference import PackedDPOTrainer, PackedRewardTrainer  # noqa: F401  (re-exported)
 
 
 class PackedSFTTrainer(PackingTrainerMixin, SFTTrainer):

@@ -1,0 +1,151 @@
+"""Preference pairs packed into one row: chosen and rejected of every pair, no padding.
+
+    collator = PackedPreferenceCollator(max_length=1024)        # DPO: prompt_ids, chosen_ids, rejected_ids
+    batch = collator([{"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}, ...])
+
+    collator = PackedPairCollator()                             # reward models: chosen_ids, rejected_ids
+    batch = collator([{"chosen_ids": [...], "rejected_ids": [...], "margin": 0.5}, ...])
+
+For `B` pairs the row holds `k = 2B` sequences, the chosen ones first, then the rejected ones (TRL's
+order: `per_sequence.chunk(2)` splits them), each `prompt + completion` for DPO:
+
+| key | shape, dtype | meaning |
+| --- | --- | --- |
+| `input_ids` | `(1, N)` int64 | the `2B` sequences, back to back |
+| `completion_mask` | `(1, N)` int64 | DPO only: 1 on completion tokens, 0 on the prompt |
+| `position_ids` | `(1, N)` int64 | `0 … l_i-1` for every sequence |
+| `cu_seq_lens_q`, `cu_seq_lens_k` | `(2B+1,)` int32 | sequence offsets `[0, l_0, …, N]` |
+| `max_length_q`, `max_length_k` | Python int | longest sequence |
+| `ref_chosen_logps`, `ref_rejected_logps` | `(B,)` float | DPO, when the examples carry them (TRL's precompute) |
+| `margin` | `(B,)` float32 | reward models, when the examples carry it |
+
+Truncation follows TRL's `DataCollatorForPreference`: each sequence (prompt + completion) is cut to
+`max_length`, keeping its start (`"keep_start"`) or its end (`"keep_end"`). The collators never emit
+an `attention_mask`: a packed batch must not carry one (transformers would ignore the packing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+def _ids(example: dict, index: int, key: str, allow_empty: bool = False) -> np.ndarray:
+    if not isinstance(example, dict) or key not in example:
+        given = sorted(example) if isinstance(example, dict) else type(example).__name__
+        raise KeyError(f"example {index}: expected a key {key!r} (a list of token ids), got {given}")
+    ids = np.asarray(example[key])
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)) or (ids.size == 0 and not allow_empty):
+        raise ValueError(
+            f"example {index}, key {key!r}: expected a non-empty 1-D list of int token ids, got "
+            f"{type(example[key]).__name__} of shape {ids.shape} and dtype {ids.dtype}"
+        )
+    return ids.astype(np.int64, copy=False)
+
+
+def _packing_keys(lengths: np.ndarray) -> dict:
+    """`position_ids`, `cu_seq_lens_*`, `max_length_*` for sequences of `lengths` `(k,)`."""
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
+    cu_t = torch.from_numpy(cu.astype(np.int32))
+    longest = int(lengths.max())
+    return {
+        "position_ids": torch.from_numpy(positions).unsqueeze(0),
+        "cu_seq_lens_q": cu_t,
+        "cu_seq_lens_k": cu_t.clone(),
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def _floats(examples: Sequence[dict], key: str, dtype) -> torch.Tensor | None:
+    if key not in examples[0]:
+        return None
+    missing = [i for i, example in enumerate(examples) if key not in example]
+    if missing:
+        raise KeyError(
+            f"example {missing[0]}: expected a key {key!r} (example 0 has one), got {sorted(examples[missing[0]])}"
+        )
+    return torch.tensor([example[key] for example in examples], dtype=dtype)
+
+
+class PackedPreferenceCollator:
+    """DPO pairs `{"prompt_ids", "chosen_ids", "rejected_ids"}` -> one packed row of `2B` sequences.
+
+    Args:
+        max_length: tokens of one sequence (prompt + completion) at most; None (default) keeps all.
+        truncation_mode: `"keep_start"` (default) or `"keep_end"`, as TRL's `DPOConfig.truncation_mode`.
+
+    Returns the table of the module docstring. Per-example ref log-probs (`ref_chosen_logps`,
+    `ref_rejected_logps`) pass through as `(B,)` tensors.
+    """
+
+    def __init__(self, max_length: int | None = None, truncation_mode: str = "keep_start"):
+        if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
+            raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+        if truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode: expected one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+        self.max_length = max_length
+        self.truncation_mode = truncation_mode
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        if not examples:
+            raise ValueError("examples: expected at least one preference pair, got none")
+        prompts = [_ids(ex, i, "prompt_ids", allow_empty=True) for i, ex in enumerate(examples)]
+        chosen = [_ids(ex, i, "chosen_ids") for i, ex in enumerate(examples)]
+        rejected = [_ids(ex, i, "rejected_ids") for i, ex in enumerate(examples)]
+        prompt_lengths = np.fromiter((len(p) for p in prompts), np.int64, len(prompts))
+        completion_lengths = np.fromiter((len(c) for c in chosen + rejected), np.int64, 2 * len(prompts))
+        prompt_lengths = np.concatenate([prompt_lengths, prompt_lengths])  # (2B,): chosen, then rejected
+        full = prompt_lengths + completion_lengths
+        # pieces: prompt_0, chosen_0, …, prompt_0, rejected_0, …
+        tokens = np.concatenate([piece for pair in zip(prompts + prompts, chosen + rejected) for piece in pair])
+        position = np.arange(full.sum()) - np.repeat(np.cumsum(full) - full, full)  # within its sequence
+        position_from_end = np.repeat(full, full) - position  # 1 at the last token
+        kept = full if self.max_length is None else np.minimum(full, self.max_length)
+        if self.truncation_mode == "keep_start":
+            keep = position < np.repeat(kept, full)
+        else:
+            keep = position_from_end <= np.repeat(kept, full)
+        completion = position >= np.repeat(prompt_lengths, full)
+        batch = {
+            "input_ids": torch.from_numpy(tokens[keep]).unsqueeze(0),
+            "completion_mask": torch.from_numpy(completion[keep].astype(np.int64)).unsqueeze(0),
+            **_packing_keys(kept),
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            values = _floats(examples, key, torch.get_default_dtype())
+            if values is not None:
+                batch[key] = values
+        return batch
+
+
+class PackedPairCollator:
+    """Reward-model pairs `{"chosen_ids", "rejected_ids"}` (optional `"margin"`) -> one packed row of
+    `2B` sequences (chosen first); the table of the module docstring. Long sequences are TRL's to
+    filter (`RewardConfig.max_length`), as with its padding collator."""
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        if not examples:
+            raise ValueError("examples: expected at least one preference pair, got none")
+        sequences = [_ids(ex, i, "chosen_ids") for i, ex in enumerate(examples)]
+        sequences += [_ids(ex, i, "rejected_ids") for i, ex in enumerate(examples)]
+        lengths = np.fromiter((len(s) for s in sequences), np.int64, len(sequences))
+        batch = {"input_ids": torch.from_numpy(np.concatenate(sequences)).unsqueeze(0), **_packing_keys(lengths)}
+        margin = _floats(examples, "margin", torch.float)
+        if margin is not None:
+            batch["margin"] = margin
+        return batch
+
+
+def pair_tokens(example: dict, max_length: int | None = None) -> int:
+    """Tokens a DPO pair puts in a packed row: `prompt + chosen` and `prompt + rejected`, each cut to `max_length`."""
+    prompt = len(example["prompt_ids"])
+    chosen, rejected = prompt + len(example["chosen_ids"]), prompt + len(example["rejected_ids"])
+    if max_length is not None:
+        chosen, rejected = min(chosen, max_length), min(rejected, max_length)
+    return chosen + rejected

@@ -1,0 +1,103 @@
+"""Sequence-classification (reward) models on a packed row: one score per example, at its last token.
+
+    batch = PackedPairCollator()(pairs)                      # or PackedCollator()(examples)
+    scores, outputs = packed_sequence_logits(model, batch)  # (k, num_labels)
+
+Hugging Face's `…ForSequenceClassification` heads (Llama, Qwen2/3, Gemma 1-3, Mistral, … share
+`GenericForSequenceClassification`) apply the `score` head to every token and keep, per row, the
+last token that is not `config.pad_token_id`. On a packed row that is one token for the whole row;
+`packed_sequence_logits` reads the head's per-token output `(1, N, num_labels)` with a forward hook
+and keeps each *example's* last non-pad token instead (`segments.segment_last`), the token the padded
+forward keeps for it. Which head and pad token are read at run time from the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .segments import segment_last
+
+#: Attribute names of the classification head, in the order they are looked up.
+HEAD_NAMES = ("score", "classifier")
+#: Batch keys that describe a packed row but are not model inputs of a classification forward.
+NON_MODEL_KEYS = ("margin", "labels", "attention_mask", "completion_mask")
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP / accelerate and PEFT wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The module whose output are the per-token class logits (`model.score` for the generic heads)."""
+    base = _unwrapped(model)
+    for name in HEAD_NAMES:
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise TypeError(
+        f"model: expected a sequence-classification model with a per-token head named one of {HEAD_NAMES} "
+        f"(AutoModelForSequenceClassification of Llama, Qwen, Gemma, Mistral, …), got {type(base).__name__}"
+    )
+
+
+def packed_sequence_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, object]:
+    """Class logits of every example of a packed batch `(k, num_labels)`, and the model's outputs.
+
+    `batch`: a packed batch (`input_ids` `(1, N)`, `position_ids`, `cu_seq_lens_q` `(k+1,)`, …); keys in
+    `NON_MODEL_KEYS` are not passed to the model. Example `i`'s logits are the head's output at its
+    last token that is not `config.pad_token_id` (its last token when the config has none), as the
+    padded forward's pooling picks. Differentiable; the model's own pooled `outputs.logits` (one row
+    for the whole packed row) is not what you want.
+    """
+    if "cu_seq_lens_q" not in batch or "input_ids" not in batch:
+        raise KeyError(f"batch: expected a packed batch with 'input_ids' and 'cu_seq_lens_q', got {sorted(batch)}")
+    captured: list[torch.Tensor] = []
+    handle = score_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        outputs = model(**{key: value for key, value in batch.items() if key not in NON_MODEL_KEYS})
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        name = type(_unwrapped(model)).__name__
+        raise RuntimeError(f"{name}: expected its classification head to run once, it ran {len(captured)} times")
+    per_token = captured[0]
+    pad_token_id = _unwrapped(model).config.get_text_config().pad_token_id
+    input_ids = batch["input_ids"].to(per_token.device)
+    mask = None if pad_token_id is None else input_ids != pad_token_id
+    return segment_last(per_token, batch["cu_seq_lens_q"].to(per_token.device), mask), outputs
+
+
+def assert_sequence_scores_safe(model: nn.Module) -> float:
+    """Raise `RuntimeError` unless packed scoring equals one-example-at-a-time scoring for `model`'s
+    class, config and attention backend; returns the max |logit diff| measured.
+
+    The check runs on a tiny random copy (`compat.tiny_config`, CPU, fp32, `use_cache=False`, the
+    model's own weights untouched): `packed_sequence_logits` on a packed row of uneven examples
+    against each example's own forward, tolerance `compat.report.LOGIT_TOLERANCE`.
+    """
+    from .compat.report import LOGIT_TOLERANCE
+    from .compat.tiny import proof_features, tiny_config
+    from .preference import _packing_keys
+
+    base = _unwrapped(model)
+    backend = base.config._attn_implementation or "eager"
+    config = tiny_config(base.config, pad_token_id=0, use_cache=False)
+    torch.manual_seed(0)
+    tiny = type(base)._from_config(config, attn_implementation=backend).float().eval()
+    examples = [torch.tensor(f["input_ids"]) for f in proof_features()]
+    lengths = torch.tensor([len(e) for e in examples]).numpy()
+    batch = {"input_ids": torch.cat(examples).unsqueeze(0), **_packing_keys(lengths)}
+    with torch.no_grad():
+        packed, _ = packed_sequence_logits(tiny, batch)
+        alone = torch.cat([tiny(input_ids=e.unsqueeze(0)).logits for e in examples])
+    diff = float((packed - alone).abs().max())
+    if not diff <= LOGIT_TOLERANCE:
+        raise RuntimeError(
+            f"packed scoring is not safe for {type(base).__name__} with attn_implementation={backend!r}: on a tiny "
+            f"random copy, packed examples' scores differ from the same examples one at a time by {diff:.3g} "
+            f"(expected <= {LOGIT_TOLERANCE:g}). Fix: attn_implementation='packcollate'"
+        )
+    return diff
