@@ -231,3 +231,13 @@ def test_property_positions_and_vision_counts(plans, seed):
     assert batch.get("image_grid_thw", torch.zeros(0, 3)).shape[0] == n_images
     if n_images:
         assert int((batch["input_ids"] == 250).sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // 4
+
+
+def test_check_cli_image_text_to_text(capsys):
+    from packcollate.cli import main
+
+    assert main(["check", "--task", "image-text-to-text", "qwen2_vl", "--backend", "packcollate"]) == 0
+    out = capsys.readouterr().out
+    assert "packcollate use_cache=False exact" in out and "use_cache=True  exact" in out
+    with pytest.raises(ValueError, match="expected one of"):
+        main(["check", "--task", "image-text-to-text", "llama"])

@@ -19,6 +19,7 @@ import torch
 from ..masking import IGNORE_INDEX
 from ..multimodal import PackedVisionCollator
 from .equivalence import Equivalence, _grads, _max_rel_grad_diff, _summed_token_loss
+from .report import CONTAMINATED, EXACT, UNSUPPORTED, _one_line
 from .tiny import tiny_config
 
 #: Families with a tiny copy here, the task they serve (`packcollate check --task image-text-to-text`).
@@ -99,8 +100,14 @@ def image_tokens(config, grid_thw: torch.Tensor | None = None) -> int:
 
 
 def qwen_image_processor(config):
-    """Qwen2-VL's image processor, built locally for the tiny tower (2-px patches)."""
-    from transformers import Qwen2VLImageProcessor
+    """Qwen2-VL's image processor, built locally for the tiny tower (2-px patches); its PIL variant
+    when torchvision is not installed (what transformers falls back to anyway, without the warning)."""
+    import importlib.util
+
+    import transformers
+
+    name = "Qwen2VLImageProcessor" if importlib.util.find_spec("torchvision") else "Qwen2VLImageProcessorPil"
+    Qwen2VLImageProcessor = getattr(transformers, name, None) or transformers.Qwen2VLImageProcessor
 
     vision = config.vision_config
     unit = vision.patch_size * vision.spatial_merge_size
@@ -168,13 +175,14 @@ def _unpacked_inputs(example: Mapping, collator: PackedVisionCollator) -> dict:
 
 def compare_vision_packed_unpacked(
     model, features: Sequence[Mapping], collator: PackedVisionCollator | None = None,
-    reference_attn_implementation: str | None = "eager",
+    reference_attn_implementation: str | None = "eager", use_cache: bool = False,
 ) -> Equivalence:
     """One packed forward + backward against each example alone (through `reference_attn_implementation`).
 
     The loss of both is the summed next-token cross-entropy over the collator's labels divided by the
     batch's label tokens (what `Trainer` does with `num_items_in_batch`); logits are compared on every
-    token, gradients parameter by parameter (`Equivalence`). Gradients are left zeroed.
+    token, gradients parameter by parameter (`Equivalence`). `use_cache` applies to the packed run (the
+    reference, one example alone, is the same either way). Gradients are left zeroed.
     """
     from .equivalence import _attn_implementation
 
@@ -183,7 +191,7 @@ def compare_vision_packed_unpacked(
     labels = batch.pop("labels")
     n_targets = max(int((labels[0, 1:] != IGNORE_INDEX).sum()), 1)
     model.zero_grad(set_to_none=True)
-    out = model(**batch, use_cache=False)
+    out = model(**batch, use_cache=use_cache)
     loss = _summed_token_loss(out.logits, labels) / n_targets
     loss.backward()
     packed_logits, packed_grads = out.logits[0].detach(), _grads(model)
@@ -213,28 +221,152 @@ def compare_vision_packed_unpacked(
 LOGIT_TOLERANCE, GRAD_TOLERANCE = 1e-4, 1e-3
 
 
-def check_vision_architecture(model_type: str, backends: Sequence[str] = ("packcollate",)) -> dict:
-    """Matrix entry of one image-text-to-text family: per backend, packed vs unpacked (eager) with verdict."""
+def _trial(model, features, backend: str, use_cache: bool) -> dict:
+    """One backend and `use_cache`: the verdict (exact / contaminated / unsupported) and the differences."""
+    try:
+        with torch.random.fork_rng():
+            model.set_attn_implementation(backend)
+            result = compare_vision_packed_unpacked(model, features, use_cache=use_cache)
+    except Exception as error:  # noqa: BLE001 - a backend that raises is "unsupported", with the error
+        return {"use_cache": use_cache, "verdict": UNSUPPORTED, "note": _one_line(error)}
+    exact = result.max_logit_diff <= LOGIT_TOLERANCE and result.max_grad_rel_diff <= GRAD_TOLERANCE
+    return {"use_cache": use_cache, "verdict": EXACT if exact else CONTAMINATED,
+            "max_logit_diff": result.max_logit_diff, "max_grad_rel_diff": result.max_grad_rel_diff,
+            "worst_parameter": result.worst_parameter, "loss_diff": result.loss_diff}
+
+
+def check_vision_architecture(model_type: str, backends: Sequence[str] | None = None) -> dict:
+    """Matrix entry of one image-text-to-text family: per backend and `use_cache`, packed vs unpacked."""
+    from .model_check import available_backends
+
     start = time.perf_counter()
-    entry: dict = {"model_type": model_type, "task": TASK, "backends": {}}
+    entry: dict = {"model_type": model_type, "task": TASK, "backends": {}, "error": None}
     try:
         model = tiny_vision_model(model_type)
         features = vision_proof_features(model.config)
-        entry["model_class"] = type(model).__name__
+        entry["architecture"] = type(model).__name__
         entry["rope_index"] = PackedVisionCollator(model=model)._rope_owner is not None
-        for backend in backends:
-            with torch.random.fork_rng():
-                model.set_attn_implementation(backend)
-                result = compare_vision_packed_unpacked(model, features)
-            exact = result.max_logit_diff <= LOGIT_TOLERANCE and result.max_grad_rel_diff <= GRAD_TOLERANCE
-            entry["backends"][backend] = {
-                "verdict": "exact" if exact else "mixes examples",
-                "max_logit_diff": result.max_logit_diff,
-                "max_grad_rel_diff": result.max_grad_rel_diff,
-                "worst_parameter": result.worst_parameter,
-                "loss_diff": result.loss_diff,
-            }
-    except Exception as error:  # noqa: BLE001 - a matrix row reports the failure instead of stopping
-        entry["error"] = f"{type(error).__name__}: {error}"[:500]
+        for backend in backends or available_backends("cpu"):
+            entry["backends"][backend] = [_trial(model, features, backend, use_cache) for use_cache in (False, True)]
+    except Exception as error:  # noqa: BLE001 - a family that cannot be built is its entry
+        entry["error"] = _one_line(error)
     entry["seconds"] = round(time.perf_counter() - start, 2)
     return entry
+
+
+def _uncovered_families() -> list[str]:
+    """transformers' image-text-to-text families without a tiny copy here (read at run time)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return sorted(set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) - set(VISION_FAMILIES))
+
+
+def vision_matrix(backends: Sequence[str] | None = None, command: str = "") -> dict:
+    """Every family of `VISION_FAMILIES` checked, plus the families of transformers not covered."""
+    start = time.perf_counter()
+    entries = [check_vision_architecture(model_type, backends) for model_type in VISION_FAMILIES]
+    backends = list(entries[0]["backends"]) if entries and entries[0]["backends"] else list(backends or [])
+    return {
+        "task": TASK, "command": command, "device": "cpu", "backends": backends,
+        "tolerances": {"logits": LOGIT_TOLERANCE, "grads": GRAD_TOLERANCE}, "reference": "eager, one example at a time",
+        "versions": _versions(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "architectures": entries,
+        "not_covered": _uncovered_families(),
+    }
+
+
+_SHORT = {EXACT: "exact", CONTAMINATED: "**contaminated**", UNSUPPORTED: "unsupported", None: "–"}
+
+
+def _verdict(entry: dict, backend: str, use_cache: bool) -> str | None:
+    return next((t["verdict"] for t in entry["backends"].get(backend, []) if t["use_cache"] == use_cache), None)
+
+
+def format_vision_matrix(document: dict) -> str:
+    """`compatibility-vlm.md`: how it was made and one row per family."""
+    backends = document["backends"]
+    versions = document["versions"]
+    lines = [
+        "# Vision-language models: is packing exact?",
+        "",
+        f"Generated by `{document['command']}`; do not edit by hand. For each image-text-to-text family below, a "
+        "tiny random copy (`packcollate.compat.vision.tiny_vision_config`: text hidden 64, 2 vision layers, 2-8 px "
+        "patches) trains one packed batch of 4 examples built by `PackedVisionCollator` (images of mixed sizes, "
+        "uneven text, one example without images; Qwen-family pixels from a locally built `Qwen2VLImageProcessor`) "
+        "and the same examples one at a time through `eager`, where the model computes its own positions "
+        "(`get_rope_index` for multi-section rotary families), in fp32 on cpu.",
+        "",
+        f"- **exact**: max |logit diff| <= {document['tolerances']['logits']:g} and max relative gradient diff "
+        f"<= {document['tolerances']['grads']:g} (every parameter, vision tower included);",
+        "- **contaminated**: runs, but packed examples (or images) see each other; **unsupported**: raises.",
+        "- Columns: verdict with `use_cache=False` / `use_cache=True`.",
+        f"- transformers {versions['transformers']}, torch {versions['torch']}, Python {versions['python']}; "
+        f"{document['seconds']:.0f} s wall time",
+        "- Gemma 3 rows use `causal_image_tokens=True` semantics (no `token_type_ids`): with the processor's "
+        "`token_type_ids` (bidirectional image blocks) no backend is exact under packing and "
+        "`PackedVisionCollator` refuses such batches (see `tests/test_multimodal.py`).",
+        "",
+        "| family | model class | rotary | " + " | ".join(backends) + " | max diff (packcollate) | notes |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in backends) + " | --- | --- |",
+    ]
+    for entry in document["architectures"]:
+        cells = [f"`{entry['model_type']}`", entry.get("architecture", ""),
+                 "multi-section (get_rope_index)" if entry.get("rope_index") else "1-D"]
+        cells += [f"{_SHORT[_verdict(entry, b, False)]} / {_SHORT[_verdict(entry, b, True)]}" for b in backends]
+        ours = next((t for t in entry["backends"].get("packcollate", []) if "max_logit_diff" in t), None)
+        cells.append(f"{ours['max_logit_diff']:.0e}, {ours['max_grad_rel_diff']:.0e}" if ours else "")
+        notes = [f"{b}: {t['note'][:100]}" for b, trials in entry["backends"].items() for t in trials[:1] if t.get("note")]
+        cells.append("; ".join(([f"no verdict: {entry['error']}"] if entry.get("error") else []) + notes))
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    lines += ["", f"Not covered yet ({len(document['not_covered'])} image-text-to-text families of transformers without "
+              "a tiny image builder here; `PackedVisionCollator` may still pack them, unproven): "
+              + ", ".join(f"`{m}`" for m in document["not_covered"]), ""]
+    return "\n".join(lines)
+
+
+def write_vision_matrix(out: str, backends: Sequence[str] | None = None, command: str = "") -> dict:
+    """Check every family and write `compatibility-vlm.md` / `.json` into folder `out`."""
+    import json
+    from pathlib import Path
+
+    document = vision_matrix(backends, command)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compatibility-vlm.json").write_text(json.dumps(document, indent=1) + "\n")
+    (folder / "compatibility-vlm.md").write_text(format_vision_matrix(document))
+    return document
+
+
+def main(args) -> int:
+    """`packcollate check --task image-text-to-text [FAMILY | --all]`: 0 when the first backend is exact."""
+    import json
+    import sys
+
+    if args.all:
+        write_vision_matrix(args.out, args.backends, " ".join(["packcollate", *sys.argv[1:]])
+                            if sys.argv[1:2] == ["check"] else f"packcollate check --task {TASK} --all --out docs/")
+        return 0
+    if args.model not in VISION_FAMILIES:
+        raise ValueError(f"packcollate check --task {TASK}: expected one of {VISION_FAMILIES} (tiny copies built "
+                         f"here) or --all, got {args.model!r}")
+    entry = check_vision_architecture(args.model, args.backends)
+    if args.json:
+        print(json.dumps(entry, indent=2))
+    else:
+        for backend, trials in entry["backends"].items():
+            for t in trials:
+                detail = t.get("note") or f"logits {t['max_logit_diff']:.1e}, grads {t['max_grad_rel_diff']:.1e}"
+                print(f"{args.model} {backend:>12} use_cache={t['use_cache']!s:<5} {t['verdict']:<12} {detail}")
+        if entry["error"]:
+            print(f"{args.model}: no verdict: {entry['error']}")
+    first = (args.backends or ["packcollate"])[0]
+    return 0 if _verdict(entry, first, False) == EXACT else 1
+
+
+def _versions() -> dict:
+    import platform
+
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}
