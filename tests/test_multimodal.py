@@ -126,7 +126,7 @@ def test_vision_tower_never_sees_the_text_layout(family):
 def test_vision_inputs_concatenated_in_example_order():
     model = model_of("qwen2_vl")
     features = vision_proof_features(model.config, seed=5)
-    batch = PackedVisionCollator(model=model)(features)
+    batch = PackedVisionCollator(model=model, mask_vision_tokens=True)(features)
     with_images = [f for f in features if "pixel_values" in f]
     assert torch.equal(batch["pixel_values"], torch.cat([f["pixel_values"] for f in with_images]))
     assert torch.equal(batch["image_grid_thw"], torch.cat([f["image_grid_thw"] for f in with_images]))

@@ -159,8 +159,9 @@ class PackedVisionCollator(PackedCollator):
             apart under packing: transformers 5.24's packed sliding-window mask looks the blocks up
             by in-sequence position); True drops `token_type_ids`, so image tokens are causal like
             text, which packs exactly.
-        mask_vision_tokens: label the image / video placeholder tokens -100 (default True): they
-            are replaced by image features, nothing should predict them.
+        mask_vision_tokens: label the image / video placeholder tokens -100 (they are replaced by
+            image features). Default False: labels stay as given, like TRL's and transformers'
+            padded batches (TRL trains on them), so packed and padded losses match.
         vision_keys: the per-example vision keys (default `VISION_KEYS`).
 
     Limits: `overflow="truncate"` / `"split"` with a `max_seq_length` are refused (a cut through
@@ -170,7 +171,7 @@ class PackedVisionCollator(PackedCollator):
 
     model: object = field(default=None, repr=False, compare=False)
     causal_image_tokens: bool = False
-    mask_vision_tokens: bool = True
+    mask_vision_tokens: bool = False
     vision_keys: Sequence[str] = VISION_KEYS
 
     def __post_init__(self) -> None:
