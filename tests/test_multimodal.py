@@ -26,7 +26,7 @@ from packcollate.compat.vision import (
 from packcollate.multimodal import PACKING_KWARGS, PackedVisionCollator
 
 torch.set_num_threads(1)
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
 _MODELS: dict = {}
 
 

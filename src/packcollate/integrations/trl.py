@@ -32,9 +32,20 @@ class PackedSFTTrainer(PackingTrainerMixin, SFTTrainer):
     batches and packing guard (see `PackingTrainerMixin`). `padding_free` in `SFTConfig` may be on or
     off: the collator packs padding-free either way."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        pack_trl_vision(self)
+    def __init__(
+        self,
+        *args,
+        data_collator=None,
+        max_tokens_per_batch: int | None = None,
+        eval_max_tokens_per_batch: int | None = None,
+        budget_strategy: str = "bfd",
+        check_packing: bool = True,
+        **kwargs,
+    ):
+        super().__init__(*args, data_collator=data_collator, max_tokens_per_batch=max_tokens_per_batch,
+                         eval_max_tokens_per_batch=eval_max_tokens_per_batch, budget_strategy=budget_strategy,
+                         check_packing=check_packing, **kwargs)
+        pack_trl_vision(self)  # vision datasets: TRL's processing, then PackedVisionCollator
 
     def _example_lengths(self, dataset):
         if isinstance(self.data_collator, ProcessThenPack):  # raw chats: count text + image tokens once processed
