@@ -241,3 +241,16 @@ def test_check_cli_image_text_to_text(capsys):
     assert "packcollate use_cache=False exact" in out and "use_cache=True  exact" in out
     with pytest.raises(ValueError, match="expected one of"):
         main(["check", "--task", "image-text-to-text", "llama"])
+
+
+def test_lora_wrapped_model_packs_exactly():
+    """A PEFT/LoRA-wrapped VLM: the collator finds get_rope_index through the wrapper; packed == unpacked."""
+    peft = pytest.importorskip("peft")
+    base = tiny_vision_model("qwen2_5_vl", seed=1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "qkv"], lora_dropout=0.0)
+    model = peft.get_peft_model(base, config)
+    collator = PackedVisionCollator(model=model)
+    assert collator._rope_owner is base.model
+    result = compare_vision_packed_unpacked(model, vision_proof_features(base.config, seed=10), collator=collator)
+    assert result.max_logit_diff < LOGIT_TOLERANCE and result.max_grad_rel_diff < GRAD_TOLERANCE, result
+    assert any("lora" in name for name, p in model.named_parameters() if p.requires_grad)
