@@ -254,3 +254,28 @@ def test_lora_wrapped_model_packs_exactly():
     result = compare_vision_packed_unpacked(model, vision_proof_features(base.config, seed=10), collator=collator)
     assert result.max_logit_diff < LOGIT_TOLERANCE and result.max_grad_rel_diff < GRAD_TOLERANCE, result
     assert any("lora" in name for name, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_video_examples_pack_exactly(family):
+    """Videos (fed as tensors: transformers' video processors need torchvision) next to images and text."""
+    from packcollate.compat.vision import END_TOKEN, START_TOKEN, VIDEO_TOKEN
+
+    model = model_of(family)
+    rng = np.random.default_rng(11)
+    vision = model.config.vision_config
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    features = vision_proof_features(model.config, seed=11)[:2]
+    for grid in ([2, 4, 6], [1, 4, 4]):
+        n = int(np.prod(grid))
+        ids = [5, 6] + [START_TOKEN] + [VIDEO_TOKEN] * (n // 4) + [END_TOKEN] + rng.integers(3, 240, 5).tolist()
+        video = {"input_ids": ids, "pixel_values_videos": torch.from_numpy(rng.standard_normal((n, patch)).astype("float32")),
+                 "video_grid_thw": torch.tensor([grid])}
+        if family == "qwen2_5_vl":
+            video["second_per_grid_ts"] = torch.tensor([0.5])
+        features.append(video)
+    collator = PackedVisionCollator(model=model)
+    batch = collator(features)
+    assert batch["video_grid_thw"].shape == (2, 3) and batch["pixel_values_videos"].shape[0] == 48 + 16
+    result = compare_vision_packed_unpacked(model, features, collator=collator)
+    assert result.max_logit_diff < LOGIT_TOLERANCE and result.max_grad_rel_diff < GRAD_TOLERANCE, result
