@@ -11,6 +11,11 @@ nothing is downloaded). Prints, per split: the length distribution, the padding 
 batches of `--batch-size`, the speed-up packing can give, and how many examples exceed
 `--max-seq-length`; then a recommended `max_seq_length` covering every split and the model's
 context limit (`--model`).
+
+Image datasets (an `images` / `image` column, or processed `pixel_values` / `image_grid_thw`) also
+get their text and image token counts per split: processed `input_ids` split by the image
+placeholder ids of `--model`'s config (or `--image-token-id`); raw chats with images counted through
+`--processor` (a local processor folder), as `PackedSFTTrainer` processes them.
 """
 
 from __future__ import annotations
@@ -126,6 +131,43 @@ def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000) -> np
     return np.asarray(lengths, dtype=np.int64)
 
 
+def _image_counts(splits: dict, args) -> dict:
+    """`{split: ((n,) total, (n,) image tokens)}` for the image splits (empty when there are none)."""
+    from .vision_lengths import is_image_split, placeholder_token_ids, processed_counts, raw_counts
+
+    image_splits = {name: rows for name, rows in splits.items() if len(rows) and is_image_split(column_names(rows))}
+    if not image_splits:
+        return {}
+    ids = list(args.image_token_id or [])
+    if not ids and args.model:
+        from transformers import AutoConfig
+
+        ids = placeholder_token_ids(AutoConfig.from_pretrained(args.model, local_files_only=True,
+                                                               trust_remote_code=args.trust_remote_code))
+    counts = {}
+    for name, rows in image_splits.items():
+        if "input_ids" in column_names(rows):
+            if not ids:
+                raise ValueError(f"split {name!r}: image data with input_ids: pass --model (its config names the image "
+                                 f"token) or --image-token-id to count image tokens")
+            counts[name] = processed_counts(rows, ids)
+        else:
+            if args.processor is None:
+                raise ValueError(f"split {name!r}: raw chats with images: pass --processor PATH to count their tokens")
+            counts[name] = raw_counts(rows, _load_processor(args.processor), ids)
+    return counts
+
+
+def _load_processor(name: str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(name, local_files_only=True)
+    except OSError as error:
+        raise ValueError(f"--processor: expected a local folder or a name in the local Hugging Face cache, got {name!r} "
+                         f"({error.__class__.__name__}); nothing is downloaded") from None
+
+
 def _load_tokenizer(name: str | None):
     if name is None:
         return None
@@ -228,6 +270,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom config code (off by default)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write a histogram of the lengths")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--processor", default=None, help="processor folder or cached name, for raw image chats")
+    parser.add_argument("--image-token-id", type=int, action="append", default=None,
+                        help="image placeholder token id of processed image data (repeatable; default: --model's)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -238,13 +283,21 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"--split: expected names among {sorted(splits)}, got {missing}")
         splits = {name: splits[name] for name in args.split}
     tokenizer = _load_tokenizer(args.tokenizer)
-    lengths = {name: split_lengths(rows, tokenizer, name) for name, rows in splits.items()}
+    image_counts = _image_counts(splits, args)
+    lengths = {name: image_counts[name][0] if name in image_counts else split_lengths(rows, tokenizer, name)
+               for name, rows in splits.items()}
     empty = [name for name, values in lengths.items() if values.size == 0]
     if empty:
         raise SystemExit(f"DATA: expected examples in every split, got none in {empty}")
     context_limit, context_text = _model_context(args.model, args.trust_remote_code)
     result = report(lengths, args.batch_size, args.max_seq_length, context_limit)
+    if image_counts:
+        from .vision_lengths import format_image_report, image_report
+
+        result["image_tokens"] = image_report(image_counts)
     print(json.dumps(result, indent=2) if args.json else format_report(result, context_text))
+    if image_counts and not args.json:
+        print("\n" + format_image_report(result["image_tokens"]))
     if args.plot:
         plot(lengths, args.plot)
         if not args.json:

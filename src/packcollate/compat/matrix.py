@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="--all: worker processes (default 2)")
     parser.add_argument("--out", default="docs", help="--all: folder for compatibility.md/.json (default docs)")
     parser.add_argument("--timeout", type=float, default=120.0, help="--all: seconds per architecture (default 120)")
+    parser.add_argument("--task", default="text-generation", choices=("text-generation", "image-text-to-text"),
+                        help="image-text-to-text: vision-language families, packed by PackedVisionCollator; --all "
+                             "writes compatibility-vlm.md/.json (default text-generation)")
 
 
 def main(args) -> int:
@@ -45,6 +48,10 @@ def main(args) -> int:
         print("packcollate check: expected MODEL_OR_PATH_OR_TYPE or --all, got "
               + ("both" if args.all else "neither"), file=sys.stderr)
         return 2
+    if args.task == "image-text-to-text":
+        from . import vision
+
+        return vision.main(args)
     if args.all:
         check_all(backends=args.backends, jobs=args.jobs, timeout=args.timeout, out=args.out, device=args.device,
                   command=" ".join(["packcollate", *sys.argv[1:]]) if sys.argv[1:2] == ["check"] else ALL_COMMAND)

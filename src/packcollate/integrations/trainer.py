@@ -124,12 +124,16 @@ class PackingTrainerMixin(SequenceWeightedLossMixin):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
+    def _example_lengths(self, dataset):
+        """Tokens of each example `(n,)`, what the token budget counts (see `example_lengths`)."""
+        return example_lengths(dataset)
+
     def _budget_dataloader(self, dataset, description: str, max_tokens: int, training: bool) -> DataLoader:
         """A DataLoader whose batches are planned by a rank-aware `TokenBudgetBatchSampler`."""
         import datasets
 
         collator = self.data_collator
-        lengths = example_lengths(dataset)  # before unused columns go: `length` is one of them
+        lengths = self._example_lengths(dataset)  # before unused columns go: `length` is one of them
         if isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description=description)
         else:

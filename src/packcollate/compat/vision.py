@@ -1,0 +1,378 @@
+"""Image-text-to-text models: tiny copies, proof examples with images, and the packed-vs-unpacked proof.
+
+`check_vision_architecture("qwen2_vl")` builds a tiny random copy of the family (text side from
+`tiny_config`, vision tower shrunk here), makes examples with images of mixed sizes, uneven text and
+one text-only example, and compares one packed forward + backward (`PackedVisionCollator`, the
+`packcollate` backend) against every example on its own through transformers' reference attention
+(`eager`), with the model computing its own positions (`get_rope_index` for multi-section rotary
+families) exactly as an unpacked training step would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..masking import IGNORE_INDEX
+from ..multimodal import PackedVisionCollator
+from .equivalence import Equivalence, _grads, _max_rel_grad_diff, _summed_token_loss
+from .report import CONTAMINATED, EXACT, UNSUPPORTED, _one_line
+from .tiny import tiny_config
+
+#: Families with a tiny copy here, the task they serve (`packcollate check --task image-text-to-text`).
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "gemma3", "llava", "idefics3",
+                   "smolvlm")
+TASK = "image-text-to-text"
+#: Token ids of the tiny copies (inside the tiny 256-token vocabulary).
+IMAGE_TOKEN, VIDEO_TOKEN, START_TOKEN, END_TOKEN = 250, 251, 252, 253
+TEXT_TOKENS = (3, 240)  # ordinary tokens are drawn from [3, 240)
+#: Tiny image sides (pixels) for the proof; a patch is 2 px (Qwen) or 8 px (the others).
+PATCH_QWEN, PATCH_OTHER, IMAGE_SIDE_OTHER = 2, 8, 32
+
+_QWEN_TOWER = dict(depth=2, num_heads=4, in_channels=3, patch_size=PATCH_QWEN, spatial_merge_size=2,
+                   temporal_patch_size=2)
+_VISION_OVERRIDES = {
+    "qwen2_vl": dict(_QWEN_TOWER, embed_dim=32, hidden_size=64, mlp_ratio=2),
+    # window_size 8 px = 2x2 merged tokens per window, and one full-attention block: both paths run
+    "qwen2_5_vl": dict(_QWEN_TOWER, hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=8,
+                       fullatt_block_indexes=[1]),
+    "qwen3_vl": dict(_QWEN_TOWER, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                     num_position_embeddings=64, deepstack_visual_indexes=[0]),
+    "glm4v": dict(_QWEN_TOWER, hidden_size=32, intermediate_size=64, out_hidden_size=64, image_size=16),
+}
+_VISION_OVERRIDES["qwen3_vl_moe"] = _VISION_OVERRIDES["qwen3_vl"]
+# head_dim 16: 8 rotary pairs
+_MROPE_SECTIONS = {"qwen2_vl": [2, 3, 3], "qwen2_5_vl": [2, 3, 3], "qwen3_vl": [4, 2, 2], "qwen3_vl_moe": [4, 2, 2],
+                   "glm4v": [2, 3, 3]}
+_SIGLIP_TOWER = dict(image_size=IMAGE_SIDE_OTHER, patch_size=PATCH_OTHER, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_vision_config(model_type: str):
+    """A tiny random-weight config of an image-text-to-text family (see `VISION_FAMILIES`)."""
+    if model_type not in VISION_FAMILIES:
+        raise ValueError(f"model_type: expected one of {VISION_FAMILIES}, got {model_type!r}")
+    config = tiny_config(model_type)
+    vision = config.vision_config
+    text = config.get_text_config()
+    if model_type in _VISION_OVERRIDES:
+        for key, value in _VISION_OVERRIDES[model_type].items():
+            setattr(vision, key, value)
+        text.rope_parameters = {**text.rope_parameters, "mrope_section": _MROPE_SECTIONS[model_type]}
+        config.image_token_id, config.video_token_id = IMAGE_TOKEN, VIDEO_TOKEN
+        config.vision_start_token_id, config.vision_end_token_id = START_TOKEN, END_TOKEN
+        config.image_start_token_id, config.image_end_token_id = START_TOKEN, END_TOKEN  # GLM-4V's names
+    else:
+        for key, value in _SIGLIP_TOWER.items():
+            setattr(vision, key, value)
+    if model_type == "gemma3":
+        config.mm_tokens_per_image = 4  # 4x4 patches pooled to 2x2
+        config.image_token_index, config.boi_token_index, config.eoi_token_index = IMAGE_TOKEN, START_TOKEN, END_TOKEN
+    elif model_type == "llava":
+        config.image_token_index = IMAGE_TOKEN
+        config.image_seq_length = (IMAGE_SIDE_OTHER // PATCH_OTHER) ** 2
+        vision.projection_dim = 32
+    elif model_type in ("idefics3", "smolvlm"):
+        config.image_token_id = IMAGE_TOKEN
+    return config
+
+
+def tiny_vision_model(model_type: str, attn_implementation: str = "packcollate", seed: int = 0):
+    """A tiny random `AutoModelForImageTextToText` of the family, fp32, eval mode (no dropout)."""
+    from transformers import AutoModelForImageTextToText
+
+    import packcollate  # noqa: F401  (registers the backend)
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(tiny_vision_config(model_type),
+                                                    attn_implementation=attn_implementation)
+    return model.float().eval()
+
+
+def image_tokens(config, grid_thw: torch.Tensor | None = None) -> int:
+    """Placeholder tokens one image takes in the text (`grid_thw` `(3,)` for grid families)."""
+    model_type = config.model_type
+    if model_type in _VISION_OVERRIDES:
+        return int(grid_thw.prod()) // config.vision_config.spatial_merge_size ** 2
+    if model_type == "gemma3":
+        return config.mm_tokens_per_image
+    if model_type == "llava":
+        return config.image_seq_length
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return side * side // config.scale_factor ** 2
+
+
+def qwen_image_processor(config):
+    """Qwen2-VL's image processor, built locally for the tiny tower (2-px patches); its PIL variant
+    when torchvision is not installed (what transformers falls back to anyway, without the warning)."""
+    import importlib.util
+
+    import transformers
+
+    name = "Qwen2VLImageProcessor" if importlib.util.find_spec("torchvision") else "Qwen2VLImageProcessorPil"
+    Qwen2VLImageProcessor = getattr(transformers, name, None) or transformers.Qwen2VLImageProcessor
+
+    vision = config.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    return Qwen2VLImageProcessor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                 temporal_patch_size=vision.temporal_patch_size, min_pixels=unit * unit,
+                                 max_pixels=(8 * unit) ** 2)
+
+
+def _image_example(config, rng, sizes: Sequence[tuple[int, int]], prompt: int, answer: int, processor,
+                   token_type_ids: bool) -> dict:
+    """One example: `prompt` text tokens, its images (placeholders between start/end tokens), `answer` tokens."""
+    image_token = getattr(config, "image_token_id", None) or config.image_token_index
+    ids = list(rng.integers(*TEXT_TOKENS, prompt))
+    example: dict = {}
+    pixels, grids = [], []
+    for height, width in sizes:
+        if processor is not None:
+            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            out = processor(images=[image], return_tensors="pt")
+            pixels.append(out["pixel_values"])
+            grids.append(out["image_grid_thw"])
+            n = image_tokens(config, out["image_grid_thw"][0])
+        else:
+            side = config.vision_config.image_size
+            pixels.append(torch.from_numpy(rng.standard_normal((1, 3, side, side)).astype(np.float32)))
+            n = image_tokens(config)
+        ids += [START_TOKEN] + [image_token] * n + [END_TOKEN]
+    ids += list(rng.integers(*TEXT_TOKENS, answer))
+    example["input_ids"] = [int(t) for t in ids]
+    if pixels:
+        example["pixel_values"] = torch.cat(pixels)
+        if grids:
+            example["image_grid_thw"] = torch.cat(grids)
+        elif config.model_type in ("idefics3", "smolvlm"):
+            example["pixel_values"] = example["pixel_values"][None]  # (1, I, C, H, W), as the processor gives
+    if config.model_type == "gemma3" and token_type_ids:
+        example["token_type_ids"] = [int(t == image_token) for t in example["input_ids"]]
+    return example
+
+
+def vision_proof_features(config, seed: int = 0, token_type_ids: bool = False) -> list[dict]:
+    """Four examples: one image, none (text only), two images of different sizes, one image; uneven text.
+
+    `token_type_ids`: give Gemma 3 examples the processor's image-token marks (bidirectional image blocks)."""
+    rng = np.random.default_rng(seed)
+    processor = qwen_image_processor(config) if config.model_type in _VISION_OVERRIDES else None
+    plans = [([(8, 12)], 3, 6), ([], 5, 9), ([(16, 8), (8, 8)], 2, 4), ([(12, 12)], 7, 2)]
+    return [_image_example(config, rng, sizes, prompt, answer, processor, token_type_ids)
+            for sizes, prompt, answer in plans]
+
+
+def _unpacked_inputs(example: Mapping, collator: PackedVisionCollator) -> dict:
+    """One example as a plain unpadded batch of one, without positions: the model computes its own."""
+    ids = torch.tensor([example["input_ids"]])
+    inputs = {"input_ids": ids}
+    for key, value in example.items():
+        if key in collator.vision_keys:
+            inputs[key] = value
+        elif key in ("token_type_ids", "mm_token_type_ids"):
+            inputs[key] = torch.tensor([value])
+    if "image_grid_thw" in example or "video_grid_thw" in example:
+        inputs.setdefault("mm_token_type_ids", collator._type_ids(ids[0], example)[None])
+    return inputs
+
+
+def compare_vision_packed_unpacked(
+    model, features: Sequence[Mapping], collator: PackedVisionCollator | None = None,
+    reference_attn_implementation: str | None = "eager", use_cache: bool = False,
+) -> Equivalence:
+    """One packed forward + backward against each example alone (through `reference_attn_implementation`).
+
+    The loss of both is the summed next-token cross-entropy over the collator's labels divided by the
+    batch's label tokens (what `Trainer` does with `num_items_in_batch`); logits are compared on every
+    token, gradients parameter by parameter (`Equivalence`). `use_cache` applies to the packed run (the
+    reference, one example alone, is the same either way). Gradients are left zeroed.
+    """
+    from .equivalence import _attn_implementation
+
+    collator = collator or PackedVisionCollator(model=model)
+    batch = collator(features)
+    labels = batch.pop("labels")
+    n_targets = max(int((labels[0, 1:] != IGNORE_INDEX).sum()), 1)
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, use_cache=use_cache)
+    loss = _summed_token_loss(out.logits, labels) / n_targets
+    loss.backward()
+    packed_logits, packed_grads = out.logits[0].detach(), _grads(model)
+    model.zero_grad(set_to_none=True)
+    pieces, reference_loss = [], 0.0
+    with _attn_implementation(model, reference_attn_implementation):
+        for example in features:
+            example_labels = collator([example])["labels"]
+            ref = model(**_unpacked_inputs(example, collator), use_cache=False)
+            example_loss = _summed_token_loss(ref.logits, example_labels) / n_targets
+            example_loss.backward()
+            reference_loss += float(example_loss.detach())
+            pieces.append(ref.logits[0].detach())
+    reference_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    grad_diff, worst = _max_rel_grad_diff(packed_grads, reference_grads)
+    return Equivalence(
+        max_logit_diff=float((packed_logits - torch.cat(pieces)).abs().max()),
+        loss=float(loss.detach()),
+        reference_loss=reference_loss,
+        max_grad_rel_diff=grad_diff,
+        worst_parameter=worst,
+    )
+
+
+#: Tolerances of the proof (fp32 CPU): logits absolute, gradients relative.
+LOGIT_TOLERANCE, GRAD_TOLERANCE = 1e-4, 1e-3
+
+
+def _trial(model, features, backend: str, use_cache: bool) -> dict:
+    """One backend and `use_cache`: the verdict (exact / contaminated / unsupported) and the differences."""
+    try:
+        with torch.random.fork_rng():
+            model.set_attn_implementation(backend)
+            result = compare_vision_packed_unpacked(model, features, use_cache=use_cache)
+    except Exception as error:  # noqa: BLE001 - a backend that raises is "unsupported", with the error
+        return {"use_cache": use_cache, "verdict": UNSUPPORTED, "note": _one_line(error)}
+    exact = result.max_logit_diff <= LOGIT_TOLERANCE and result.max_grad_rel_diff <= GRAD_TOLERANCE
+    return {"use_cache": use_cache, "verdict": EXACT if exact else CONTAMINATED,
+            "max_logit_diff": result.max_logit_diff, "max_grad_rel_diff": result.max_grad_rel_diff,
+            "worst_parameter": result.worst_parameter, "loss_diff": result.loss_diff}
+
+
+def check_vision_architecture(model_type: str, backends: Sequence[str] | None = None) -> dict:
+    """Matrix entry of one image-text-to-text family: per backend and `use_cache`, packed vs unpacked."""
+    from .model_check import available_backends
+
+    start = time.perf_counter()
+    entry: dict = {"model_type": model_type, "task": TASK, "backends": {}, "error": None}
+    try:
+        model = tiny_vision_model(model_type)
+        features = vision_proof_features(model.config)
+        entry["architecture"] = type(model).__name__
+        entry["rope_index"] = PackedVisionCollator(model=model)._rope_owner is not None
+        for backend in backends or available_backends("cpu"):
+            entry["backends"][backend] = [_trial(model, features, backend, use_cache) for use_cache in (False, True)]
+    except Exception as error:  # noqa: BLE001 - a family that cannot be built is its entry
+        entry["error"] = _one_line(error)
+    entry["seconds"] = round(time.perf_counter() - start, 2)
+    return entry
+
+
+def _uncovered_families() -> list[str]:
+    """transformers' image-text-to-text families without a tiny copy here (read at run time)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return sorted(set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) - set(VISION_FAMILIES))
+
+
+def vision_matrix(backends: Sequence[str] | None = None, command: str = "") -> dict:
+    """Every family of `VISION_FAMILIES` checked, plus the families of transformers not covered."""
+    start = time.perf_counter()
+    entries = [check_vision_architecture(model_type, backends) for model_type in VISION_FAMILIES]
+    backends = list(entries[0]["backends"]) if entries and entries[0]["backends"] else list(backends or [])
+    return {
+        "task": TASK, "command": command, "device": "cpu", "backends": backends,
+        "tolerances": {"logits": LOGIT_TOLERANCE, "grads": GRAD_TOLERANCE}, "reference": "eager, one example at a time",
+        "versions": _versions(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "architectures": entries,
+        "not_covered": _uncovered_families(),
+    }
+
+
+_SHORT = {EXACT: "exact", CONTAMINATED: "**contaminated**", UNSUPPORTED: "unsupported", None: "–"}
+
+
+def _verdict(entry: dict, backend: str, use_cache: bool) -> str | None:
+    return next((t["verdict"] for t in entry["backends"].get(backend, []) if t["use_cache"] == use_cache), None)
+
+
+def format_vision_matrix(document: dict) -> str:
+    """`compatibility-vlm.md`: how it was made and one row per family."""
+    backends = document["backends"]
+    versions = document["versions"]
+    lines = [
+        "# Vision-language models: is packing exact?",
+        "",
+        f"Generated by `{document['command']}`; do not edit by hand. For each image-text-to-text family below, a "
+        "tiny random copy (`packcollate.compat.vision.tiny_vision_config`: text hidden 64, 2 vision layers, 2-8 px "
+        "patches) trains one packed batch of 4 examples built by `PackedVisionCollator` (images of mixed sizes, "
+        "uneven text, one example without images; Qwen-family pixels from a locally built `Qwen2VLImageProcessor`) "
+        "and the same examples one at a time through `eager`, where the model computes its own positions "
+        "(`get_rope_index` for multi-section rotary families), in fp32 on cpu.",
+        "",
+        f"- **exact**: max |logit diff| <= {document['tolerances']['logits']:g} and max relative gradient diff "
+        f"<= {document['tolerances']['grads']:g} (every parameter, vision tower included);",
+        "- **contaminated**: runs, but packed examples (or images) see each other; **unsupported**: raises.",
+        "- Columns: verdict with `use_cache=False` / `use_cache=True`.",
+        f"- transformers {versions['transformers']}, torch {versions['torch']}, Python {versions['python']}; "
+        f"{document['seconds']:.0f} s wall time",
+        "- Gemma 3 rows use `causal_image_tokens=True` semantics (no `token_type_ids`): with the processor's "
+        "`token_type_ids` (bidirectional image blocks) no backend is exact under packing and "
+        "`PackedVisionCollator` refuses such batches (see `tests/test_multimodal.py`).",
+        "",
+        "| family | model class | rotary | " + " | ".join(backends) + " | max diff (packcollate) | notes |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in backends) + " | --- | --- |",
+    ]
+    for entry in document["architectures"]:
+        cells = [f"`{entry['model_type']}`", entry.get("architecture", ""),
+                 "multi-section (get_rope_index)" if entry.get("rope_index") else "1-D"]
+        cells += [f"{_SHORT[_verdict(entry, b, False)]} / {_SHORT[_verdict(entry, b, True)]}" for b in backends]
+        ours = next((t for t in entry["backends"].get("packcollate", []) if "max_logit_diff" in t), None)
+        cells.append(f"{ours['max_logit_diff']:.0e}, {ours['max_grad_rel_diff']:.0e}" if ours else "")
+        notes = [f"{b}: {t['note'][:100]}" for b, trials in entry["backends"].items() for t in trials[:1] if t.get("note")]
+        cells.append("; ".join(([f"no verdict: {entry['error']}"] if entry.get("error") else []) + notes))
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    lines += ["", f"Not covered yet ({len(document['not_covered'])} image-text-to-text families of transformers without "
+              "a tiny image builder here; `PackedVisionCollator` may still pack them, unproven): "
+              + ", ".join(f"`{m}`" for m in document["not_covered"]), ""]
+    return "\n".join(lines)
+
+
+def write_vision_matrix(out: str, backends: Sequence[str] | None = None, command: str = "") -> dict:
+    """Check every family and write `compatibility-vlm.md` / `.json` into folder `out`."""
+    import json
+    from pathlib import Path
+
+    document = vision_matrix(backends, command)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compatibility-vlm.json").write_text(json.dumps(document, indent=1) + "\n")
+    (folder / "compatibility-vlm.md").write_text(format_vision_matrix(document))
+    return document
+
+
+def main(args) -> int:
+    """`packcollate check --task image-text-to-text [FAMILY | --all]`: 0 when the first backend is exact."""
+    import json
+    import sys
+
+    if args.all:
+        write_vision_matrix(args.out, args.backends, " ".join(["packcollate", *sys.argv[1:]])
+                            if sys.argv[1:2] == ["check"] else f"packcollate check --task {TASK} --all --out docs/")
+        return 0
+    if args.model not in VISION_FAMILIES:
+        raise ValueError(f"packcollate check --task {TASK}: expected one of {VISION_FAMILIES} (tiny copies built "
+                         f"here) or --all, got {args.model!r}")
+    entry = check_vision_architecture(args.model, args.backends)
+    if args.json:
+        print(json.dumps(entry, indent=2))
+    else:
+        for backend, trials in entry["backends"].items():
+            for t in trials:
+                detail = t.get("note") or f"logits {t['max_logit_diff']:.1e}, grads {t['max_grad_rel_diff']:.1e}"
+                print(f"{args.model} {backend:>12} use_cache={t['use_cache']!s:<5} {t['verdict']:<12} {detail}")
+        if entry["error"]:
+            print(f"{args.model}: no verdict: {entry['error']}")
+    first = (args.backends or ["packcollate"])[0]
+    return 0 if _verdict(entry, first, False) == EXACT else 1
+
+
+def _versions() -> dict:
+    import platform
+
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}

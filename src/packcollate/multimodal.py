@@ -1,0 +1,331 @@
+"""`PackedVisionCollator`: padding-free batches of image+text (and video+text) examples.
+
+A layer over `PackedCollator`: the text keys are packed by `PackedCollator` itself (same labels,
+length policy, `cu_seq_lens`, stats), and this module adds what vision-language models need:
+
+- the vision inputs of every example (`pixel_values`, `image_grid_thw`, `pixel_values_videos`,
+  `video_grid_thw`, …) concatenated along the image axis in example order, so that the model's
+  image features land on the image tokens of their own example;
+- for families with multi-section rotary positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V, …:
+  models that expose `get_rope_index`), the positions of each example computed by that model's own
+  `get_rope_index`, one example at a time, so they restart at every example exactly as they would
+  in an unpacked batch.
+
+Output, for `k` examples packed into `N` tokens (everything `PackedCollator` emits, plus):
+
+| key | shape | value |
+| --- | --- | --- |
+| `position_ids` | `(1, N)` int64 (1-D rotary), or `(1 + S, 1, N)` int64 (multi-section) | row 0: text positions `0 … l_i-1` per example (what the attention and mask read); rows 1…S: the model's rotary positions per example |
+| vision keys | each example's value concatenated on the image axis | e.g. `pixel_values` `(P, D)` and `image_grid_thw` `(I, 3)` for Qwen2-VL; `pixel_values` `(I, C, H, W)` for LLaVA and Gemma 3; `(1, I, C, H, W)` for Idefics3 / SmolVLM |
+
+Qwen-style text models read a `(4, 1, N)` `position_ids` as "text positions, then the three rotary
+sections" (transformers documents this layout for packed inputs); the text row keeps the examples
+apart in transformers' own kernels, and the `packcollate` attention backend reads `cu_seq_lens_*`.
+Examples without images are plain text: their rotary positions are their text positions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .collate import PackedCollator
+from .masking import IGNORE_INDEX
+
+#: Per-example vision inputs, concatenated on the image axis. Any other non-token key is an error.
+VISION_KEYS = (
+    "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+    "image_sizes", "pixel_attention_mask", "image_attention_mask", "spatial_shapes", "pixel_position_ids",
+)
+#: Families whose processors return the images of one example as one batch row: `(1, I, C, H, W)`;
+#: their images are concatenated on axis 1.
+BATCHED_IMAGE_FAMILIES = ("idefics2", "idefics3", "smolvlm")
+#: Per-token keys of the text, packed by `PackedCollator` (others pass through it as per-token keys).
+_TEXT_KEYS = ("input_ids", "labels", "attention_mask", "completion_mask", "assistant_masks", "mm_token_type_ids",
+              "token_type_ids")
+#: The packing kwargs of the text row; a vision tower must not see them (see `shield_vision_tower`).
+PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# Vision inputs given per image or video to `get_rope_index` (the rest are pixels, not needed for positions).
+_ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+
+def _unwrap(model):
+    """The module that owns `get_rope_index` (the model, its `.model`, or a PEFT wrapper's), or None."""
+    seen = set()
+    stack = [model]
+    while stack:
+        candidate = stack.pop(0)
+        if candidate is None or id(candidate) in seen:
+            continue
+        seen.add(id(candidate))
+        if callable(getattr(candidate, "get_rope_index", None)):
+            return candidate
+        for name in ("model", "base_model"):
+            child = getattr(candidate, name, None)
+            if isinstance(child, torch.nn.Module):
+                stack.append(child)
+    return None
+
+
+def _drop_packing_kwargs(module, args, kwargs):
+    return args, {key: value for key, value in kwargs.items() if key not in PACKING_KWARGS}
+
+
+def shield_vision_tower(model) -> list[str]:
+    """Keep the text row's `cu_seq_lens_*` / `max_length_*` out of `model`'s vision tower; idempotent.
+
+    transformers forwards a VLM's `**kwargs` to its vision tower (LLaVA, Gemma 3, …: measured on 5.24),
+    whose batch is `(images, patches)`: the text's sequence layout means nothing there (the `packcollate`
+    backend refuses it; a flash varlen kernel would attend across images). A forward pre-hook on every
+    module built from one of the model's vision sub-configs drops those keys. Returns the names of the
+    modules hooked.
+    """
+    config = getattr(model, "config", None)
+    vision_types = {
+        getattr(getattr(config, name, None), "model_type", None) for name in ("vision_config", "audio_config")
+    } - {None}
+    hooked: list[str] = []
+    for name, module in model.named_modules():
+        module_type = getattr(getattr(module, "config", None), "model_type", None)
+        if module_type not in vision_types or any(name.startswith(outer + ".") for outer in hooked):
+            continue
+        if not getattr(module, "_packcollate_shielded", False):
+            module.register_forward_pre_hook(_drop_packing_kwargs, with_kwargs=True)
+            module._packcollate_shielded = True
+        hooked.append(name)
+    return hooked
+
+
+def _model_config(model):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"model: expected a transformers model (with a .config), got {type(model).__name__}")
+    return config
+
+
+def _token_id(config, name: str) -> int | None:
+    value = getattr(config, name, None)
+    if value is None and getattr(config, "text_config", None) is not None:
+        value = getattr(config.text_config, name, None)
+    return value if isinstance(value, int) else None
+
+
+def _flat_tokens(value, index: int, key: str):
+    """A per-token value as given, or its single row when a processor returned it batched `(1, L)`."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    if isinstance(array, np.ndarray) and array.ndim == 2:
+        if array.shape[0] != 1:
+            raise ValueError(
+                f"example {index}, key {key!r}: expected one example's tokens, shape (L,) or (1, L), got shape "
+                f"{tuple(array.shape)}; call the processor on one example at a time, or unbatch its output"
+            )
+        return array[0]
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (list, np.ndarray)):
+        return value[0]
+    return value
+
+
+def _as_tensor(value, index: int, key: str) -> torch.Tensor:
+    try:
+        return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"example {index}, key {key!r}: expected a numeric array, got {type(value).__name__} "
+                         f"({error})") from None
+
+
+@dataclass(kw_only=True)
+class PackedVisionCollator(PackedCollator):
+    """Pack image+text examples (processor outputs, one dict per example) into one row.
+
+    Every `PackedCollator` option applies to the text (see its docstring). Each example dict holds
+    `input_ids` (`(L,)` or the processor's `(1, L)`), optionally `labels`, `completion_mask` /
+    `assistant_masks`, per-token `mm_token_type_ids` / `token_type_ids`, and its vision inputs
+    (`VISION_KEYS`): absent or None for an example without images.
+
+    Args:
+        model: the model the batches are for (a transformers model, its inner `.model`, or a PEFT
+            wrapper). When it (or a submodule reached through `.model` / `.base_model`) has
+            `get_rope_index`, the multi-section rotary positions of each example come from it; its
+            config also names the image / video placeholder tokens. None: 1-D positions only.
+            Building the collator calls `shield_vision_tower(model)`: the text's packing kwargs
+            never reach the vision tower.
+        causal_image_tokens: for families whose processors mark image tokens with `token_type_ids`
+            so that they attend to each other bidirectionally (Gemma 3): False (default) refuses a
+            batch of several examples carrying them (no backend keeps bidirectional image blocks
+            apart under packing: transformers 5.24's packed sliding-window mask looks the blocks up
+            by in-sequence position); True drops `token_type_ids`, so image tokens are causal like
+            text, which packs exactly.
+        mask_vision_tokens: label the image / video placeholder tokens -100 (they are replaced by
+            image features). Default False: labels stay as given, like TRL's and transformers'
+            padded batches (TRL trains on them), so packed and padded losses match.
+        vision_keys: the per-example vision keys (default `VISION_KEYS`).
+
+    Limits: `overflow="truncate"` / `"split"` with a `max_seq_length` are refused (a cut through
+    an image's tokens would separate them from its pixels); use `"drop"` or `"error"`. Pre-packed
+    rows (`seq_lengths`) are refused: each example must be one sequence with its own images.
+    """
+
+    model: object = field(default=None, repr=False, compare=False)
+    causal_image_tokens: bool = False
+    mask_vision_tokens: bool = False
+    vision_keys: Sequence[str] = VISION_KEYS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_seq_length is not None and self.overflow in ("truncate", "split"):
+            raise ValueError(
+                f"overflow: expected 'drop' or 'error' with max_seq_length={self.max_seq_length} for image+text "
+                f"examples (a {self.overflow} through an image's tokens separates them from its pixels), got "
+                f"{self.overflow!r}"
+            )
+        self.vision_keys = tuple(self.vision_keys)
+        self._rope_owner = _unwrap(self.model)
+        self._rope_parameters: set[str] = set()
+        self._config = _model_config(self.model) if self.model is not None else None
+        if self._rope_owner is not None:
+            self._config = self._rope_owner.config
+            self._rope_parameters = set(inspect.signature(self._rope_owner.get_rope_index).parameters)
+        self._image_token = _token_id(self._config, "image_token_id") if self._config is not None else None
+        if self._image_token is None and self._config is not None:
+            self._image_token = _token_id(self._config, "image_token_index")
+        self._video_token = _token_id(self._config, "video_token_id") if self._config is not None else None
+        if isinstance(self.model, torch.nn.Module):
+            shield_vision_tower(self.model)
+        model_type = getattr(self._config, "model_type", None)
+        self._image_axis = 1 if model_type in BATCHED_IMAGE_FAMILIES else 0
+
+    # -- splitting examples into text and vision ------------------------------------------------
+
+    def _split(self, features: Sequence[Mapping]) -> tuple[list[dict], list[dict]]:
+        """Per example: the text features (flat per-token values) and the vision values present."""
+        if isinstance(features, Mapping) or not isinstance(features, Sequence):
+            raise TypeError(f"expected a list of feature dicts, got {type(features).__name__}")
+        texts, visions = [], []
+        for i, example in enumerate(features):
+            if not isinstance(example, Mapping):
+                raise TypeError(f"example {i}: expected a dict of features, got {type(example).__name__}")
+            if "seq_lengths" in example:
+                raise ValueError(f"example {i}, key 'seq_lengths': expected one example per dict with its own "
+                                 f"images, got a pre-packed row; pack image+text examples with this collator only")
+            text, vision = {}, {}
+            for key, value in example.items():
+                if key == "token_type_ids" and self.causal_image_tokens:
+                    continue
+                if key in self.vision_keys:
+                    if value is not None:
+                        vision[key] = _as_tensor(value, i, key)
+                elif key in _TEXT_KEYS or key not in self.passthrough_keys:
+                    text[key] = _flat_tokens(value, i, key)
+                else:
+                    text[key] = value
+            texts.append(text)
+            visions.append(vision)
+        if len(texts) > 1 and "token_type_ids" in texts[0] and any(visions):
+            raise ValueError(
+                "key 'token_type_ids': expected no bidirectional image blocks in a packed batch, got them in "
+                f"{len(texts)} examples; image tokens that attend to each other bidirectionally (Gemma 3) are not "
+                "kept apart under packing by any backend: pass causal_image_tokens=True (image tokens attend "
+                "causally, exact under packing) or batch one example at a time"
+            )
+        return texts, visions
+
+    def _kept_examples(self, texts: list[dict]) -> np.ndarray:
+        """`(k',)` indices of the examples the length policy keeps (all, unless `overflow="drop"`)."""
+        if self.max_seq_length is None or self.overflow != "drop":
+            return np.arange(len(texts))
+        lengths = np.fromiter((len(t["input_ids"]) for t in texts), dtype=np.int64, count=len(texts))
+        return np.flatnonzero(lengths <= self.max_seq_length)
+
+    def _concat_vision(self, visions: list[dict], kept: np.ndarray) -> dict[str, torch.Tensor]:
+        """Each vision key of the kept examples, concatenated on the image axis in example order."""
+        out = {}
+        keys = [key for key in self.vision_keys if any(key in visions[i] for i in kept)]
+        for key in keys:
+            parts = [(int(i), visions[i][key]) for i in kept if key in visions[i]]
+            axis = self._image_axis if key in ("pixel_values", "pixel_attention_mask") else 0
+            reference = parts[0][1]
+            for i, part in parts[1:]:
+                if part.dim() != reference.dim() or part.shape[axis + 1:] != reference.shape[axis + 1:]:
+                    raise ValueError(
+                        f"example {i}, key {key!r}: expected shape (…, {', '.join(map(str, reference.shape[axis + 1:]))}) "
+                        f"after the image axis {axis} like example {parts[0][0]}, got {tuple(part.shape)}"
+                    )
+            out[key] = torch.cat([part for _, part in parts], dim=axis)
+        return out
+
+    # -- positions ------------------------------------------------------------------------------
+
+    def _type_ids(self, ids: torch.Tensor, text: Mapping) -> torch.Tensor:
+        """`(L,)` modality of each token: 0 text, 1 image, 2 video (from `mm_token_type_ids` when given)."""
+        if "mm_token_type_ids" in text:
+            return torch.as_tensor(np.asarray(text["mm_token_type_ids"]), dtype=torch.long)
+        types = torch.zeros_like(ids)
+        if self._image_token is not None:
+            types[ids == self._image_token] = 1
+        if self._video_token is not None:
+            types[ids == self._video_token] = 2
+        return types
+
+    def _example_rope(self, index: int, text: Mapping, vision: Mapping) -> torch.Tensor:
+        """`(S, L)` rotary positions of one example from the model's own `get_rope_index`."""
+        ids = torch.as_tensor(np.asarray(text["input_ids"]), dtype=torch.long)
+        kwargs = {key: vision[key] for key in _ROPE_KEYS if key in vision and key in self._rope_parameters}
+        if "mm_token_type_ids" in self._rope_parameters:
+            kwargs["mm_token_type_ids"] = self._type_ids(ids, text)[None]
+        try:
+            positions, _ = self._rope_owner.get_rope_index(ids[None], **kwargs)
+        except (StopIteration, RuntimeError, ValueError, IndexError, TypeError) as error:
+            raise ValueError(
+                f"example {index}: get_rope_index of {type(self._rope_owner).__name__} failed on its "
+                f"{int((self._type_ids(ids, text) > 0).sum())} vision tokens and grids "
+                f"{ {k: v.tolist() for k, v in kwargs.items() if k.endswith('grid_thw')} }: {error!r}"
+            ) from None
+        return positions[:, 0]
+
+    def _rope_positions(self, texts, visions, kept, text_positions: np.ndarray) -> np.ndarray:
+        """`(S, N)` rotary positions: the text positions, overwritten per example that has vision inputs.
+
+        One `get_rope_index` call per example with images (the model's loop is per row anyway);
+        text-only examples keep their text positions, which is what `get_rope_index` gives them."""
+        with_vision = [i for i in kept.tolist() if any(k in visions[i] for k in _ROPE_KEYS)]
+        # a batch of text only still gets the sections (its text positions): the layout never changes
+        with_vision = with_vision or kept[:1].tolist()
+        starts = np.zeros(len(kept) + 1, dtype=np.int64)
+        np.cumsum([len(texts[i]["input_ids"]) for i in kept], out=starts[1:])
+        slot = {int(i): j for j, i in enumerate(kept.tolist())}
+        sections = None
+        for i in with_vision:
+            with torch.no_grad():
+                positions = self._example_rope(i, texts[i], visions[i]).numpy()
+            if sections is None:
+                sections = np.broadcast_to(text_positions, (positions.shape[0], len(text_positions))).copy()
+            sections[:, starts[slot[i]]:starts[slot[i] + 1]] = positions
+        return sections
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict:
+        """Pack `features` (`k` example dicts with vision inputs) into one row; see the module docstring."""
+        texts, visions = self._split(features)
+        batch = super().__call__(texts, return_tensors="np")
+        kept = self._kept_examples(texts)
+        if self.mask_vision_tokens:
+            placeholders = [t for t in (self._image_token, self._video_token) if t is not None]
+            if placeholders:
+                batch["labels"][np.isin(batch["input_ids"], placeholders)] = IGNORE_INDEX
+        if self._rope_owner is not None:
+            sections = self._rope_positions(texts, visions, kept, batch["position_ids"][0])
+            batch["position_ids"] = np.concatenate([batch["position_ids"], sections])[:, None, :]
+        vision = self._concat_vision(visions, kept)
+        return_tensors = return_tensors or self.return_tensors
+        if return_tensors == "pt":
+            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+            batch.update(vision)
+        else:
+            batch.update({k: v.numpy() for k, v in vision.items()})
+        return batch
+

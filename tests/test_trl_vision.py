@@ -1,0 +1,126 @@
+"""TRL's vision-language data path (chats with images + a processor), packed by `PackedSFTTrainer`:
+same per-step losses as TRL's own padded `SFTTrainer`; the token budget counts image tokens.
+
+Locally built Qwen2-VL processor (`packcollate.toy_vision`) and a tiny random Qwen2-VL: nothing downloaded.
+"""
+
+import pytest
+
+trl = pytest.importorskip("trl")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForImageTextToText  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from packcollate import PackedCollator  # noqa: E402
+from packcollate.compat.vision import tiny_vision_config  # noqa: E402
+from packcollate.integrations.trl import PackedSFTTrainer  # noqa: E402
+from packcollate.integrations.trl_vision import ProcessThenPack  # noqa: E402
+from packcollate.multimodal import PackedVisionCollator  # noqa: E402
+from packcollate.toy_vision import image_chats, vision_processor, vision_token_ids  # noqa: E402
+
+torch.set_num_threads(1)
+STEPS = 3
+
+
+def tiny_vlm(processor, attn_implementation):
+    config = tiny_vision_config("qwen2_vl")
+    for key, value in vision_token_ids(processor).items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation)
+
+
+def sft_config(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-3,
+                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, max_length=None,
+                shuffle_dataset=False, dataloader_drop_last=False)
+    base.update(overrides)
+    return SFTConfig(**base)
+
+
+def losses(trainer):
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return vision_processor()
+
+
+@pytest.fixture(scope="module")
+def chats():
+    rows = image_chats(12, seed=1)
+    assert {len(r["images"]) for r in rows} == {0, 1, 2}
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("assistant_only_loss", [False, True])
+def test_packed_sft_trainer_matches_trl_padded_on_image_chats(tmp_path, processor, chats, assistant_only_loss):
+    options = dict(assistant_only_loss=assistant_only_loss)
+    theirs = SFTTrainer(model=tiny_vlm(processor, "eager"), args=sft_config(tmp_path / "trl", **options),
+                        train_dataset=chats, processing_class=processor)
+    ours = PackedSFTTrainer(model=tiny_vlm(processor, "packcollate"), args=sft_config(tmp_path / "ours", **options),
+                            train_dataset=chats, processing_class=processor)
+    assert isinstance(ours.data_collator, ProcessThenPack)
+    assert isinstance(ours.data_collator.pack, PackedVisionCollator)
+    batch = ours.data_collator([chats[i] for i in range(4)])
+    assert batch["position_ids"].shape[:2] == (4, 1) and "attention_mask" not in batch
+    ref, got = losses(theirs), losses(ours)
+    assert len(got) == STEPS
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("rope_positions", [True, False])
+def test_first_batch_logits_and_gradients_match_trl_padded(tmp_path, processor, chats, rope_positions):
+    """TRL's padded batch through eager vs our packed batch through packcollate: logits on every real token
+    and every gradient. Without the model's rope index (1-D positions) the same check fails."""
+    from packcollate.compat.equivalence import _grads, _max_rel_grad_diff, _summed_token_loss
+
+    theirs = SFTTrainer(model=tiny_vlm(processor, "eager"), args=sft_config(tmp_path / "trl"),
+                        train_dataset=chats, processing_class=processor)
+    ours = PackedSFTTrainer(model=tiny_vlm(processor, "packcollate"), args=sft_config(tmp_path / "ours"),
+                            train_dataset=chats, processing_class=processor)
+    if not rope_positions:
+        ours.data_collator.pack._rope_owner = None
+    examples = [chats[i] for i in range(4)]
+    padded, packed = theirs.data_collator([dict(e) for e in examples]), ours.data_collator(examples)
+    runs = []
+    for model, batch in ((theirs.model, padded), (ours.model, packed)):
+        labels = batch.pop("labels")
+        out = model(**batch, use_cache=False)
+        (_summed_token_loss(out.logits, labels) / int((labels[:, 1:] != -100).sum())).backward()
+        real = out.logits[padded["attention_mask"].bool()] if model is theirs.model else out.logits[0]
+        runs.append((real.detach(), _grads(model)))
+    logit_diff = float((runs[0][0] - runs[1][0]).abs().max())
+    grad_diff, _ = _max_rel_grad_diff(runs[1][1], runs[0][1])
+    if rope_positions:
+        assert logit_diff < 1e-4 and grad_diff < 1e-3, (logit_diff, grad_diff)
+    else:
+        assert logit_diff > 1e-3
+
+
+def test_given_packed_collator_is_upgraded_with_its_options(tmp_path, processor, chats):
+    trainer = PackedSFTTrainer(model=tiny_vlm(processor, "packcollate"), args=sft_config(tmp_path),
+                               train_dataset=chats, processing_class=processor,
+                               data_collator=PackedCollator(max_seq_length=64, overflow="drop"))
+    pack = trainer.data_collator.pack
+    assert isinstance(pack, PackedVisionCollator) and pack.max_seq_length == 64 and pack.overflow == "drop"
+    assert pack._rope_owner is not None
+
+
+def test_token_budget_counts_image_tokens(tmp_path, processor, chats):
+    trainer = PackedSFTTrainer(model=tiny_vlm(processor, "packcollate"), args=sft_config(tmp_path),
+                               train_dataset=chats, processing_class=processor, max_tokens_per_batch=160)
+    lengths = trainer._example_lengths(chats)
+    image_id = vision_token_ids(processor)["image_token_id"]
+    for example, length in zip(chats, lengths):
+        processed = trainer.data_collator.process(example)
+        n_image = int((processed["input_ids"] == image_id).sum())
+        assert length == processed["input_ids"].shape[-1] and (n_image > 0) == bool(example["images"])
+    loader = trainer.get_train_dataloader()
+    for batch in loader:
+        assert batch["input_ids"].shape[1] <= 160 or len(batch["cu_seq_lens_q"]) == 2
+    assert losses(trainer)
