@@ -16,6 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .. import attention
 from ..collate import PackedCollator
+from ..config_checks import load_local_config
 from .equivalence import (
     BackendRefused,
     Equivalence,
@@ -76,7 +77,9 @@ def _load_config(target, trust_remote_code: bool) -> PretrainedConfig:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"target: expected a directory with a config.json, got {str(path)!r} without one")
-        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return load_local_config(path, trust_remote_code=trust_remote_code)
+    if path.is_file() and path.suffix == ".json":
+        return load_local_config(path, trust_remote_code=trust_remote_code)
     if str(target) in CONFIG_MAPPING:
         return _default_config(str(target))
     try:
