@@ -163,7 +163,7 @@ def _layout_from_cu(cu_seq_lens: torch.Tensor, max_length, batch: int, seq: int)
     if cached is not None:
         return cached
     max_length = check_cu_seq_lens(cu_seq_lens, batch, seq, max_length)
-    cu = cu_seq_lens.to(torch.int32)
+    cu = cu_seq_lens.to(torch.int32, copy=True)  # never the source itself: the cache holds it only weakly
     full_rows = cu.numel() == batch + 1 and max_length == seq
     return _LAYOUTS.put(cu_seq_lens, (batch, seq), SequenceLayout(cu, max_length, None, full_rows), batch * seq)
 

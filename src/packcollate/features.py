@@ -97,6 +97,9 @@ def _diagnose_sequence(values: list, key: str, *, integer: bool, mask: bool) -> 
             )
         if arr.size and arr.dtype.kind not in kinds:
             bad = _first_non_integer(value, arr) if integer or mask else value
+            if isinstance(bad, np.dtype) and isinstance(value, (list, tuple)):  # all ints: some beyond int64
+                j = next(j for j, item in enumerate(value) if not -_INT64_MAX - 1 <= item <= _INT64_MAX)
+                raise ValueError(f"example {i}, key {key!r}: expected integers below 2**63, got {value[j]} at position {j}")
             raise ValueError(f"example {i}, key {key!r}: expected {expected}, got {_describe(bad)}")
 
 

@@ -40,7 +40,8 @@ def check_cu_seq_lens(cu_seq_lens: torch.Tensor, batch: int, seq: int, max_lengt
     values = cu_seq_lens.detach().to("cpu", torch.int64).numpy()
     total = batch * seq
     if values[0] != 0:
-        raise ValueError(f"{name}: expected cumulative lengths starting at 0, got {values[:4].tolist()}...")
+        shown = values[:8].tolist()
+        raise ValueError(f"{name}: expected cumulative lengths starting at 0, got {shown}{'...' if len(values) > 8 else ''}")
     steps = np.diff(values)
     if (steps <= 0).any():
         i = int(np.flatnonzero(steps <= 0)[0])

@@ -45,6 +45,7 @@ from .report import (
 from .static_checks import (
     _forward_parameters,
     _position_start,
+    check_attention_direction,
     check_context_length,
     check_layout_route,
     check_position_ids,
@@ -350,7 +351,7 @@ def _check_resolved(resolved: _Target, backends: list[str], device, max_seq_leng
         model, report.error = None, f"could not build a tiny copy: {_one_line(error)}"
     recurrent = check_recurrent_layers(config, model)
     report.findings += [
-        check_position_offset(config, model), check_rope_sections(config), recurrent,
+        check_position_offset(config, model), check_attention_direction(model), check_rope_sections(config), recurrent,
         check_context_length(config, max_seq_length), check_use_cache(config),
     ]
     collator = _proof_collator(model_class, _position_start(config, model), recurrent)
