@@ -71,8 +71,7 @@ def _positions(cu_seq_lens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 class CollateStats:
     """Running counts over every batch a collator has made (reset with `reset()`).
 
-    With a `DataLoader` using `num_workers > 0` each worker process keeps its own copy. Updates go
-    through `add`, under a lock: collators called from several threads count every batch.
+    With a `DataLoader` using `num_workers > 0` each worker process keeps its own copy.
     """
 
     batches: int = 0
@@ -91,7 +90,8 @@ class CollateStats:
         self._lock = threading.Lock()
 
     def add(self, **counts: int) -> None:
-        """Add `counts` (`name=value`) to the running counts, atomically."""
+        """Add `counts` (`name=value`) to the running counts under a lock: a collator called from
+        several threads counts every batch."""
         with self._lock:
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)

@@ -25,7 +25,7 @@ class Finding:
 
     Attributes:
         name: what was checked (`position_ids`, `layout_route`, `position_offset`, `rope_sections`,
-            `recurrent_layers`, `context_length`, `use_cache`, `causality`).
+            `recurrent_layers`, `context_length`, `use_cache`).
         status: `"ok"`, `"warning"` or `"error"`.
         message: what was found.
         fix: what to do about it (empty when nothing).
