@@ -129,7 +129,7 @@ def test_cli_counts_chat_rows_through_the_template(tmp_path, capsys, layout):
 
 def test_an_empty_split_is_named(data_dir):
     (data_dir / "empty.jsonl").write_text("")
-    with pytest.raises(SystemExit, match=r"expected examples in every split, got none in \['empty'\]"):
+    with pytest.raises(ValueError, match=r"expected examples in every split, got none in \[.empty.\]"):
         main(["stats", str(data_dir / "train.jsonl"), str(data_dir / "empty.jsonl")])
 
 

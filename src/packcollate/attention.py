@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .layout_checks import check_cu_seq_lens, check_cu_seq_lens_type, check_padding_mask, checked_position_ids
+
 logger = logging.getLogger("packcollate")
 
 BACKEND_NAME = "packcollate"
@@ -111,47 +113,59 @@ class _LayoutCache:
 
     Every layer of a forward sees the same `cu_seq_lens_q` / `position_ids` / mask tensor; the
     layout (which may need a device sync) is derived once per forward, not once per layer.
+
+    Bounded: at most `size` entries and `max_tokens` tokens of layouts in all (a bigger batch is not
+    cached: its layout, O(N), is derived again in each layer), and an entry goes as soon as its
+    tensor is freed. A CPU tensor is also compared with a copy taken when its layout was cached: an
+    edit through `.numpy()` or `.data` does not bump `tensor._version`. (On CUDA that comparison
+    would cost a device sync per layer: edit there with ordinary in-place operations, or not at all.)
     """
 
-    def __init__(self, size: int = 8):
+    def __init__(self, size: int = 8, max_tokens: int = 1 << 20):
         self.size = size
-        self.entries: list[tuple[weakref.ref, int, tuple, SequenceLayout]] = []
+        self.max_tokens = max_tokens
+        # (weak reference, version, extra key, layout, tokens, CPU copy or None)
+        self.entries: list[tuple] = []
 
     def get(self, tensor: torch.Tensor, extra: tuple) -> SequenceLayout | None:
         if tensor.is_inference():  # no version counter (torch.inference_mode): never cached
             return None
-        for ref, version, key, layout in self.entries:
+        for ref, version, key, layout, _, copy in self.entries:
             if ref() is tensor and version == tensor._version and key == extra:
-                return layout
+                return layout if copy is None or torch.equal(copy, tensor) else None
         return None
 
-    def put(self, tensor: torch.Tensor, extra: tuple, layout: SequenceLayout) -> SequenceLayout:
-        if tensor.is_inference():
+    def _drop(self, ref: weakref.ref) -> None:
+        self.entries = [e for e in self.entries if e[0] is not ref]
+
+    def put(self, tensor: torch.Tensor, extra: tuple, layout: SequenceLayout, tokens: int) -> SequenceLayout:
+        if tensor.is_inference() or tokens > self.max_tokens:
             return layout
-        self.entries = [e for e in self.entries if e[0]() is not None][-(self.size - 1) :]
-        self.entries.append((weakref.ref(tensor), tensor._version, extra, layout))
+        entries = [e for e in self.entries if e[0]() is not None and not (e[0]() is tensor and e[2] == extra)]
+        entries = entries[-(self.size - 1) :]
+        while entries and sum(e[4] for e in entries) + tokens > self.max_tokens:
+            entries.pop(0)
+        copy = tensor.detach().clone() if tensor.device.type == "cpu" else None
+        self.entries = [*entries, (weakref.ref(tensor, self._drop), tensor._version, extra, layout, tokens, copy)]
         return layout
+
+    def tokens(self) -> int:
+        """Tokens of the layouts held now (at most `max_tokens`)."""
+        return sum(e[4] for e in self.entries)
 
 
 _LAYOUTS = _LayoutCache()
 
 
 def _layout_from_cu(cu_seq_lens: torch.Tensor, max_length, batch: int, seq: int) -> SequenceLayout:
+    check_cu_seq_lens_type(cu_seq_lens)
     cached = _LAYOUTS.get(cu_seq_lens, (batch, seq))
     if cached is not None:
         return cached
-    if cu_seq_lens.dim() != 1 or cu_seq_lens.numel() < 2:
-        raise ValueError(f"cu_seq_lens_q: expected a (k+1,) tensor of cumulative lengths, got shape {tuple(cu_seq_lens.shape)}")
-    total = int(cu_seq_lens[-1])
-    if total != batch * seq:
-        raise ValueError(
-            f"cu_seq_lens_q: expected it to end at the batch's {batch * seq} tokens ({batch} x {seq}), got {total}; "
-            f"was the batch cut or padded after collation?"
-        )
-    cu = cu_seq_lens.to(torch.int32)
-    max_length = int(max_length) if max_length is not None else int(torch.diff(cu).max())
+    max_length = check_cu_seq_lens(cu_seq_lens, batch, seq, max_length)
+    cu = cu_seq_lens.to(torch.int32, copy=True)  # never the source itself: the cache holds it only weakly
     full_rows = cu.numel() == batch + 1 and max_length == seq
-    return _LAYOUTS.put(cu_seq_lens, (batch, seq), SequenceLayout(cu, max_length, None, full_rows))
+    return _LAYOUTS.put(cu_seq_lens, (batch, seq), SequenceLayout(cu, max_length, None, full_rows), batch * seq)
 
 
 def _layout_from_starts(starts: torch.Tensor, real: torch.Tensor | None) -> SequenceLayout:
@@ -183,14 +197,18 @@ def _layout_from_positions(position_ids: torch.Tensor, batch: int, seq: int) -> 
     positions = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
     starts = torch.ones(batch, seq, dtype=torch.bool, device=position_ids.device)
     starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
-    return _LAYOUTS.put(position_ids, (batch, seq), _layout_from_starts(starts, None))
+    return _LAYOUTS.put(position_ids, (batch, seq), _layout_from_starts(starts, None), batch * seq)
 
 
 def _identity(tensor: torch.Tensor | None) -> tuple | None:
-    """What makes a cached layout stale: the tensor's storage and version (None: not cacheable)."""
+    """What makes a cached layout stale: the tensor's storage and version, and on CPU its content
+    (edits through `.numpy()` / `.data` keep the version); None: not cacheable."""
     if tensor is None:
         return ()
-    return None if tensor.is_inference() else (tensor.data_ptr(), tensor._version)
+    if tensor.is_inference():
+        return None
+    content = hash(tensor.detach().contiguous().numpy().tobytes()) if tensor.device.type == "cpu" else None
+    return (tensor.data_ptr(), tensor._version, content)
 
 
 def _layout_from_sequence_map(
@@ -220,7 +238,7 @@ def _layout_from_sequence_map(
     if position_ids is not None:
         starts[:, 1:] |= position_ids[:, 1:] != position_ids[:, :-1] + 1
     layout = _layout_from_starts(starts, sequence_map != 0)
-    return _LAYOUTS.put(sequence_map, extra, layout) if cacheable else layout
+    return _LAYOUTS.put(sequence_map, extra, layout, batch * seq) if cacheable else layout
 
 
 def _chunk_size(module) -> int | None:
@@ -260,11 +278,14 @@ def _chunked_layout(module, query, key, kwargs: dict) -> SequenceLayout | None:
     source = source if source is not None else kwargs["position_ids"]
     extra = ("chunked", chunk, tuple(query.shape[:1] + query.shape[2:3]))
     cached = _LAYOUTS.get(source, extra)
-    return cached if cached is not None else _LAYOUTS.put(source, extra, _chunked(examples, chunk))
+    tokens = query.shape[0] * query.shape[2]
+    return cached if cached is not None else _LAYOUTS.put(source, extra, _chunked(examples, chunk), tokens)
 
 
 def _is_sequence_map(attention_mask) -> bool:
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.dtype == torch.int32
+    """This backend's `(B, S)` int32 map, or a `(B, S)` padding mask given directly (the same rules
+    read it: 0 is padding, a sequence starts wherever the value changes)."""
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
 
 
 def resolve_layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> SequenceLayout | None:
@@ -273,10 +294,11 @@ def resolve_layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwarg
     if key.shape[2] != seq:
         return None
     cu = kwargs.get("cu_seq_lens_q")
-    position_ids = kwargs.get("position_ids")
-    if not (isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq):
-        position_ids = None  # absent, or several position sections (multimodal rotary embeddings)
+    if cu is not None:
+        check_cu_seq_lens_type(cu)
+    position_ids = checked_position_ids(kwargs.get("position_ids"), batch, seq)  # None: absent or multi-section
     if _is_sequence_map(attention_mask):
+        check_padding_mask(attention_mask, batch, seq)
         return _layout_from_sequence_map(attention_mask, batch, seq, cu, position_ids)
     if cu is not None:
         return _layout_from_cu(cu, kwargs.get("max_length_q"), batch, seq)

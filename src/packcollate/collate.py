@@ -27,13 +27,14 @@ No `attention_mask` is emitted: with one, transformers ignores the packing.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
-from .features import MASK_KEYS, flatten_features
+from .features import COMPUTED_KEYS, KNOWN_KEYS, MASK_KEYS, flatten_features
 from .lengths import check_length_policy, plan_lengths
 from .masking import IGNORE_INDEX, TEMPLATE_MISSING_POLICIES, as_template, template_label_mask
 
@@ -85,9 +86,27 @@ class CollateStats:
     split_sequences: int = 0
     missing_template: int = 0
 
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, **counts: int) -> None:
+        """Add `counts` (`name=value`) to the running counts under a lock: a collator called from
+        several threads counts every batch."""
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
     def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, 0)
+        with self._lock:
+            for f in fields(self):
+                setattr(self, f.name, 0)
+
+    def __getstate__(self) -> dict:  # a lock does not pickle (DataLoader workers, deepcopy)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 @dataclass
@@ -114,6 +133,11 @@ def _per_sequence(passthrough: dict[str, list], sequence_example: np.ndarray) ->
     if not passthrough or np.array_equal(sequence_example, np.arange(len(next(iter(passthrough.values()))))):
         return passthrough
     return {key: [values[i] for i in sequence_example.tolist()] for key, values in passthrough.items()}
+
+
+def _check_non_negative_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -143,7 +167,16 @@ class _Collator:
         self._instruction = as_template(self.instruction_template, "instruction_template")
         if self._instruction is not None and self._response is None:
             raise ValueError("instruction_template: expected a response_template too, got only an instruction_template")
+        if isinstance(self.passthrough_keys, str):
+            raise ValueError(f"passthrough_keys: expected a list of key names, got the string {self.passthrough_keys!r}")
         self.passthrough_keys = tuple(self.passthrough_keys)
+        reserved = [key for key in self.passthrough_keys if key in KNOWN_KEYS or key in COMPUTED_KEYS]
+        if reserved:
+            raise ValueError(
+                f"passthrough_keys: expected keys the collator neither reads nor emits, got {reserved} (passed "
+                f"through, they would replace what the collator computes)"
+            )
+        _check_non_negative_int("pad_token_id", getattr(self, "pad_token_id", 0))
         self._warned: set[str] = set()
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -164,7 +197,7 @@ class _Collator:
                 flat.tokens["input_ids"], flat.segment_lengths, self._response, self._instruction
             )
             if missing.any():
-                self.stats.missing_template += int(missing.sum())
+                self.stats.add(missing_template=int(missing.sum()))
                 first = int(flat.segment_example[np.flatnonzero(missing)[0]])
                 message = (
                     f"example {first}: expected the response_template {self._response.tolist()} in every example, "
@@ -192,17 +225,11 @@ class _Collator:
             out = {key: value[plan.keep] for key, value in out.items()}
         lengths = plan.lengths
         if plan.truncated_segments:
-            self.stats.truncated_sequences += plan.truncated_segments
-            self.stats.truncated_tokens += plan.truncated_tokens
             self._warn_once("truncate", f"truncated {plan.truncated_segments} sequences longer than "
                             f"max_seq_length={self.max_seq_length} ({plan.truncated_tokens} tokens removed)")
         if plan.dropped_segments:
-            self.stats.dropped_sequences += plan.dropped_segments
-            self.stats.dropped_tokens += plan.dropped_tokens
             self._warn_once("drop", f"dropped {plan.dropped_segments} sequences longer than "
                             f"max_seq_length={self.max_seq_length} ({plan.dropped_tokens} tokens)")
-        if plan.split_segments:
-            self.stats.split_sequences += plan.split_segments
         if len(lengths) == 0:
             raise ValueError(
                 f"every example of the batch is longer than max_seq_length={self.max_seq_length} and "
@@ -210,10 +237,12 @@ class _Collator:
             )
         cu_seq_lens = _cumulative(lengths)
         out["labels"][cu_seq_lens[:-1]] = self.separator_id
-        self.stats.batches += 1
-        self.stats.examples += len(flat.example_lengths)
-        self.stats.sequences += len(lengths)
-        self.stats.tokens += int(cu_seq_lens[-1])
+        self.stats.add(
+            batches=1, examples=len(flat.example_lengths), sequences=len(lengths), tokens=int(cu_seq_lens[-1]),
+            truncated_sequences=plan.truncated_segments, truncated_tokens=plan.truncated_tokens,
+            dropped_sequences=plan.dropped_segments, dropped_tokens=plan.dropped_tokens,
+            split_sequences=plan.split_segments,
+        )
         return PreparedBatch(out, lengths, cu_seq_lens, _per_sequence(flat.passthrough, flat.segment_example[plan.source]))
 
     def _finish(self, batch: dict, passthrough: dict[str, list], return_tensors: str | None) -> dict:
@@ -282,6 +311,7 @@ class PackedCollator(_Collator):
             not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
         ):
             raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
+        _check_non_negative_int("position_ids_start", self.position_ids_start)
 
     def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict:
         """Pack `features` (a list of `k` example dicts) into one row; see the class docstring."""
@@ -296,7 +326,7 @@ class PackedCollator(_Collator):
                 }
                 lengths = np.append(lengths, pad)
                 cu_seq_lens = np.append(cu_seq_lens, cu_seq_lens[-1] + pad)
-                self.stats.padding_tokens += pad
+                self.stats.add(padding_tokens=pad)
         position_ids = _positions(cu_seq_lens, lengths)
         if self.position_ids_start:
             position_ids += self.position_ids_start
@@ -373,5 +403,5 @@ class PaddedCollator(_Collator):
             position_ids = np.zeros((len(lengths), width), dtype=np.int64)
             position_ids[rows, cols] = cols
             batch["position_ids"] = position_ids
-        self.stats.padding_tokens += len(lengths) * width - int(prepared.cu_seq_lens[-1])
+        self.stats.add(padding_tokens=len(lengths) * width - int(prepared.cu_seq_lens[-1]))
         return self._finish(batch, prepared.passthrough, return_tensors)

@@ -22,6 +22,9 @@ import torch
 MASK_KEYS = ("completion_mask", "assistant_masks")
 #: Keys the collators understand themselves; anything else is an extra per-token key or an error.
 KNOWN_KEYS = ("input_ids", "labels", "attention_mask", "seq_lengths", *MASK_KEYS)
+#: Keys the collators compute: an example carrying one would be overwritten, so it is refused.
+COMPUTED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass
@@ -94,7 +97,23 @@ def _diagnose_sequence(values: list, key: str, *, integer: bool, mask: bool) -> 
             )
         if arr.size and arr.dtype.kind not in kinds:
             bad = _first_non_integer(value, arr) if integer or mask else value
+            if isinstance(bad, np.dtype) and isinstance(value, (list, tuple)):  # all ints: some beyond int64
+                j = next(j for j, item in enumerate(value) if not -_INT64_MAX - 1 <= item <= _INT64_MAX)
+                raise ValueError(f"example {i}, key {key!r}: expected integers below 2**63, got {value[j]} at position {j}")
             raise ValueError(f"example {i}, key {key!r}: expected {expected}, got {_describe(bad)}")
+
+
+def _signed(array: np.ndarray, example: int, key: str) -> np.ndarray:
+    """An unsigned integer array as int64 (a copy), refusing values int64 cannot hold: numpy would
+    otherwise wrap `uint64` ids above 2**63 to negative ids, or turn a uint64/int64 mix into floats."""
+    if array.dtype.kind != "u" or array.ndim != 1:
+        return array
+    if array.dtype.itemsize == 8 and int(array.max()) > _INT64_MAX:
+        j = int(np.flatnonzero(array > _INT64_MAX)[0])
+        raise ValueError(
+            f"example {example}, key {key!r}: expected integers below 2**63, got {int(array[j])} at position {j}"
+        )
+    return array.astype(np.int64)
 
 
 def concat_key(features: Sequence[Mapping], key: str, *, integer: bool = True, mask: bool = False):
@@ -110,7 +129,7 @@ def concat_key(features: Sequence[Mapping], key: str, *, integer: bool = True, m
         # dtype is checked before promotion: a bool example among int ones would otherwise become ints,
         # and an empty list (float64) would turn the whole key into floats.
         arrays = [np.asarray(v) for v in values]
-        nonempty = [a for a in arrays if a.size]
+        nonempty = [_signed(a, i, key) for i, a in enumerate(arrays) if a.size]
         flat = np.concatenate(nonempty or arrays)
     except (TypeError, ValueError):
         _diagnose_sequence(values, key, integer=integer, mask=mask)
@@ -221,6 +240,11 @@ def flatten_features(features: Sequence[Mapping], passthrough_keys: Sequence[str
         if key in passthrough_keys:
             passthrough[key] = [f[key] for f in features]
             continue
+        if key in COMPUTED_KEYS:
+            raise ValueError(
+                f"example 0, key {key!r}: expected no {key!r} in the examples (the collator computes it and would "
+                f"overwrite it), got one; remove or rename the key"
+            )
         is_mask = key in MASK_KEYS or key == "attention_mask"
         if key not in KNOWN_KEYS:
             first = features[0][key]

@@ -14,6 +14,8 @@ to segments (the examples, or the sub-sequences of pre-packed rows), vectorised 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,28 +118,84 @@ def column_names(rows) -> list[str]:
     """The columns of a `datasets.Dataset`, or the keys of the first row of a list of dicts."""
     if hasattr(rows, "column_names"):
         return list(rows.column_names)
-    return list(rows[0].keys()) if len(rows) else []
+    return list(rows[0].keys()) if len(rows) and isinstance(rows[0], Mapping) else []
 
 
-def token_counts(rows, column: str = "input_ids") -> np.ndarray | None:
+def token_counts(rows, column: str = "input_ids", where=None) -> np.ndarray | None:
     """`(n,)` int64 tokens of each row: its `length` column, else the length of `column`; None when
     it has neither.
 
     `rows`: a `datasets.Dataset` (measured in Arrow, one vectorised call over the rows it shows, in
-    its order, after `select`/`shuffle`/`filter`) or a list of dicts.
+    its order, after `select`/`shuffle`/`filter`) or a list of dicts. `where(i)` names row `i` in
+    errors (default `row i`; the CLI passes the file and line).
+
+    Raises ValueError naming the row and the key for a missing key, a `length` that is not a
+    positive int (a string, null, a float, a bool, -5), or ids that are not a non-empty flat list
+    of ints (a string, a dict, a nested list, null).
     """
+    where = where or (lambda i: f"row {i}")
     columns = column_names(rows)
     if "length" not in columns and column not in columns:
         return None
-    if hasattr(rows, "with_format"):
-        import pyarrow.compute as pc
+    key = "length" if "length" in columns else column
+    counts = _arrow_counts(rows, key, where) if hasattr(rows, "with_format") else _row_counts(rows, key, where)
+    bad = np.flatnonzero(counts < 1)
+    if len(bad):
+        i = int(bad[0])
+        given = int(counts[i]) if key == "length" else "an empty list"
+        raise ValueError(f"{where(i)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got {given}")
+    return counts
 
-        table = rows.with_format("arrow")
-        counts = table["length"] if "length" in columns else pc.list_value_length(table[column])
-        return counts.to_numpy().astype(np.int64)
-    if "length" in columns:
-        return np.asarray([row["length"] for row in rows], dtype=np.int64)
-    return np.fromiter((len(row[column]) for row in rows), dtype=np.int64, count=len(rows))
+
+_EXPECTED = {True: "a positive int", False: "a non-empty flat list of token ids (ints)"}
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:57] + '...' if len(text) > 60 else text}"
+
+
+def _arrow_counts(rows, key: str, where) -> np.ndarray:
+    """Counts of a `datasets.Dataset` column, from its Arrow type: integers, or lists of integers."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = rows.with_format("arrow")[key]
+    kind = values.type
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if not (pa.types.is_integer(kind) if key == "length" else is_list and pa.types.is_integer(kind.value_type)):
+        raise ValueError(f"{where(0)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got a column of {kind}")
+    if values.null_count:
+        i = int(np.flatnonzero(pc.is_null(values).to_numpy(zero_copy_only=False))[0])
+        raise ValueError(f"{where(i)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got null")
+    counts = values if key == "length" else pc.list_value_length(values)
+    return counts.to_numpy().astype(np.int64)
+
+
+def _row_counts(rows, key: str, where) -> np.ndarray:
+    """Counts of a list of dicts; every row is checked (per row, and one C-level pass over the ids)."""
+    try:
+        values = [row[key] for row in rows]
+    except (KeyError, TypeError, IndexError):
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"{where(i)}: expected a dict of columns, got {_describe(row)}") from None
+            if key not in row:
+                raise ValueError(f"{where(i)}: expected key {key!r} (as in the first row), got keys {sorted(row)}") from None
+        raise
+    if key == "length":
+        if set(map(type, values)) != {int}:
+            i = next(i for i, value in enumerate(values) if type(value) is not int)
+            raise ValueError(f"{where(i)}: key 'length': expected a positive int, got {_describe(values[i])}")
+        return np.asarray(values, dtype=np.int64)
+    if set(map(type, values)) != {list}:
+        i = next(i for i, value in enumerate(values) if type(value) is not list)
+        raise ValueError(f"{where(i)}: key {key!r}: expected {_EXPECTED[False]}, got {_describe(values[i])}")
+    if set(map(type, itertools.chain.from_iterable(values))) - {int}:
+        i = next(i for i, value in enumerate(values) if set(map(type, value)) - {int})
+        bad = next(token for token in values[i] if type(token) is not int)
+        raise ValueError(f"{where(i)}: key {key!r}: expected {_EXPECTED[False]}, got {_describe(bad)} among them")
+    return np.fromiter(map(len, values), dtype=np.int64, count=len(values))
 
 #: Config attributes that hold a model's context length, in the order they are read
 #: (`seq_length` is ChatGLM's name, `n_positions` / `n_ctx` GPT-2's).
@@ -199,6 +257,8 @@ class LengthStats:
 def padded_tokens(lengths: np.ndarray, batch_size: int, seed: int = 0) -> int:
     """Tokens computed when `lengths` `(n,)` are shuffled into batches of `batch_size`, each padded
     to its longest example (the last batch may be smaller)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     shuffled = np.random.default_rng(seed).permutation(np.asarray(lengths, dtype=np.int64))
     starts = np.arange(0, len(shuffled), batch_size)
     longest = np.maximum.reduceat(shuffled, starts)

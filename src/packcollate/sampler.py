@@ -45,6 +45,12 @@ OVERFLOW_POLICIES = ("error", "own_batch")
 DEFAULT_WINDOW = 4096
 
 
+def _non_negative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    return int(value)
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -62,6 +68,9 @@ def as_lengths(values) -> np.ndarray:
         values = values[:]  # a `datasets` Column: one Arrow read, not a Python loop over the rows
         if isinstance(values, torch.Tensor):
             values = values.detach().cpu().numpy()
+    if isinstance(values, (list, tuple)) and bool in set(map(type, values)):  # np.asarray turns True into 1
+        i = next(i for i, value in enumerate(values) if type(value) is bool)
+        raise ValueError(f"lengths[{i}]: expected a positive int, got {values[i]!r}")
     try:
         array = np.asarray(values)
     except ValueError as error:  # ragged nested sequences
@@ -268,26 +277,23 @@ def _merged(bins: _Bins, lengths: np.ndarray, capacity: int, remove: int, num_re
 
 def _equal_counts(
     bins: _Bins, lengths: np.ndarray, capacity: int, num_replicas: int, drop_last: bool
-) -> tuple[_Bins, int]:
+) -> tuple[_Bins, int] | None:
     """Make the number of bins a multiple of `num_replicas`, each example kept exactly once.
 
     The `s + num_replicas` least-filled packable bins (`s` = bins past the last full step) are
     repacked into `2 * num_replicas` bins (`num_replicas` when `s == 0`) of nearly equal tokens;
     where that would exceed the budget, the fullest of them are split in two instead. When too few
     examples fit the budget to split, the packable bins are merged into `s` fewer instead. With
-    `drop_last`, the `s` least-filled bins are dropped first. Returns the bins and the number of
-    examples dropped.
+    `drop_last`, the `s` least-filled bins are dropped first (with fewer bins than `num_replicas`,
+    none: they are split up to `num_replicas`, which `n >= num_replicas` examples always allow).
+    Returns the bins and the number of examples dropped, or None when neither splitting nor merging
+    reaches a multiple of `num_replicas`.
     """
     if num_replicas == 1:
         return bins, 0
     dropped = 0
     remainder = len(bins.sizes) % num_replicas
-    if remainder and drop_last:
-        if remainder == len(bins.sizes):
-            raise ValueError(
-                f"drop_last=True: expected at least num_replicas={num_replicas} batches, got {remainder}: "
-                f"every example would be dropped; use drop_last=False"
-            )
+    if remainder and drop_last and remainder < len(bins.sizes):
         chosen = np.argsort(bins.tokens(lengths), kind="stable")[:remainder]
         dropped = int(bins.sizes[chosen].sum())
         bins = bins.replace(chosen, np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -302,13 +308,7 @@ def _equal_counts(
     available = int(bins.sizes[chosen].sum())
     if available < target:
         merged = _merged(bins, lengths, capacity, remainder, num_replicas)
-        if merged is None:
-            raise ValueError(
-                f"num_replicas={num_replicas}: expected a number of batches divisible by it, got {len(bins.sizes)} "
-                f"batches; splitting batches cannot make {target} out of the {available} examples that fit the "
-                f"budget, and merging {remainder} batches away does not fit it; use drop_last=True or fewer replicas"
-            )
-        return merged, dropped
+        return None if merged is None else (merged, dropped)
     starts = np.cumsum(bins.sizes) - bins.sizes
     runs = [bins.items[starts[b] : starts[b] + bins.sizes[b]] for b in chosen]
     pool = np.concatenate(runs) if runs else np.zeros(0, np.int64)
@@ -321,6 +321,63 @@ def _equal_counts(
         runs = _split_halves(runs, lengths, extra)
         items, sizes = np.concatenate(runs), np.array([len(run) for run in runs], dtype=np.int64)
     return bins.replace(chosen, items, sizes), dropped
+
+
+def _unequal_error(num_replicas: int, n_bins: int, n_examples: int) -> ValueError:
+    return ValueError(
+        f"num_replicas={num_replicas}: expected a number of batches divisible by it, got {n_bins} batches; "
+        f"splitting batches cannot make {-(-n_bins // num_replicas) * num_replicas} out of {n_examples} examples, "
+        f"and merging {n_bins % num_replicas} batches away does not fit the budget; use drop_last=True or fewer replicas"
+    )
+
+
+def _bins_of(lengths: np.ndarray, fits: np.ndarray, oversized: np.ndarray, max_tokens: int, strategy: str,
+             window: int) -> _Bins:
+    """Pack the examples `fits` (in this order) into bins; every one of `oversized` gets its own."""
+    if len(fits) == 0:
+        bin_of = np.zeros(0, dtype=np.int64)
+    elif strategy == "greedy":
+        bin_of = greedy_bins(lengths[fits], max_tokens)
+    else:
+        bin_of = fit_bins(lengths[fits], max_tokens, window, best_fit=strategy == "bfd")
+    return _Bins(
+        np.concatenate([fits[np.argsort(bin_of, kind="stable")], oversized]),
+        np.concatenate([np.bincount(bin_of), np.ones(len(oversized), dtype=np.int64)]),
+        np.concatenate([np.ones(int(bin_of.max(initial=-1)) + 1, dtype=bool), np.zeros(len(oversized), dtype=bool)]),
+    )
+
+
+def fallback_bins(lengths: np.ndarray, max_tokens: int, window: int, num_replicas: int) -> _Bins | None:
+    """Bins that can be made a multiple of `num_replicas` by splitting, independent of any shuffle;
+    None when every epoch's own packing can (or `num_replicas == 1`).
+
+    Splitting reaches the next multiple of `num_replicas` unless a packing has more than
+    `M = n // num_replicas * num_replicas` bins. No packing here has more than
+    `oversized + ceil(2 * tokens / max_tokens) + 2 * windows + 2` (bins more than half full, plus one
+    at most half full per window and level of repacking): when that is at most `M`, no epoch needs
+    this. Otherwise the examples are best-fit packed longest first (each window gets a stratified
+    slice of the lengths), once; an epoch whose own packing cannot be equalised uses these bins.
+
+    Raises ValueError when even they have more than `M` bins: no epoch of this sampler could give
+    every rank the same number of batches (decided here, up front, not at some later epoch).
+    """
+    n = len(lengths)
+    limit = n // num_replicas * num_replicas
+    fits = np.flatnonzero(lengths <= max_tokens)
+    oversized = np.flatnonzero(lengths > max_tokens)
+    bound = len(oversized) + -(-2 * int(lengths[fits].sum()) // max_tokens) + 2 * -(-len(fits) // window) + 2
+    if num_replicas == 1 or bound <= limit:
+        return None
+    window = max(window, min(len(fits), DEFAULT_WINDOW))  # the fallback packs tighter than small windows
+    descending = fits[np.argsort(-lengths[fits], kind="stable")]
+    windows = -(-len(descending) // window)
+    stratified = np.full(windows * window, -1, dtype=np.int64)
+    stratified[: len(descending)] = descending
+    stratified = stratified.reshape(window, windows).T.reshape(-1)
+    bins = _bins_of(lengths, stratified[stratified >= 0], oversized, max_tokens, "bfd", window)
+    if len(bins.sizes) > limit:
+        raise _unequal_error(num_replicas, len(bins.sizes), n)
+    return bins
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,23 +414,21 @@ def plan_epoch(
     window: int,
     num_replicas: int,
     drop_last: bool,
+    fallback: _Bins | None = None,
 ) -> EpochPlan:
-    """Plan one epoch (see the module docstring); `rng=None` keeps the dataset order (no shuffling)."""
+    """Plan one epoch (see the module docstring); `rng=None` keeps the dataset order (no shuffling).
+
+    `fallback` (`fallback_bins`): bins to use when this epoch's own cannot be equalised over ranks.
+    """
     order = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
     over = lengths[order] > max_tokens
-    fits, oversized = order[~over], order[over]
-    if len(fits) == 0:
-        bin_of = np.zeros(0, dtype=np.int64)
-    elif strategy == "greedy":
-        bin_of = greedy_bins(lengths[fits], max_tokens)
-    else:
-        bin_of = fit_bins(lengths[fits], max_tokens, window, best_fit=strategy == "bfd")
-    bins = _Bins(
-        np.concatenate([fits[np.argsort(bin_of, kind="stable")], oversized]),
-        np.concatenate([np.bincount(bin_of), np.ones(len(oversized), dtype=np.int64)]),
-        np.concatenate([np.ones(int(bin_of.max(initial=-1)) + 1, dtype=bool), np.zeros(len(oversized), dtype=bool)]),
-    )
-    bins, dropped = _equal_counts(bins, lengths, max_tokens, num_replicas, drop_last)
+    bins = _bins_of(lengths, order[~over], order[over], max_tokens, strategy, window)
+    equal = _equal_counts(bins, lengths, max_tokens, num_replicas, drop_last)
+    if equal is None and fallback is not None:
+        equal = _equal_counts(fallback, lengths, max_tokens, num_replicas, drop_last)
+    if equal is None:
+        raise _unequal_error(num_replicas, len(bins.sizes), len(lengths))
+    bins, dropped = equal
     tokens = bins.tokens(lengths)
     if rng is not None:  # similar bins share a step; steps, and ranks within a step, in random order
         steps = np.lexsort((rng.random(len(tokens)), tokens)).reshape(-1, num_replicas)
@@ -456,8 +511,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow: expected one of {OVERFLOW_POLICIES}, got {overflow!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        _non_negative_int("seed", seed)
         self.num_replicas, self.rank = _distributed_default(num_replicas, rank)
         if len(self.lengths) < self.num_replicas:
             raise ValueError(
@@ -472,6 +526,9 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
                 f"({len(over)} examples are longer); use overflow='own_batch' to give each a batch of its own"
             )
         self.oversized_examples = len(over)
+        # feasibility over ranks is decided here, once: no epoch raises later because of its shuffle
+        self._fallback = None if drop_last else fallback_bins(self.lengths, self.max_tokens, self.window,
+                                                              self.num_replicas)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.strategy = strategy
@@ -484,9 +541,12 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def plan(self) -> EpochPlan:
         """The plan of the current epoch (computed on first use, then cached)."""
-        key = (self.seed, self.epoch)
+        return self._plan_for(self.seed, self.epoch)
+
+    def _plan_for(self, seed: int, epoch: int) -> EpochPlan:
+        key = (seed, epoch)
         if self._cache is None or self._cache[0] != key:
-            rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+            rng = np.random.default_rng([seed, epoch]) if self.shuffle else None
             plan = plan_epoch(
                 self.lengths,
                 self.max_tokens,
@@ -495,6 +555,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
                 window=self.window,
                 num_replicas=self.num_replicas,
                 drop_last=self.drop_last,
+                fallback=self._fallback,
             )
             self._cache = (key, plan)
         return self._cache[1]
@@ -505,8 +566,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Plan `epoch` next. A pending resume (`load_state_dict`) is kept only for that same epoch."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch: expected a non-negative int, got {epoch!r}")
+        _non_negative_int("epoch", epoch)
         if epoch != self.epoch:
             self._skip = 0
             self._yielded = 0
@@ -538,7 +598,9 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume: the next iteration yields this rank's batches after the first `batches_yielded`."""
+        """Resume: the next iteration yields this rank's batches after the first `batches_yielded`.
+
+        Atomic: every value is checked before any is applied; a refused state changes nothing."""
         missing = {"epoch", "seed", "batches_yielded"} - set(state)
         if missing:
             raise ValueError(f"state: expected the keys epoch, seed, batches_yielded, got {sorted(state)}")
@@ -547,11 +609,14 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
                 f"state: expected num_replicas={self.num_replicas} (the plan depends on it), "
                 f"got a state saved with {state['num_replicas']}"
             )
-        self.set_epoch(state["epoch"])
-        self.seed = int(state["seed"])
+        epoch = _non_negative_int("state['epoch']", state["epoch"])
+        seed = _non_negative_int("state['seed']", state["seed"])
         skip = state["batches_yielded"]
-        if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or not 0 <= skip <= len(self):
-            raise ValueError(f"batches_yielded: expected an int in [0, {len(self)}], got {skip!r}")
+        steps = len(self._plan_for(seed, epoch).steps)
+        if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or not 0 <= skip <= steps:
+            raise ValueError(f"batches_yielded: expected an int in [0, {steps}], got {skip!r}")
+        self.set_epoch(epoch)
+        self.seed = seed
         self._skip = self._yielded = int(skip)
 
     def step_tokens(self) -> np.ndarray:

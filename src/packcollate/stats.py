@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
+from .config_checks import config_file, load_local_config
 from .lengths import PERCENTILES, column_names, context_length, length_stats, recommend_max_seq_length, token_counts
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -37,12 +39,24 @@ def _tqdm(iterable, **kwargs):
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are a nicety
         return iterable
-    return tqdm(iterable, **kwargs)
+    return tqdm(iterable, disable=None, **kwargs)  # no bar when stderr is not a terminal
 
 
-def read_splits(paths: list[str]) -> dict[str, object]:
-    """`{split name: rows}`: rows are a list of dicts (JSONL) or a `datasets.Dataset`."""
-    splits: dict[str, object] = {}
+class Split(NamedTuple):
+    """The rows of one split (a list of dicts from JSONL, or a `datasets.Dataset`), where they come
+    from, and `where(i)`: row `i` for error messages (`file: line 7`, or `folder: row 6`)."""
+
+    rows: object
+    source: str
+    where: Callable[[int], str]
+
+
+def read_splits(paths: list[str]) -> dict[str, Split]:
+    """`{split name: Split}` of every file or folder in `paths`; see the module docstring.
+
+    Raises ValueError naming the file and line of a malformed row (invalid UTF-8 or JSON, not an
+    object), or the file that is not Parquet or not a `save_to_disk` folder."""
+    splits: dict[str, Split] = {}
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -60,33 +74,68 @@ def read_splits(paths: list[str]) -> dict[str, object]:
     return splits
 
 
-def _read_file(path: Path):
+def _rows_of(dataset, source: str) -> Split:
+    return Split(dataset, source, lambda i: f"{source}: row {i}")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _read_file(path: Path) -> Split:
     if path.suffix == ".parquet":
         try:
             import datasets
+            import pyarrow.parquet
         except ImportError as error:
             raise ImportError("reading Parquet needs the datasets extra: pip install 'packcollate[datasets]'") from error
-        return datasets.Dataset.from_parquet(str(path))
+        try:
+            pyarrow.parquet.read_schema(str(path))  # before datasets, which logs its own error for a bad file
+            return _rows_of(datasets.Dataset.from_parquet(str(path)), str(path))
+        except Exception as error:  # noqa: BLE001 - ArrowInvalid, OSError, …: one line naming the file
+            raise ValueError(f"{path}: expected a Parquet file, got {_first_line(error)}") from None
     if path.suffix not in (".jsonl", ".json"):
         raise ValueError(f"DATA: expected a file ending in {DATA_SUFFIXES}, got {str(path)!r}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(_tqdm(f, desc=f"reading {path.name}", unit=" lines", leave=False), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {number}: expected one JSON object per line, got {error}") from None
-    return rows
+    rows, lines = [], []
+    with path.open("rb") as f:
+        for number, raw in enumerate(_tqdm(f, desc=f"reading {path.name}", unit=" lines", leave=False), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}: line {number}: expected UTF-8 text, got the byte 0x{raw[error.start]:02x} "
+                                 f"at column {error.start + 1}") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number}: expected one JSON object per line, got {error}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {number}: expected one JSON object per line, got {_kind(row)}")
+            rows.append(row)
+            lines.append(number)
+    return Split(rows, str(path), lambda i: f"{path}: line {lines[i]}")
 
 
-def _load_saved(path: Path) -> dict:
+def _kind(value) -> str:
+    """`a JSON array`, `a JSON number`, … for error messages."""
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return f"a JSON {names.get(type(value), type(value).__name__)} {json.dumps(value)[:40]}"
+
+
+def _load_saved(path: Path) -> dict[str, Split]:
     try:
         import datasets
     except ImportError as error:
         raise ImportError("reading a save_to_disk folder needs the datasets extra: pip install 'packcollate[datasets]'") from error
-    loaded = datasets.load_from_disk(str(path))
-    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {path.name: loaded}
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # noqa: BLE001 - a fake or damaged folder: one line naming it
+        raise ValueError(f"{path}: expected a folder written by datasets' save_to_disk, got {_first_line(error)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        return {name: _rows_of(split, f"{path}/{name}") for name, split in loaded.items()}
+    return {path.name: _rows_of(loaded, str(path))}
 
 
 def _chat_ids(tokenizer, conversations: list) -> list[list[int]]:
@@ -94,11 +143,13 @@ def _chat_ids(tokenizer, conversations: list) -> list[list[int]]:
     return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)["input_ids"]
 
 
-def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000) -> np.ndarray:
-    """`(n,)` int64 token count of each example of a split; see the module docstring for the sources."""
+def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000, where=None) -> np.ndarray:
+    """`(n,)` int64 token count of each example of a split; see the module docstring for the sources.
+
+    `where(i)` names row `i` in errors (see `lengths.token_counts`)."""
     if len(rows) == 0:
         return np.zeros(0, dtype=np.int64)  # reported by the caller, with every empty split named
-    counts = token_counts(rows)
+    counts = token_counts(rows, where=where)
     if counts is not None:
         return counts
     columns = column_names(rows)
@@ -111,6 +162,8 @@ def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000) -> np
         raise ValueError(
             f"split {name!r}: its examples are text ({present}); pass --tokenizer PATH to count their tokens"
         )
+    if not hasattr(rows, "column_names"):
+        _check_text_rows(rows, present, where or (lambda i: f"split {name!r}: row {i}"))
     lengths = []
     n = len(rows)
     for start in _tqdm(range(0, n, chunk), desc=f"tokenizing {name}", unit=" chunks", leave=False):
@@ -135,15 +188,13 @@ def _image_counts(splits: dict, args) -> dict:
     """`{split: ((n,) total, (n,) image tokens)}` for the image splits (empty when there are none)."""
     from .vision_lengths import is_image_split, placeholder_token_ids, processed_counts, raw_counts
 
-    image_splits = {name: rows for name, rows in splits.items() if len(rows) and is_image_split(column_names(rows))}
+    image_splits = {name: split.rows for name, split in splits.items()
+                    if len(split.rows) and is_image_split(column_names(split.rows))}
     if not image_splits:
         return {}
     ids = list(args.image_token_id or [])
     if not ids and args.model:
-        from transformers import AutoConfig
-
-        ids = placeholder_token_ids(AutoConfig.from_pretrained(args.model, local_files_only=True,
-                                                               trust_remote_code=args.trust_remote_code))
+        ids = placeholder_token_ids(_model_config(args.model, args.trust_remote_code))
     counts = {}
     for name, rows in image_splits.items():
         if "input_ids" in column_names(rows):
@@ -154,42 +205,66 @@ def _image_counts(splits: dict, args) -> dict:
         else:
             if args.processor is None:
                 raise ValueError(f"split {name!r}: raw chats with images: pass --processor PATH to count their tokens")
-            counts[name] = raw_counts(rows, _load_processor(args.processor), ids)
+            counts[name] = raw_counts(rows, _load_processor(args.processor, args.trust_remote_code), ids)
     return counts
 
 
-def _load_processor(name: str):
+def _load_processor(name: str, trust_remote_code: bool = False):
+    """A local processor; its folder's code runs only with `trust_remote_code` (passed explicitly)."""
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(name, local_files_only=True)
+        return AutoProcessor.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except OSError as error:
         raise ValueError(f"--processor: expected a local folder or a name in the local Hugging Face cache, got {name!r} "
                          f"({error.__class__.__name__}); nothing is downloaded") from None
 
 
-def _load_tokenizer(name: str | None):
+def _check_text_rows(rows: list, present: list[str], where) -> None:
+    """Every row carries the text fields the tokenizer reads, as strings (or lists of chat messages)."""
+    fields = ["messages"] if "messages" in present else (
+        ["prompt", "completion"] if {"prompt", "completion"} <= set(present) else present[:1])
+    allowed = (list,) if fields == ["messages"] else (str, list)
+    for i, row in enumerate(rows):  # per row, not per token
+        for field in fields:
+            if field not in row:
+                raise ValueError(f"{where(i)}: expected key {field!r} (as in the first row), got keys {sorted(row)}")
+            if not isinstance(row[field], allowed):
+                raise ValueError(f"{where(i)}: key {field!r}: expected text, got {type(row[field]).__name__} "
+                                 f"{json.dumps(row[field])[:40]}")
+
+
+def _load_tokenizer(name: str | None, trust_remote_code: bool = False):
+    """A local tokenizer; its folder's code runs only with `trust_remote_code` (passed explicitly, so
+    transformers never asks on a terminal)."""
     if name is None:
         return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except OSError as error:
         raise ValueError(f"--tokenizer: expected a local folder or a name in the local Hugging Face cache, got {name!r} "
                          f"({error.__class__.__name__}); nothing is downloaded") from None
 
 
-def _model_context(name: str | None, trust_remote_code: bool) -> tuple[int | None, str]:
-    if name is None:
-        return None, "not given (--model)"
+def _model_config(name: str, trust_remote_code: bool):
+    """`--model`'s config: a local folder or config.json (checked as data first), or a cached model."""
+    if config_file(name) is not None:
+        return load_local_config(name, trust_remote_code=trust_remote_code)
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as error:
         raise ValueError(f"--model: expected a local folder, a config.json or a cached model, got {name!r} "
                          f"({error.__class__.__name__}: {str(error).splitlines()[0]})") from None
+
+
+def _model_context(name: str | None, trust_remote_code: bool) -> tuple[int | None, str]:
+    if name is None:
+        return None, "not given (--model)"
+    config = _model_config(name, trust_remote_code)
     limit, key = context_length(config)
     return limit, (f"{limit} ({key} of {type(config).__name__})" if limit else "unknown (no context length in config)")
 
@@ -267,7 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="batch size for the padding waste (default 8)")
     parser.add_argument("--model", default=None, help="model folder or config.json: report its context limit")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or cached name, for text data")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom config code (off by default)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the code of --model's config and --tokenizer's folder to run (off by default)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write a histogram of the lengths")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--processor", default=None, help="processor folder or cached name, for raw image chats")
@@ -275,20 +351,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image placeholder token id of processed image data (repeatable; default: --model's)")
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    for flag, value in (("--batch-size", args.batch_size), ("--max-seq-length", args.max_seq_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected a positive int, got {value}")
+
+
 def main(args: argparse.Namespace) -> int:
+    _check_options(args)
     splits = read_splits(args.data)
     if args.split:
         missing = sorted(set(args.split) - set(splits))
         if missing:
-            raise SystemExit(f"--split: expected names among {sorted(splits)}, got {missing}")
+            raise ValueError(f"--split: expected names among {sorted(splits)}, got {missing}")
         splits = {name: splits[name] for name in args.split}
-    tokenizer = _load_tokenizer(args.tokenizer)
+    tokenizer = _load_tokenizer(args.tokenizer, args.trust_remote_code)
     image_counts = _image_counts(splits, args)
-    lengths = {name: image_counts[name][0] if name in image_counts else split_lengths(rows, tokenizer, name)
-               for name, rows in splits.items()}
+    lengths = {name: image_counts[name][0] if name in image_counts
+               else split_lengths(split.rows, tokenizer, name, where=split.where)
+               for name, split in splits.items()}
     empty = [name for name, values in lengths.items() if values.size == 0]
     if empty:
-        raise SystemExit(f"DATA: expected examples in every split, got none in {empty}")
+        raise ValueError(f"DATA: expected examples in every split, got none in {empty} "
+                         f"({', '.join(splits[name].source for name in empty)})")
     context_limit, context_text = _model_context(args.model, args.trust_remote_code)
     result = report(lengths, args.batch_size, args.max_seq_length, context_limit)
     if image_counts:

@@ -179,7 +179,7 @@ def load_data(
         raise ValueError(f"--dataset {dataset}: a file of text needs --tokenizer DIR (a local tokenizer directory)")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True, trust_remote_code=False)
     rows = _load_rows(path)
     if n_examples > len(rows):
         raise ValueError(f"--dataset {dataset}: expected at least {n_examples} rows (steps x batch size), "

@@ -14,6 +14,7 @@ import torch
 
 from ..attention import BACKEND_NAME
 from ..collate import PackedCollator, PaddedCollator
+from ..config_checks import load_local_config
 from ..sampler import TokenBudgetBatchSampler
 from .config import MODES, PRESETS
 from .data import Data
@@ -173,10 +174,31 @@ def build_modes(
 # ---------------------------------------------------------------------------------------------
 
 
+def preset_config(preset: str):
+    """The config of a local model directory given as `--preset` (checked, no remote code)."""
+    if not Path(preset).is_dir():
+        raise ValueError(f"--preset: expected one of {tuple(PRESETS)} or a local model directory, got {preset!r}")
+    return load_local_config(preset, trust_remote_code=False)
+
+
+def _load_weights(preset: str, dtype: torch.dtype):
+    """`from_pretrained` of a local directory, no remote code; a refused or broken weights file in one line
+    (transformers loads `.bin` files with `torch.load(weights_only=True)`, which refuses pickled code)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(preset, local_files_only=True, dtype=dtype, attn_implementation="sdpa",
+                                                    trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - UnpicklingError, OSError, RuntimeError, …: one line, no traceback
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"--load-weights: refused to load the weights in {preset} "
+                         f"({type(error).__name__}: {message[:300]})") from None
+
+
 def build_model(preset: str, vocab_size: int, dtype: torch.dtype, device: torch.device, *,
                 load_weights: bool = False, seed: int = 0):
     """A causal LM from a preset name or a local model directory (config only unless `load_weights`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     if preset in PRESETS:
@@ -186,18 +208,16 @@ def build_model(preset: str, vocab_size: int, dtype: torch.dtype, device: torch.
         params["vocab_size"] = max(params["vocab_size"], vocab_size)
         config = LlamaConfig(**params, use_cache=False)
     elif Path(preset).is_dir():
+        config = preset_config(preset)
         if load_weights:
-            model = AutoModelForCausalLM.from_pretrained(preset, local_files_only=True, dtype=dtype,
-                                                         attn_implementation="sdpa")
-            return model.to(device)
-        config = AutoConfig.from_pretrained(preset, local_files_only=True)
+            return _load_weights(preset, dtype).to(device)
         if getattr(config, "vocab_size", vocab_size) < vocab_size:
             raise ValueError(f"--preset {preset}: its vocabulary ({config.vocab_size}) is smaller than the "
                              f"data's tokenizer ({vocab_size})")
     else:
         raise ValueError(f"--preset: expected one of {tuple(PRESETS)} or a local model directory, got {preset!r}")
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype, trust_remote_code=False)
     return model
 
 

@@ -24,7 +24,7 @@ from .measure import (
     _time_interleaved,
     fork_memory_available,
 )
-from .modes import _parameters, build_model, build_modes, fixed_batches
+from .modes import _parameters, build_model, build_modes, fixed_batches, preset_config
 from .report import _first_step_check, _label, _summarise, _targets, device_name, format_table, library_versions, plot_result
 
 
@@ -149,9 +149,7 @@ def run_benchmark(
     started = time.perf_counter()
     vocab_hint = PRESETS[preset]["vocab_size"] if preset in PRESETS else None
     if vocab_hint is None:
-        from transformers import AutoConfig
-
-        vocab_hint = AutoConfig.from_pretrained(preset, local_files_only=True).vocab_size
+        vocab_hint = preset_config(preset).vocab_size
     data = load_data(dataset, steps * batch_size, vocab_size=vocab_hint, seed=seed, tokenizer=tokenizer,
                      text_field=text_field, max_length=max_length)
     lengths = data.lengths

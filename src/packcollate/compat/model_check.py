@@ -16,6 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .. import attention
 from ..collate import PackedCollator
+from ..config_checks import load_local_config
 from .equivalence import (
     BackendRefused,
     Equivalence,
@@ -44,6 +45,7 @@ from .report import (
 from .static_checks import (
     _forward_parameters,
     _position_start,
+    check_attention_direction,
     check_context_length,
     check_layout_route,
     check_position_ids,
@@ -76,7 +78,9 @@ def _load_config(target, trust_remote_code: bool) -> PretrainedConfig:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"target: expected a directory with a config.json, got {str(path)!r} without one")
-        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return load_local_config(path, trust_remote_code=trust_remote_code)
+    if path.is_file() and path.suffix == ".json":
+        return load_local_config(path, trust_remote_code=trust_remote_code)
     if str(target) in CONFIG_MAPPING:
         return _default_config(str(target))
     try:
@@ -347,7 +351,7 @@ def _check_resolved(resolved: _Target, backends: list[str], device, max_seq_leng
         model, report.error = None, f"could not build a tiny copy: {_one_line(error)}"
     recurrent = check_recurrent_layers(config, model)
     report.findings += [
-        check_position_offset(config, model), check_rope_sections(config), recurrent,
+        check_position_offset(config, model), check_attention_direction(model), check_rope_sections(config), recurrent,
         check_context_length(config, max_seq_length), check_use_cache(config),
     ]
     collator = _proof_collator(model_class, _position_start(config, model), recurrent)

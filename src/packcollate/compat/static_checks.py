@@ -160,6 +160,28 @@ def check_position_offset(config: PretrainedConfig, model: torch.nn.Module | Non
     )
 
 
+def check_attention_direction(model: torch.nn.Module | None) -> Finding:
+    """Say when the tiny copy's attention is bidirectional (`is_causal=False` on its attention layers,
+    e.g. BERT with `is_decoder=False`): packed is still exact, but each token sees its whole example,
+    later tokens included, which next-token training would read as the answer."""
+    if model is None:
+        return Finding("causality", OK, "unknown (no tiny copy)")
+    bidirectional = sorted({type(m).__name__ for m in model.modules() if getattr(m, "is_causal", None) is False})
+    if not bidirectional:
+        return Finding("causality", OK, "causal: each token attends to the earlier tokens of its example")
+    is_decoder = getattr(model.config, "is_decoder", None)
+    reason = f" (config.is_decoder={is_decoder})" if is_decoder is False else ""
+    return Finding(
+        "causality", WARNING,
+        f"bidirectional: {', '.join(bidirectional)} has is_causal=False{reason}; packing keeps examples apart "
+        f"(the proof below is exact), but every token attends to its whole example, later tokens included: "
+        f"fine for a masked LM, wrong for next-token training",
+        "set config.is_decoder=True to train it as a causal LM" if is_decoder is False else
+        "train it with a masked-LM objective, not next-token prediction",
+        "bidirectional",
+    )
+
+
 # model types with state carried along the sequence (SSM, short convolution, linear attention, RNN)
 RECURRENT_MODEL_TYPES = frozenset({
     "mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "falcon_h1", "granitemoehybrid", "nemotron_h", "zamba",

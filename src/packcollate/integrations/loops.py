@@ -16,6 +16,7 @@ its token losses and divide by that count, and undo DDP's averaging of gradients
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -44,7 +45,7 @@ def count_label_tokens(batches: Iterable[dict], *, across_ranks: bool = True) ->
 def micro_batches(loader: Iterable[dict], accumulation_steps: int) -> Iterator[list[dict]]:
     """Group `loader`'s batches into lists of `accumulation_steps` (one list per optimizer step;
     the last list may be shorter)."""
-    if accumulation_steps < 1:
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral) or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps: expected a positive int, got {accumulation_steps!r}")
     step: list[dict] = []
     for batch in loader:

@@ -1,0 +1,86 @@
+"""Load a model config from a local folder for the command line, refusing a malformed one in one line.
+
+`packcollate check DIR`, `bench --preset DIR` and `stats --model DIR` read a user's `config.json`.
+transformers reports a broken file, a zero head count or a string size as a traceback from deep
+inside a model constructor (`ZeroDivisionError`, a dataclass validation error); `load_local_config`
+reads the JSON first and raises a ValueError naming the file, the line and the key. Remote code
+never runs unless `trust_remote_code=True` is passed: the flag always goes to transformers
+explicitly, so no `[y/N]` prompt can appear on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: Sizes a model is built from: when present (and not null) each must be a positive int.
+SIZE_KEYS = (
+    "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+    "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_layer", "d_model", "num_heads", "num_layers",
+)
+#: Sub-configs of composite configs, checked the same way.
+SUB_CONFIG_KEYS = ("text_config", "decoder", "language_config", "llm_config")
+
+
+def config_file(path) -> Path | None:
+    """The `config.json` of a folder (or the file itself), or None when `path` is neither."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "config.json" if (path / "config.json").is_file() else None
+    return path if path.is_file() and path.suffix == ".json" else None
+
+
+def _line_of(text: str, key: str) -> int:
+    """The line of `"key"` in the JSON text (1 when not found)."""
+    at = text.find(f'"{key}"')
+    return text.count("\n", 0, at) + 1 if at >= 0 else 1
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_config_json(file: Path) -> dict:
+    """Parse `file` and check its `SIZE_KEYS`; return the dict. Raises ValueError naming file, line and key."""
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{file}: expected UTF-8 JSON, got an invalid byte at offset {error.start}") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: line {error.lineno}: expected a JSON object, got invalid JSON ({error.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: line 1: expected a JSON object, got a {type(values).__name__}")
+    sections = [("", values)] + [(f"{k}.", values[k]) for k in SUB_CONFIG_KEYS if isinstance(values.get(k), dict)]
+    for prefix, section in sections:
+        for key in SIZE_KEYS:
+            value = section.get(key)
+            if value is None:
+                continue
+            if isinstance(value, list) and value and all(_is_positive_int(v) for v in value):
+                continue  # per-layer sizes
+            if not _is_positive_int(value):
+                raise ValueError(
+                    f"{file}: line {_line_of(text, key)}: key {prefix + key!r}: expected a positive int, got {value!r}"
+                )
+    return values
+
+
+def load_local_config(path, *, trust_remote_code: bool = False):
+    """A transformers config from a local folder or `config.json` (no network), checked first.
+
+    Raises ValueError naming the file (and line and key) for a malformed config, and for one that
+    transformers refuses.
+    """
+    from transformers import AutoConfig
+
+    file = config_file(path)
+    if file is None:
+        raise ValueError(f"{path}: expected a folder with a config.json, or a config.json file")
+    check_config_json(file)
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=bool(trust_remote_code))
+    except Exception as error:  # noqa: BLE001 - transformers raises many kinds for a bad file: one line
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"{file}: expected a config transformers can load, got {type(error).__name__}: {message}") from None
