@@ -1,0 +1,380 @@
+"""Recurrent, convolutional and linear-attention layers restart at every packed example.
+
+SSM mixers (Mamba, Mamba-2), short convolutions (LFM2), gated delta nets (Qwen3.5, Qwen3-Next),
+lightning attention (MiniMax), RG-LRU blocks (RecurrentGemma), RWKV and xLSTM layers carry state
+from token to token: run over a packed row `(1, N, D)` they carry it from one example into the next.
+With `attn_implementation="packcollate"` every such layer ("token mixer") sees its examples apart:
+
+- with the fast kernels (CUDA and the kernel packages its modeling file names, `mamba_ssm`,
+  `causal_conv1d`, `fla`), the layer runs packed, with the `seq_idx` / `cu_seq_lens_q` its own
+  kernels read (filled in from the layout when the collator did not emit them);
+- otherwise its examples are gathered into right-padded batches `(G, L, D)` of similar-length
+  examples (the exact attention path's length buckets: causal layers are exact under right
+  padding), the layer's own PyTorch forward runs on each batch with no cache and no `seq_idx`, and
+  the outputs are put back in token order `(1, N, D)`. One call per bucket, never per example.
+
+The packed layout is the attention backend's (`cu_seq_lens_q`, else `position_ids`, else `seq_idx`),
+read once per forward by a hook on the model, and kept after it for gradient checkpointing's
+recomputation. Token mixers are found at run time by class name, or because they own a depthwise
+convolution over the tokens. `restart_token_mixers(model)` installs the hooks; `register()` makes
+every transformers model built after `import packcollate` install them itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+
+from . import attention
+
+# class names of layers that carry state along the sequence (Mamba mixers, short convolutions, gated
+# delta nets, lightning/linear attention, RG-LRU, RWKV time and channel mixing, xLSTM)
+TOKEN_MIXER_CLASS = re.compile(
+    r"Mixer$|MambaLayer$|ShortConv|DeltaNet$|DeltaAttention$|LightningAttention$|Rglru$|RecurrentBlock$|"
+    r"^Rwkv(SelfAttention|FeedForward)$|^xLSTMLayer$|ShortConvolution$|CCAProjection$"
+)
+
+# keyword arguments of the packed layout: dropped when the layer runs on padded batches
+_LAYOUT_KWARGS = frozenset({"seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "cu_seqlens"})
+# arguments that carry a cache, a recurrent state or a padding mask of the packed row: None on padded
+# batches (the batches hold no padding a layer must skip: right padding comes after every real token)
+_ROW_STATE_ARGS = frozenset({
+    "cache", "cache_params", "past_key_values", "past_key_value", "layer_past", "state", "cache_position",
+    "attention_mask", "conv_mask", "mask",
+})
+
+
+def is_token_mixer(module: torch.nn.Module) -> bool:
+    """A layer that carries state along the sequence: by its class name, or because it owns a
+    depthwise convolution over the tokens (Mamba's conv1d, short convolutions)."""
+    if TOKEN_MIXER_CLASS.search(type(module).__name__):
+        return True
+    return any(
+        isinstance(child, torch.nn.Conv1d) and 1 < child.groups == child.in_channels and child.kernel_size[0] > 1
+        for child in module.children()
+    )
+
+
+def token_mixers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost token mixers of `model` (a mixer inside a mixer runs inside its parent's split)."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if module is model or any(name.startswith(parent + ".") for parent, _ in found):
+            continue
+        if is_token_mixer(module):
+            found.append((name, module))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout of the current forward
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Packing:
+    """What the model-level hook saw: whether the packcollate backend is selected, the `(B, S)` of
+    the tokens and their layout (None: one sequence per row)."""
+
+    active: bool = False
+    shape: tuple[int, int] | None = None
+    layout: attention.SequenceLayout | None = None
+    depth: int = 0
+
+
+# one global, not thread-local: autograd may recompute checkpointed layers on another thread
+_PACKING = _Packing()
+
+
+def layout_from_inputs(batch: int, seq: int, kwargs: dict) -> attention.SequenceLayout | None:
+    """The packed layout of a model call on `(B, S)` tokens from its keyword arguments:
+    `cu_seq_lens_q` `(k+1,)`, else `position_ids` `(B|1, S)`, else `seq_idx` `(B, S)`; None when
+    none is given, or each row is one sequence."""
+    cu = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    seq_idx = kwargs.get("seq_idx")
+    if isinstance(cu, torch.Tensor):
+        layout = attention._layout_from_cu(cu, kwargs.get("max_length_q"), batch, seq)
+    elif isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq:
+        layout = attention._layout_from_positions(position_ids, batch, seq)
+    elif isinstance(seq_idx, torch.Tensor) and tuple(seq_idx.shape) == (batch, seq):
+        starts = torch.ones(batch, seq, dtype=torch.bool, device=seq_idx.device)
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        layout = attention._layout_from_starts(starts, None)
+    else:
+        return None
+    return None if layout.full_rows else layout
+
+
+def _tokens_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None and args and isinstance(args[0], torch.Tensor):
+        tokens = args[0]
+    return tuple(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
+
+
+def _before_model(model, args, kwargs):
+    """Model-level pre-hook: the outermost call sets the layout; an inner model (the decoder of a
+    causal LM) refines it only when its call carries the layout."""
+    _PACKING.depth += 1
+    outermost = _PACKING.depth == 1
+    shape = _tokens_shape(args, kwargs)
+    active = getattr(getattr(model, "config", None), "_attn_implementation", None) == attention.BACKEND_NAME
+    layout = layout_from_inputs(*shape, kwargs) if shape is not None and active and not _padded(kwargs) else None
+    if outermost or layout is not None:
+        _PACKING.active, _PACKING.shape, _PACKING.layout = active, shape, layout
+
+
+def _padded(kwargs: dict) -> bool:
+    """A padded batch (a 2-D `attention_mask` with zeros) without `cu_seq_lens_q`: its rows are its
+    sequences (left-padded generation computes restarting `position_ids` too); transformers' own
+    padding masks handle it."""
+    mask = kwargs.get("attention_mask")
+    return (kwargs.get("cu_seq_lens_q") is None and isinstance(mask, torch.Tensor) and mask.dim() == 2
+            and not bool(mask.all()))
+
+
+def _after_model(model, args, kwargs, output):
+    _PACKING.depth -= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a token mixer on its examples
+# ---------------------------------------------------------------------------------------------
+
+
+# devices whose kernels may keep packed examples apart (the kernel packages are CUDA builds)
+KERNEL_DEVICES = ("cuda",)
+# the parameters by which a kernel keeps packed examples apart
+_PACKING_PARAMETERS = ("seq_idx", "cu_seqlens")
+
+
+@dataclass(frozen=True)
+class KernelFunction:
+    """A kernel function of a modeling file (transformers' `use_kernel_func_from_hub_with_fallback`):
+    its name, whether the kernel package is installed (else the PyTorch fallback runs), and the
+    parameters the function it calls takes."""
+
+    name: str
+    installed: bool
+    parameters: tuple[str, ...]
+
+    @property
+    def keeps_examples_apart(self) -> bool:
+        return self.installed and any(p in self.parameters for p in _PACKING_PARAMETERS)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_functions(cls: type) -> tuple[KernelFunction, ...]:
+    """The kernel functions `cls`'s forward calls: functions of its modeling file that transformers
+    wrapped with a kernel fallback, named in the class's source; read from the wrappers at run time."""
+    try:
+        source = inspect.getsource(cls)
+        namespace = vars(sys.modules[cls.__module__])
+    except (KeyError, OSError, TypeError):
+        return ()
+    found = []
+    for name, value in namespace.items():
+        if not (inspect.isfunction(value) and re.search(rf"\b{re.escape(name)}\(", source)):
+            continue
+        closure = inspect.getclosurevars(value).nonlocals
+        if "is_new_implementation" in closure and "applicable_params" in closure:
+            found.append(KernelFunction(name, bool(closure["is_new_implementation"]), tuple(closure["applicable_params"])))
+    return tuple(found)
+
+
+def uses_kernels(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether `module` runs packed on `device` with its own kernels: a kernel device, and every
+    kernel function its forward calls over whole sequences (not the one-step `*_update` of decoding)
+    is the installed kernel and takes `seq_idx` or `cu_seqlens` (Mamba-1's selective scan takes
+    neither: it always runs its examples apart)."""
+    if device.type not in KERNEL_DEVICES:
+        return False
+    over_sequences = [f for f in kernel_functions(type(module)) if not f.name.endswith("update")]
+    return bool(over_sequences) and all(f.keeps_examples_apart for f in over_sequences)
+
+
+def _accepts(forward, name: str) -> bool:
+    parameters = inspect.signature(forward).parameters
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _layout_kwargs(forward, layout: attention.SequenceLayout, shape, kwargs: dict) -> dict:
+    """`kwargs` with `seq_idx` `(B, S)` int32 and `cu_seq_lens_q/_k` `(k+1,)` from `layout` where the
+    caller passed none and `forward` takes them (transformers hands each kernel the ones it takes)."""
+    kwargs = dict(kwargs)
+    if kwargs.get("seq_idx") is None and _accepts(forward, "seq_idx"):
+        lengths = torch.diff(layout.cu_seq_lens.long())
+        ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        if layout.token_index is not None:  # padding rows: each padding run is a sequence of its own
+            ids = ids.new_full((shape[0] * shape[1],), -1).index_copy(0, layout.token_index, ids)
+            ids = torch.where(ids < 0, torch.cumsum(ids < 0, 0) + len(lengths), ids)
+        kwargs["seq_idx"] = ids.to(torch.int32).view(*shape)
+    if kwargs.get("cu_seq_lens_q") is None and layout.token_index is None and _accepts(forward, "cu_seq_lens_q"):
+        kwargs.update(cu_seq_lens_q=layout.cu_seq_lens, cu_seq_lens_k=layout.cu_seq_lens,
+                      max_length_q=layout.max_length, max_length_k=layout.max_length)
+    return kwargs
+
+
+def _bound_arguments(forward, args: tuple, kwargs: dict) -> dict:
+    """Every argument by name (`**kwargs` flattened in)."""
+    signature = inspect.signature(forward)
+    bound = signature.bind(*args, **kwargs)
+    named = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{forward}: token mixers with *args are not supported")
+        else:
+            named[name] = value
+    return named
+
+
+def _split_value(value, shape: tuple[int, int], take):
+    """A per-token tensor `(B, S, ...)` (or a tuple of them) gathered by `take`; anything else as is."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == shape:
+        return take(value.reshape(shape[0] * shape[1], *value.shape[2:]))
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_split_value(v, shape, take) for v in value)
+    return value
+
+
+def _bucket_arguments(named: dict, shape, gather: torch.Tensor, count: int, width: int) -> dict:
+    def take(flat: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(0, gather).view(count, width, *flat.shape[1:])
+
+    out = {}
+    for name, value in named.items():
+        if name in _LAYOUT_KWARGS:
+            continue
+        if name in _ROW_STATE_ARGS:
+            out[name] = None
+        elif name == "use_cache":
+            out[name] = False
+        else:
+            out[name] = _split_value(value, shape, take)
+    return out
+
+
+def _merge_outputs(outputs: list, counts: list[tuple[int, int]], back: torch.Tensor, token_index, shape):
+    """The buckets' outputs back in token order: per-token tensors `(G, L, ...)` -> `(B, S, ...)`;
+    a bucket's recurrent state has no place in the packed row and becomes None."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        if not all(o.dim() >= 2 and tuple(o.shape[:2]) == c for o, c in zip(outputs, counts)):
+            return None
+        flat = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outputs]).index_select(0, back)
+        if token_index is not None:
+            flat = flat.new_zeros(shape[0] * shape[1], *flat.shape[1:]).index_copy(0, token_index, flat)
+        return flat.view(*shape, *flat.shape[1:])
+    if isinstance(first, (tuple, list)):
+        merged = [_merge_outputs([o[i] for o in outputs], counts, back, token_index, shape) for i in range(len(first))]
+        return type(first)(merged) if type(first) in (tuple, list) else type(first)(*merged)
+    return first if first is None or not isinstance(first, torch.Tensor) else None
+
+
+def run_per_example(forward, args: tuple, kwargs: dict,
+                    layout: attention.SequenceLayout, shape: tuple[int, int]):
+    """`forward` on the examples of a packed call, one call per length bucket.
+
+    Per-token arguments `(B, S, ...)` become `(G, L, ...)` right-padded buckets (`layout`'s exact
+    attention buckets), the packed layout's kwargs are dropped, caches, states and padding masks are
+    None; per-token outputs come back `(B, S, ...)` in token order.
+    """
+    named = _bound_arguments(forward, args, kwargs)
+    buckets, back = attention._scatter_plan(layout, layout.cu_seq_lens.device)
+    if layout.token_index is not None:  # padded rows: only the real tokens are gathered
+        index = layout.token_index
+        buckets = [(index.index_select(0, gather), lengths, count, width) for gather, lengths, count, width in buckets]
+    outputs, counts = [], []
+    for gather, _, count, width in buckets:
+        outputs.append(forward(**_bucket_arguments(named, shape, gather, count, width)))
+        counts.append((count, width))
+    return _merge_outputs(outputs, counts, back, layout.token_index, shape)
+
+
+def _hidden_states(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The first argument: the layer's `(B, S, D)` input."""
+    if args:
+        return args[0]
+    first = next(iter(inspect.signature(forward).parameters), None)
+    return kwargs.get(first)
+
+
+def _restarting_forward(self, *args, **kwargs):
+    """A token mixer's forward that keeps packed examples apart (see the module docstring)."""
+    forward = self.__dict__.get("_packcollate_inner_forward") or functools.partial(type(self).forward, self)
+    layout, shape = _PACKING.layout, _PACKING.shape
+    if not _PACKING.active or layout is None or self.__dict__.get("_packcollate_running"):
+        return forward(*args, **kwargs)
+    hidden = _hidden_states(forward, args, kwargs)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or tuple(hidden.shape[:2]) != shape:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(
+            f"{type(self).__name__}: expected hidden states of the packed batch's {shape} tokens (B, S, ...), got "
+            f"{got}; packcollate restarts recurrent layers only on the tokens the model was called with"
+        )
+    if uses_kernels(self, hidden.device):
+        return forward(*args, **_layout_kwargs(forward, layout, shape, kwargs))
+    self.__dict__["_packcollate_running"] = True
+    try:
+        return run_per_example(forward, args, kwargs, layout, shape)
+    finally:
+        self.__dict__["_packcollate_running"] = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Installing the hooks
+# ---------------------------------------------------------------------------------------------
+
+
+def restart_token_mixers(model: torch.nn.Module) -> list[str]:
+    """Make `model`'s token mixers restart at every packed example when it runs with
+    `attn_implementation="packcollate"`; returns their names. Idempotent; done for every model
+    built after `import packcollate` (no need to call it then).
+
+    The model and every transformers model inside it get a hook that reads the packed layout of each
+    call; each outermost token mixer gets a forward that runs its examples apart.
+    """
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and not module.__dict__.get("_packcollate_layout_hook"):
+            module.register_forward_pre_hook(_before_model, with_kwargs=True)
+            module.register_forward_hook(_after_model, with_kwargs=True, always_call=True)
+            module.__dict__["_packcollate_layout_hook"] = True
+    names = []
+    for name, mixer in token_mixers(model):
+        if "_packcollate_inner_forward" not in mixer.__dict__:
+            mixer.__dict__["_packcollate_inner_forward"] = mixer.__dict__.get("forward")  # accelerate's, or None
+            mixer.forward = types.MethodType(_restarting_forward, mixer)
+        names.append(name)
+    return names
+
+
+def _post_init_installing(post_init):
+    @functools.wraps(post_init)
+    def wrapped(self, *args, **kwargs):
+        result = post_init(self, *args, **kwargs)
+        restart_token_mixers(self)
+        return result
+
+    wrapped._packcollate = True
+    return wrapped
+
+
+def register() -> None:
+    """Every transformers model installs `restart_token_mixers` when built (`post_init`)."""
+    from transformers import PreTrainedModel
+
+    if not getattr(PreTrainedModel.post_init, "_packcollate", False):
+        PreTrainedModel.post_init = _post_init_installing(PreTrainedModel.post_init)
