@@ -65,6 +65,20 @@ def test_packed_equals_one_at_a_time(model_type, return_seq_idx):
     assert_exact(compare_packed_unpacked(model, proof_features(), collator=collator))
 
 
+# older families whose attention is written inside the model (no AttentionInterface)
+INTERNAL_ATTENTION_FAMILIES = ("bloom", "mpt", "xglm", "openai-gpt", "gpt_neox_japanese", "gpt_neo")
+
+
+@pytest.mark.parametrize("model_type", INTERNAL_ATTENTION_FAMILIES)
+def test_internal_attention_runs_per_example(model_type):
+    """Their attention layers (found from their source at run time) run their examples apart, with
+    their own causal mask (and BLOOM's ALiBi) cut to each bucket."""
+    model = build(model_type)
+    assert recurrent.internal_attention_layers(model) and not recurrent.token_mixers(model)
+    for collator in (PackedCollator(), PackedCollator(return_flash_attn_kwargs=False)):  # cu_seq_lens or positions
+        assert_exact(compare_packed_unpacked(model, proof_features(lengths=LONG_LENGTHS), collator=collator))
+
+
 @pytest.mark.parametrize("model_type", ["mamba2", "qwen3_5_text", "lfm2", "nemotron_h"])
 def test_several_buckets_padding_segment_and_default_cache(model_type):
     """Lengths that make several buckets, a pad segment (pad_to_multiple_of), and `use_cache` left at
@@ -105,18 +119,22 @@ def test_gradient_checkpointing_and_deepcopy(model_type):
     assert_exact(compare_packed_unpacked(twin, proof_features()))
 
 
-def test_padded_batches_are_left_to_transformers():
-    """A padded batch (attention_mask with zeros) runs as transformers runs it: its rows are its sequences."""
-    model = build("mamba2")
-    reference = build("mamba2", attn_implementation="eager")
+@pytest.mark.parametrize("model_type", ["mamba2", "bloom"])
+def test_padded_batches_run_as_eager_runs_them(model_type):
+    """A padded batch (attention_mask with zeros) runs as transformers' eager runs it: its rows are its
+    sequences (BLOOM's own attention gets eager's causal, padded mask)."""
+    model = build(model_type)
+    reference = build(model_type, attn_implementation="eager")
     batch = packcollate.PaddedCollator()(proof_features())
+    real = batch["attention_mask"].bool()
     with torch.no_grad():
-        got, expected = model(**batch).logits, reference(**batch).logits
-    assert torch.equal(got, expected)
+        got, expected = model(**batch).logits[real], reference(**batch).logits[real]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_token_mixers_found_at_run_time():
-    assert recurrent.token_mixers(build("llama")) == []
+    llama = build("llama")
+    assert recurrent.token_mixers(llama) == [] and recurrent.internal_attention_layers(llama) == []
     names = [type(m).__name__ for _, m in recurrent.token_mixers(build("recurrent_gemma"))]
     assert names and "RecurrentGemmaRglru" not in names  # the RG-LRU runs inside its block's split
 

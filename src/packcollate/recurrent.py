@@ -65,11 +65,39 @@ def is_token_mixer(module: torch.nn.Module) -> bool:
 
 def token_mixers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The outermost token mixers of `model` (a mixer inside a mixer runs inside its parent's split)."""
+    return _outermost(model, is_token_mixer)
+
+
+# class names of attention layers
+_ATTENTION_CLASS = re.compile(r"(Attention|Attn)$")
+# what a layer's source names when its attention goes through transformers' AttentionInterface
+_INTERFACE_NAMES = ("ALL_ATTENTION_FUNCTIONS", "AttentionInterface", "attention_interface", "packcollate_attention")
+
+
+@functools.lru_cache(maxsize=None)
+def _writes_attention_inside(cls: type) -> bool:
+    if not _ATTENTION_CLASS.search(cls.__name__) or cls.__module__.startswith("packcollate"):
+        return False
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
+    return not any(name in source for name in _INTERFACE_NAMES)
+
+
+def internal_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost attention layers of `model` that compute attention themselves, not through
+    transformers' `AttentionInterface` (BLOOM, MPT, XGLM, GPT-2-era models): read from their source
+    at run time. Like token mixers, they run their examples apart under the packcollate backend."""
+    return _outermost(model, lambda module: _writes_attention_inside(type(module)) and not is_token_mixer(module))
+
+
+def _outermost(model: torch.nn.Module, predicate) -> list[tuple[str, torch.nn.Module]]:
     found: list[tuple[str, torch.nn.Module]] = []
     for name, module in model.named_modules():
         if module is model or any(name.startswith(parent + ".") for parent, _ in found):
             continue
-        if is_token_mixer(module):
+        if predicate(module):
             found.append((name, module))
     return found
 
@@ -88,6 +116,7 @@ class _Packing:
     shape: tuple[int, int] | None = None
     layout: attention.SequenceLayout | None = None
     depth: int = 0
+    internal_attention: bool = False
 
 
 # one global, not thread-local: autograd may recompute checkpointed layers on another thread
@@ -133,6 +162,18 @@ def _before_model(model, args, kwargs):
     layout = layout_from_inputs(*shape, kwargs) if shape is not None and active and not _padded(kwargs) else None
     if outermost or layout is not None:
         _PACKING.active, _PACKING.shape, _PACKING.layout = active, shape, layout
+        _PACKING.internal_attention = bool(model.__dict__.get("_packcollate_internal_attention"))
+
+
+def _internal_attention_mask_width() -> int | None:
+    """For `attention.packcollate_mask`, while a model with internal attention layers runs (they add a
+    mask themselves and know no sequence map): the longest example of a packed forward (a plain
+    causal mask that wide, cut per bucket), 0 for any other forward (the mask eager would build), or
+    None for other models."""
+    packing = _PACKING
+    if not (packing.internal_attention and packing.depth > 0):
+        return None
+    return packing.layout.max_length if packing.active and packing.layout is not None else 0
 
 
 def _padded(kwargs: dict) -> bool:
@@ -250,7 +291,27 @@ def _split_value(value, shape: tuple[int, int], take):
     return value
 
 
-def _bucket_arguments(named: dict, shape, gather: torch.Tensor, count: int, width: int) -> dict:
+_MASK_ARGS = frozenset({"attention_mask", "mask", "attn_mask", "causal_mask"})
+
+
+def _is_square_mask(value, width: int) -> bool:
+    return (isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[0] == 1
+            and value.shape[-1] == value.shape[-2] >= width)
+
+
+def _causal_mask_for_bucket(mask: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    """A plain causal mask `(1, [H|1,] W, W)` (`W` >= the bucket's width), in whatever convention the
+    model made it, cut to the bucket: `(G, [H|1,] L, L)`."""
+    return mask[..., :width, :width].expand(count, *mask.shape[1:-2], width, width)
+
+
+def _alibi_for_bucket(alibi: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    """ALiBi biases `(B*H, 1, S)` of a packed row (BLOOM) for a bucket: `(G*H, 1, L)`. They grow
+    linearly with the key position, so any offset gives each query row the same softmax."""
+    return alibi[..., :width].repeat(count, 1, 1)
+
+
+def _bucket_arguments(named: dict, shape, gather: torch.Tensor, count: int, width: int, attention_layer: bool) -> dict:
     def take(flat: torch.Tensor) -> torch.Tensor:
         return flat.index_select(0, gather).view(count, width, *flat.shape[1:])
 
@@ -258,7 +319,11 @@ def _bucket_arguments(named: dict, shape, gather: torch.Tensor, count: int, widt
     for name, value in named.items():
         if name in _LAYOUT_KWARGS:
             continue
-        if name in _ROW_STATE_ARGS:
+        if attention_layer and name in _MASK_ARGS and _is_square_mask(value, width):
+            out[name] = _causal_mask_for_bucket(value, count, width)
+        elif attention_layer and name == "alibi" and isinstance(value, torch.Tensor) and value.dim() == 3:
+            out[name] = _alibi_for_bucket(value, count, width)
+        elif name in _ROW_STATE_ARGS:
             out[name] = None
         elif name == "use_cache":
             out[name] = False
@@ -271,49 +336,56 @@ def _merge_outputs(outputs: list, counts: list[tuple[int, int]], back: torch.Ten
     """The buckets' outputs back in token order: per-token tensors `(G, L, ...)` -> `(B, S, ...)`;
     a bucket's recurrent state has no place in the packed row and becomes None."""
     first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        if not all(o.dim() >= 2 and tuple(o.shape[:2]) == c for o, c in zip(outputs, counts)):
-            return None
+    if isinstance(first, (tuple, list)):
+        merged = [_merge_outputs([o[i] for o in outputs], counts, back, token_index, shape) for i in range(len(first))]
+        return type(first)(merged) if type(first) in (tuple, list) else type(first)(*merged)
+    if not isinstance(first, torch.Tensor):
+        return first  # None or a flag
+    if all(o.dim() >= 2 and tuple(o.shape[:2]) == c for o, c in zip(outputs, counts)):
         flat = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outputs]).index_select(0, back)
         if token_index is not None:
             flat = flat.new_zeros(shape[0] * shape[1], *flat.shape[1:]).index_copy(0, token_index, flat)
         return flat.view(*shape, *flat.shape[1:])
-    if isinstance(first, (tuple, list)):
-        merged = [_merge_outputs([o[i] for o in outputs], counts, back, token_index, shape) for i in range(len(first))]
-        return type(first)(merged) if type(first) in (tuple, list) else type(first)(*merged)
-    return first if first is None or not isinstance(first, torch.Tensor) else None
+    if all(o is first for o in outputs):
+        return first  # the same tensor from every bucket (a layer's bias)
+    return None  # a bucket's recurrent state or attention weights: no place in the packed row
 
 
-# A bucket holds examples whose lengths are within this ratio of its longest ...
-BUCKET_RATIO = 0.3
-# ... or within this many tokens of it. A recurrent layer's work is linear in the padded length (not
-# quadratic, as attention's), and every bucket is one more call of the layer (about ten kernels
-# forward and backward): on a tiny Mamba-2, CPU, 16 FLAN-like examples, (0.3, 128) made 2 buckets and
-# the fastest step of those measured ((0.8, 0): 8 buckets, 1.3x slower; one bucket: 2x slower).
-BUCKET_MIN_PADDING = 128
+# What one more bucket costs, in tokens of padding: each bucket is one more call of the layer (about
+# ten kernels forward and backward), each padding token one more token of work. Measured on a tiny
+# Mamba-2 train step (CPU, 16 FLAN-like examples): 32 and 256 equally fast, 1024 1.45x slower, one
+# bucket for all 3.7x slower (its PyTorch scan grows faster than linearly with the padded length).
+BUCKET_COST_TOKENS = 128
 
 
 def plan_buckets(lengths: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Group examples of similar length; per bucket: `(G, L)` gather index and `(G,)` lengths.
 
-    Longest first; a bucket closes when the next example is shorter than `BUCKET_RATIO` of the
-    bucket's longest by more than `BUCKET_MIN_PADDING` tokens. Inside a bucket each example is
-    right-padded by repeating its own last token index (causal layers never look ahead).
+    The examples, longest first, are cut into consecutive buckets that minimise the padded tokens
+    (`G * L` summed over buckets) plus `BUCKET_COST_TOKENS` per bucket: a recurrent layer's work is
+    linear in the padded length (dynamic programming over the cut points, one vectorised step per
+    example). Inside a bucket each example is right-padded by repeating its own last token index
+    (causal layers never look ahead).
     """
     lengths_np = np.asarray(lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths_np)[:-1]])
     order = np.argsort(-lengths_np, kind="stable")
-    buckets, current = [], [int(order[0])]
-    for index in order[1:].tolist():  # one step per example, not per token
-        longest, length = int(lengths_np[current[0]]), int(lengths_np[index])
-        if length < BUCKET_RATIO * longest and longest - length > BUCKET_MIN_PADDING:
-            buckets.append(current)
-            current = []
-        current.append(index)
-    buckets.append(current)
+    ordered = lengths_np[order]
+    k = len(ordered)
+    best = np.zeros(k + 1)  # best[j]: cost of the first j examples
+    cut = np.zeros(k + 1, dtype=np.int64)  # cut[j]: where the last bucket of the first j examples starts
+    for j in range(1, k + 1):
+        first = np.arange(j)
+        costs = best[:j] + (j - first) * ordered[:j] + BUCKET_COST_TOKENS
+        cut[j] = int(np.argmin(costs))
+        best[j] = costs[cut[j]]
+    bounds, j = [], k
+    while j > 0:
+        bounds.append((int(cut[j]), j))
+        j = int(cut[j])
     plans = []
-    for members in buckets:
-        members = np.asarray(members)
+    for lo, hi in reversed(bounds):
+        members = order[lo:hi]
         width = int(lengths_np[members[0]])
         offsets = np.minimum(np.arange(width)[None, :], lengths_np[members, None] - 1)
         plans.append((starts[members, None] + offsets, lengths_np[members]))
@@ -340,13 +412,14 @@ def scatter_plan(layout: attention.SequenceLayout, device) -> tuple[list, torch.
     return _PLANS[layout]
 
 
-def run_per_example(forward, args: tuple, kwargs: dict,
-                    layout: attention.SequenceLayout, shape: tuple[int, int]):
+def run_per_example(forward, args: tuple, kwargs: dict, layout: attention.SequenceLayout,
+                    shape: tuple[int, int], attention_layer: bool = False):
     """`forward` on the examples of a packed call, one call per length bucket.
 
     Per-token arguments `(B, S, ...)` become `(G, L, ...)` right-padded buckets (`scatter_plan`),
     the packed layout's kwargs are dropped, caches, states and padding masks are
-    None; per-token outputs come back `(B, S, ...)` in token order.
+    None; per-token outputs come back `(B, S, ...)` in token order. An `attention_layer` (attention
+    written inside the model) keeps its causal mask, cut to each bucket, and its ALiBi biases.
     """
     named = _bound_arguments(forward, args, kwargs)
     buckets, back = scatter_plan(layout, layout.cu_seq_lens.device)
@@ -354,7 +427,7 @@ def run_per_example(forward, args: tuple, kwargs: dict,
         buckets = [(layout.token_index.index_select(0, gather), count, width) for gather, count, width in buckets]
     outputs, counts = [], []
     for gather, count, width in buckets:
-        outputs.append(forward(**_bucket_arguments(named, shape, gather, count, width)))
+        outputs.append(forward(**_bucket_arguments(named, shape, gather, count, width, attention_layer)))
         counts.append((count, width))
     return _merge_outputs(outputs, counts, back, layout.token_index, shape)
 
@@ -367,6 +440,12 @@ def _hidden_states(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:
     return kwargs.get(first)
 
 
+def _cross_attention(forward, args: tuple, kwargs: dict) -> bool:
+    """An attention call over another sequence (an encoder's): not split."""
+    named = _bound_arguments(forward, args, kwargs)
+    return any(named.get(key) is not None for key in ("key_value_states", "encoder_hidden_states"))
+
+
 def _restarting_forward(self, *args, **kwargs):
     """A token mixer's forward that keeps packed examples apart (see the module docstring)."""
     forward = self.__dict__.get("_packcollate_inner_forward") or functools.partial(type(self).forward, self)
@@ -377,14 +456,18 @@ def _restarting_forward(self, *args, **kwargs):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or tuple(hidden.shape[:2]) != shape:
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(
-            f"{type(self).__name__}: expected hidden states of the packed batch's {shape} tokens (B, S, ...), got "
-            f"{got}; packcollate restarts recurrent layers only on the tokens the model was called with"
+            f"{type(self).__name__}: packcollate runs this layer's packed examples apart and expected hidden states "
+            f"of the packed batch's {shape} tokens (B, S, ...), got {got}; train this architecture with padding "
+            f"(PaddedCollator)"
         )
-    if uses_kernels(self, hidden.device):
+    attention_layer = self.__dict__.get("_packcollate_kind") == "attention"
+    if attention_layer and _cross_attention(forward, args, kwargs):
+        return forward(*args, **kwargs)
+    if not attention_layer and uses_kernels(self, hidden.device):
         return forward(*args, **_layout_kwargs(forward, layout, shape, kwargs))
     self.__dict__["_packcollate_running"] = True
     try:
-        return run_per_example(forward, args, kwargs, layout, shape)
+        return run_per_example(forward, args, kwargs, layout, shape, attention_layer)
     finally:
         self.__dict__["_packcollate_running"] = False
 
@@ -410,11 +493,18 @@ def restart_token_mixers(model: torch.nn.Module) -> list[str]:
             module.register_forward_hook(_after_model, with_kwargs=True, always_call=True)
             module.__dict__["_packcollate_layout_hook"] = True
     names = []
-    for name, mixer in token_mixers(model):
-        if "_packcollate_inner_forward" not in mixer.__dict__:
-            mixer.__dict__["_packcollate_inner_forward"] = mixer.__dict__.get("forward")  # accelerate's, or None
-            mixer.forward = types.MethodType(_restarting_forward, mixer)
-        names.append(name)
+    internal = internal_attention_layers(model)
+    for kind, layers in (("mixer", token_mixers(model)), ("attention", internal)):
+        for name, layer in layers:
+            if "_packcollate_inner_forward" not in layer.__dict__:
+                layer.__dict__["_packcollate_inner_forward"] = layer.__dict__.get("forward")  # accelerate's, or None
+                layer.__dict__["_packcollate_kind"] = kind
+                layer.forward = types.MethodType(_restarting_forward, layer)
+            names.append(name)
+    if internal:
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel):
+                module.__dict__["_packcollate_internal_attention"] = True
     return names
 
 
@@ -429,9 +519,25 @@ def _post_init_installing(post_init):
     return wrapped
 
 
+def _register_gpt_neo() -> None:
+    """GPT-Neo picks its attention class by backend name, and knows no `packcollate`: under it, its
+    eager class (attention written inside the model, run per example like the others)."""
+    try:
+        from transformers.models.gpt_neo import modeling_gpt_neo
+    except ImportError:
+        return
+    classes = getattr(modeling_gpt_neo, "GPT_NEO_ATTENTION_CLASSES", None)
+    if isinstance(classes, dict) and "eager" in classes:
+        classes.setdefault(attention.BACKEND_NAME, classes["eager"])
+
+
 def register() -> None:
-    """Every transformers model installs `restart_token_mixers` when built (`post_init`)."""
+    """Every transformers model installs `restart_token_mixers` when built (`post_init`); the
+    packcollate mask asks for the mask width of models with internal attention layers; GPT-Neo
+    accepts the backend."""
     from transformers import PreTrainedModel
 
     if not getattr(PreTrainedModel.post_init, "_packcollate", False):
         PreTrainedModel.post_init = _post_init_installing(PreTrainedModel.post_init)
+    attention.internal_attention_mask_width = _internal_attention_mask_width
+    _register_gpt_neo()

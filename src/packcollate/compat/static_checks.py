@@ -295,6 +295,15 @@ def check_layout_route(model: torch.nn.Module, batch: Mapping) -> Finding:
     described = "; ".join(
         f"use_cache={use_cache}: {', '.join(routes) or 'none'}" for use_cache, (_, routes) in seen.items()
     )
+    internal = sorted({type(layer).__name__ for _, layer in recurrent.internal_attention_layers(model)})
+    if calls == 0 and internal:
+        return Finding(
+            "layout_route", WARNING,
+            f"no attention call goes through transformers' AttentionInterface: {', '.join(internal)} compute "
+            f"attention inside the model; with attn_implementation='packcollate' they run their packed examples "
+            f"apart (other backends do not decide whether packed examples stay apart)",
+            "attn_implementation='packcollate'; trust the numeric proof below", "attention inside the model",
+        )
     if calls == 0:
         return Finding(
             "layout_route", WARNING,
