@@ -215,3 +215,10 @@ def test_kernel_path_gets_the_layout(monkeypatch):
         assert not recurrent.uses_kernels(recurrent.token_mixers(build("mamba"))[0][1], torch.device("cuda"))
     finally:
         recurrent.kernel_functions.cache_clear()
+
+
+def test_guard_passes_packcollate_and_stops_eager():
+    """The runtime guard proves the model's own setup: packcollate restarts the mixers, eager mixes."""
+    packcollate.assert_packing_safe(build("mamba2"), use_cache=False)
+    with pytest.raises(RuntimeError, match="attn_implementation='packcollate'"):
+        packcollate.assert_packing_safe(build("mamba2", attn_implementation="eager"), use_cache=False)

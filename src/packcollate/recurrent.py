@@ -5,19 +5,26 @@ lightning attention (MiniMax), RG-LRU blocks (RecurrentGemma), RWKV and xLSTM la
 from token to token: run over a packed row `(1, N, D)` they carry it from one example into the next.
 With `attn_implementation="packcollate"` every such layer ("token mixer") sees its examples apart:
 
-- with the fast kernels (CUDA and the kernel packages its modeling file names, `mamba_ssm`,
-  `causal_conv1d`, `fla`), the layer runs packed, with the `seq_idx` / `cu_seq_lens_q` its own
-  kernels read (filled in from the layout when the collator did not emit them);
+- with the fast kernels (CUDA, and every kernel function the layer calls over whole sequences is
+  the installed `mamba_ssm` / `causal_conv1d` / `fla` one and takes `seq_idx` or `cu_seqlens`: read
+  from transformers' kernel wrappers at run time), the layer runs packed, with the `seq_idx` /
+  `cu_seq_lens_q` its kernels read (filled in from the layout when the collator did not emit them);
 - otherwise its examples are gathered into right-padded batches `(G, L, D)` of similar-length
-  examples (the exact attention path's length buckets: causal layers are exact under right
+  examples (length buckets, as the exact attention path's: causal layers are exact under right
   padding), the layer's own PyTorch forward runs on each batch with no cache and no `seq_idx`, and
   the outputs are put back in token order `(1, N, D)`. One call per bucket, never per example.
+
+Attention layers written inside the model (no `AttentionInterface`: BLOOM, MPT, XGLM, GPT-Neo, …)
+run their examples apart the same way, with the plain causal mask the packcollate mask function
+hands such models, cut to each bucket (and BLOOM's ALiBi biases).
 
 The packed layout is the attention backend's (`cu_seq_lens_q`, else `position_ids`, else `seq_idx`),
 read once per forward by a hook on the model, and kept after it for gradient checkpointing's
 recomputation. Token mixers are found at run time by class name, or because they own a depthwise
-convolution over the tokens. `restart_token_mixers(model)` installs the hooks; `register()` makes
-every transformers model built after `import packcollate` install them itself.
+convolution over the tokens; internal attention layers by their source. `restart_token_mixers(model)`
+installs the hooks; `register()` makes every transformers model built after `import packcollate`
+install them itself. The cache of a packed forward is not filled (a packed row has no single state
+to continue from); padded batches (a 2-D `attention_mask` with zeros) run as transformers runs them.
 """
 
 from __future__ import annotations
@@ -75,21 +82,31 @@ _INTERFACE_NAMES = ("ALL_ATTENTION_FUNCTIONS", "AttentionInterface", "attention_
 
 
 @functools.lru_cache(maxsize=None)
-def _writes_attention_inside(cls: type) -> bool:
-    if not _ATTENTION_CLASS.search(cls.__name__) or cls.__module__.startswith("packcollate"):
-        return False
+def _names_interface(cls: type) -> bool | None:
+    """Whether the class's source, or its forward's (inherited from a parent), names the
+    AttentionInterface; None when the source cannot be read."""
+    owner = next((klass for klass in cls.__mro__ if "forward" in vars(klass)), cls)
     try:
-        source = inspect.getsource(cls)
+        source = inspect.getsource(cls) + inspect.getsource(owner)
     except (OSError, TypeError):
+        return None
+    return any(name in source for name in _INTERFACE_NAMES)
+
+
+def _writes_attention_inside(module: torch.nn.Module) -> bool:
+    """A transformers attention layer that neither itself nor through any layer inside it goes
+    through the AttentionInterface (BERT's `BertAttention` wraps a `BertSelfAttention` that does)."""
+    cls = type(module)
+    if not (_ATTENTION_CLASS.search(cls.__name__) and cls.__module__.startswith("transformers.")):
         return False
-    return not any(name in source for name in _INTERFACE_NAMES)
+    return _names_interface(cls) is False and not any(_names_interface(type(m)) for m in module.modules())
 
 
 def internal_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The outermost attention layers of `model` that compute attention themselves, not through
     transformers' `AttentionInterface` (BLOOM, MPT, XGLM, GPT-2-era models): read from their source
     at run time. Like token mixers, they run their examples apart under the packcollate backend."""
-    return _outermost(model, lambda module: _writes_attention_inside(type(module)) and not is_token_mixer(module))
+    return _outermost(model, lambda module: _writes_attention_inside(module) and not is_token_mixer(module))
 
 
 def _outermost(model: torch.nn.Module, predicate) -> list[tuple[str, torch.nn.Module]]:
@@ -453,14 +470,17 @@ def _restarting_forward(self, *args, **kwargs):
     if not _PACKING.active or layout is None or self.__dict__.get("_packcollate_running"):
         return forward(*args, **kwargs)
     hidden = _hidden_states(forward, args, kwargs)
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or tuple(hidden.shape[:2]) != shape:
+    attention_layer = self.__dict__.get("_packcollate_kind") == "attention"
+    matches = isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and tuple(hidden.shape[:2]) == shape
+    if attention_layer and not matches:  # another sequence (a vision or audio tower's): not the packed row
+        return forward(*args, **kwargs)
+    if not matches:
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(
             f"{type(self).__name__}: packcollate runs this layer's packed examples apart and expected hidden states "
             f"of the packed batch's {shape} tokens (B, S, ...), got {got}; train this architecture with padding "
             f"(PaddedCollator)"
         )
-    attention_layer = self.__dict__.get("_packcollate_kind") == "attention"
     if attention_layer and _cross_attention(forward, args, kwargs):
         return forward(*args, **kwargs)
     if not attention_layer and uses_kernels(self, hidden.device):
@@ -468,6 +488,11 @@ def _restarting_forward(self, *args, **kwargs):
     self.__dict__["_packcollate_running"] = True
     try:
         return run_per_example(forward, args, kwargs, layout, shape, attention_layer)
+    except (RuntimeError, TypeError, AttributeError, IndexError) as error:
+        raise ValueError(
+            f"{type(self).__name__}: packcollate could not run this layer's packed examples apart "
+            f"({type(error).__name__}: {error}); train this architecture with padding (PaddedCollator)"
+        ) from error
     finally:
         self.__dict__["_packcollate_running"] = False
 
@@ -501,7 +526,8 @@ def restart_token_mixers(model: torch.nn.Module) -> list[str]:
                 layer.__dict__["_packcollate_kind"] = kind
                 layer.forward = types.MethodType(_restarting_forward, layer)
             names.append(name)
-    if internal:
+    if internal and not any(_ATTENTION_CLASS.search(type(m).__name__) and _names_interface(type(m)) for m in model.modules()):
+        # every attention layer is internal: the model's masks are theirs (not a vision tower's only)
         for module in model.modules():
             if isinstance(module, PreTrainedModel):
                 module.__dict__["_packcollate_internal_attention"] = True
