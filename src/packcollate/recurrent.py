@@ -274,11 +274,8 @@ def _layout_kwargs(forward, layout: attention.SequenceLayout, shape, kwargs: dic
     if kwargs.get("seq_idx") is None and _accepts(forward, "seq_idx"):
         lengths = torch.diff(layout.cu_seq_lens.long())
         ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-        if layout.token_index is not None:  # padding rows: each padding run is a sequence of its own
-            ids = ids.new_full((shape[0] * shape[1],), -1).index_copy(0, layout.token_index, ids)
-            ids = torch.where(ids < 0, torch.cumsum(ids < 0, 0) + len(lengths), ids)
         kwargs["seq_idx"] = ids.to(torch.int32).view(*shape)
-    if kwargs.get("cu_seq_lens_q") is None and layout.token_index is None and _accepts(forward, "cu_seq_lens_q"):
+    if kwargs.get("cu_seq_lens_q") is None and _accepts(forward, "cu_seq_lens_q"):
         kwargs.update(cu_seq_lens_q=layout.cu_seq_lens, cu_seq_lens_k=layout.cu_seq_lens,
                       max_length_q=layout.max_length, max_length_k=layout.max_length)
     return kwargs
@@ -293,7 +290,7 @@ def _bound_arguments(forward, args: tuple, kwargs: dict) -> dict:
         if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
         elif signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
-            raise TypeError(f"{forward}: token mixers with *args are not supported")
+            raise TypeError(f"{forward}: layers taking *args cannot run their examples apart")
         else:
             named[name] = value
     return named
@@ -349,19 +346,17 @@ def _bucket_arguments(named: dict, shape, gather: torch.Tensor, count: int, widt
     return out
 
 
-def _merge_outputs(outputs: list, counts: list[tuple[int, int]], back: torch.Tensor, token_index, shape):
+def _merge_outputs(outputs: list, counts: list[tuple[int, int]], back: torch.Tensor, shape):
     """The buckets' outputs back in token order: per-token tensors `(G, L, ...)` -> `(B, S, ...)`;
     a bucket's recurrent state has no place in the packed row and becomes None."""
     first = outputs[0]
     if isinstance(first, (tuple, list)):
-        merged = [_merge_outputs([o[i] for o in outputs], counts, back, token_index, shape) for i in range(len(first))]
+        merged = [_merge_outputs([o[i] for o in outputs], counts, back, shape) for i in range(len(first))]
         return type(first)(merged) if type(first) in (tuple, list) else type(first)(*merged)
     if not isinstance(first, torch.Tensor):
         return first  # None or a flag
     if all(o.dim() >= 2 and tuple(o.shape[:2]) == c for o, c in zip(outputs, counts)):
         flat = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outputs]).index_select(0, back)
-        if token_index is not None:
-            flat = flat.new_zeros(shape[0] * shape[1], *flat.shape[1:]).index_copy(0, token_index, flat)
         return flat.view(*shape, *flat.shape[1:])
     if all(o is first for o in outputs):
         return first  # the same tensor from every bucket (a layer's bias)
@@ -413,8 +408,9 @@ _PLANS: "weakref.WeakKeyDictionary[attention.SequenceLayout, tuple]" = weakref.W
 
 
 def scatter_plan(layout: attention.SequenceLayout, device) -> tuple[list, torch.Tensor]:
-    """Buckets `[(gather (G*L,), G, L)]` over the layout's real tokens and the `(M,)` index that puts
-    their outputs back in token order; once per layout (every layer of a forward shares it)."""
+    """Buckets `[(gather (G*L,), G, L)]` over the layout's `B * S` tokens (no padding: the layouts
+    `layout_from_inputs` derives have none) and the `(B*S,)` index that puts their outputs back in
+    token order; once per layout (every layer of a forward shares it)."""
     if layout not in _PLANS:
         lengths = layout.lengths()
         back = np.empty(int(sum(lengths)), dtype=np.int64)
@@ -440,13 +436,11 @@ def run_per_example(forward, args: tuple, kwargs: dict, layout: attention.Sequen
     """
     named = _bound_arguments(forward, args, kwargs)
     buckets, back = scatter_plan(layout, layout.cu_seq_lens.device)
-    if layout.token_index is not None:  # padded rows: only the real tokens are gathered
-        buckets = [(layout.token_index.index_select(0, gather), count, width) for gather, count, width in buckets]
     outputs, counts = [], []
     for gather, count, width in buckets:
         outputs.append(forward(**_bucket_arguments(named, shape, gather, count, width, attention_layer)))
         counts.append((count, width))
-    return _merge_outputs(outputs, counts, back, layout.token_index, shape)
+    return _merge_outputs(outputs, counts, back, shape)
 
 
 def _hidden_states(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:
