@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, TrainerControl
 
-import packcollate  # noqa: F401  (registers the packcollate backend)
+import packcollate  # registers the packcollate backend
 from packcollate import PackedCollator, cli
 from packcollate.compat import (
     CONTAMINATED,
@@ -170,16 +170,18 @@ def test_multimodal_rope_finding():
 
 
 def test_recurrent_layers_finding():
-    # config only: Mamba-2 / Jamba layer types say "state along the sequence"; the fix names seq_idx
+    # config only: Mamba-2 / Jamba layer types say "state along the sequence"; packcollate restarts it
     for model_type in ("mamba2", "jamba"):
         finding = check_recurrent_layers(AutoConfig.for_model(model_type))
-        assert finding.status == WARNING and "PackedCollator(return_seq_idx=True)" in finding.fix
-    # Bamba's mixer reads neither seq_idx nor cu_seq_lens here: its state leaks into the next example
-    bamba = check_recurrent_layers(AutoConfig.for_model("bamba"), tiny_model("bamba"))
-    assert bamba.status == ERROR and "BambaMixer" in bamba.message and "neither seq_idx" in bamba.message
-    # Zamba's mixer reads seq_idx: the collator must emit it
-    zamba = check_recurrent_layers(AutoConfig.for_model("zamba"), tiny_model("zamba"))
-    assert zamba.status == WARNING and zamba.fix == "PackedCollator(return_seq_idx=True)"
+        assert finding.status == WARNING and finding.fix.startswith("attn_implementation='packcollate'")
+        assert "PackedCollator(return_seq_idx=True)" in finding.fix
+    # a built model: the finding names its token mixers, what they read, and the packcollate restart
+    for model_type in ("bamba", "zamba", "mamba2", "qwen3_5_text"):
+        model = tiny_model(model_type)
+        finding = check_recurrent_layers(model.config, model)
+        mixers = {type(module).__name__ for _, module in packcollate.recurrent.token_mixers(model)}
+        assert finding.status == WARNING and mixers and all(name in finding.message for name in mixers)
+        assert finding.fix.startswith("attn_implementation='packcollate'") and "restart" in finding.message
     assert check_recurrent_layers(LlamaConfig(), tiny_model("llama")).status == OK
 
 

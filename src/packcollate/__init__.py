@@ -4,12 +4,13 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=PackedCollator())
 """
 
-from . import attention
+from . import attention, recurrent
 from .collate import CollateStats, PackedCollator, PaddedCollator
 from .compat import assert_packing_safe, check_model
 from .sampler import TokenBudgetBatchSampler
 
 attention.register()
+recurrent.register()
 
 __version__ = "0.1.0"
 

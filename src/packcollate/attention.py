@@ -328,6 +328,11 @@ def _adjacent_allowed(mask_function, batch: int, length: int, device) -> torch.T
     return torch.as_tensor(allowed, device=device).to(torch.bool).expand(batch, length - 1)
 
 
+# set by recurrent.py: the width of the causal mask for a model whose attention is written inside it
+# (the longest packed example), or None
+internal_attention_mask_width = None
+
+
 def packcollate_mask(
     batch_size: int,
     q_length: int,
@@ -348,6 +353,18 @@ def packcollate_mask(
           include unfilled slots, chunked prefill): transformers' own `(B, 1, S, S_kv)` bool mask,
           which knows where the queries sit among the keys.
     """
+    width = internal_attention_mask_width() if internal_attention_mask_width is not None else None
+    if width is not None:
+        # a model whose attention is written inside it adds the mask itself: eager's 4-D mask; for a
+        # packed forward (recurrent.py runs its examples apart) a plain causal one, as wide as the
+        # longest example, cut per bucket
+        from transformers.masking_utils import causal_mask_function, eager_mask
+
+        dense = {"dtype": kwargs.get("dtype", torch.float32), "device": kwargs.get("device", "cpu")}
+        if width and q_length == kv_length and not (q_offset or kv_offset):
+            return eager_mask(batch_size, width, width, mask_function=causal_mask_function, **dense)
+        return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
+                          attention_mask=attention_mask, **dense)
     if q_length != kv_length or q_offset or kv_offset:
         from transformers.masking_utils import sdpa_mask
 

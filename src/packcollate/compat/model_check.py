@@ -281,7 +281,7 @@ def _proof_collator(model_class: type, position_start: int, recurrent: Finding) 
     names, var_keyword = _forward_parameters(model_class)
     return PackedCollator(
         position_ids_start=position_start,
-        return_seq_idx=recurrent.fix == "PackedCollator(return_seq_idx=True)" and ("seq_idx" in names or var_keyword),
+        return_seq_idx="PackedCollator(return_seq_idx=True)" in recurrent.fix and ("seq_idx" in names or var_keyword),
         return_flash_attn_kwargs=var_keyword or "cu_seq_lens_q" in names,
     )
 

@@ -4,13 +4,12 @@ offsets, recurrent layers, and which route (kwargs, mask, position_ids) carries 
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Mapping
 
 import torch
 from transformers import PretrainedConfig
 
-from .. import attention
+from .. import attention, recurrent
 from ..lengths import context_length
 from .equivalence import BackendRefused, _attn_implementation
 from .report import ERROR, OK, WARNING, Finding, _one_line
@@ -190,29 +189,12 @@ RECURRENT_MODEL_TYPES = frozenset({
     "minimax",
 })
 _RECURRENT_LAYER_TYPES = ("mamba", "linear", "conv", "recurrent", "rwkv", "ssm", "deltanet", "hybrid")
-# class names of layers that carry state along the sequence (Mamba mixers, short convolutions, gated
-# delta nets, lightning/linear attention, RG-LRU, RWKV time mixing, xLSTM)
-_RECURRENT_CLASS = re.compile(
-    r"Mixer$|MambaLayer$|ShortConv|DeltaNet$|DeltaAttention$|LightningAttention$|Rglru$|RecurrentBlock$|"
-    r"^Rwkv(SelfAttention|FeedForward)$|^xLSTMLayer$"
-)
-
-
-def _is_token_mixer(module: torch.nn.Module) -> bool:
-    """A layer that carries state along the sequence: by its class name, or because it owns a
-    depthwise convolution over the tokens (Mamba's conv1d, short convolutions, ZAYA's CCA)."""
-    if _RECURRENT_CLASS.search(type(module).__name__):
-        return True
-    return any(
-        isinstance(child, torch.nn.Conv1d) and 1 < child.groups == child.in_channels and child.kernel_size[0] > 1
-        for child in module.children()
-    )
 
 
 def _recurrent_layers(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, tuple[bool, bool]]:
     """Recurrent layer classes that run on `input_ids` `(1, L)` -> (their source mentions seq_idx,
     mentions cu_seq_lens). Layers of towers a text-only forward skips (vision, audio) do not count."""
-    candidates = [module for module in model.modules() if _is_token_mixer(module)]
+    candidates = [module for _, module in recurrent.token_mixers(model)]
     ran: set[int] = set()
     hooks = [module.register_forward_hook(lambda module, *_: ran.add(id(module))) for module in candidates]
     try:
@@ -260,32 +242,33 @@ def check_recurrent_layers(config: PretrainedConfig, model: torch.nn.Module | No
     names = ", ".join(sorted(layers)) or f"the {config.model_type!r} layers"
     by_seq_idx = sorted(name for name, (seq_idx, _) in layers.items() if seq_idx)
     by_cu = sorted(name for name, (_, cu) in layers.items() if cu)
-    if by_seq_idx:
-        return Finding(
-            "recurrent_layers", WARNING,
-            f"{names} carry state along the sequence; {', '.join(by_seq_idx)} read seq_idx to reset it at every "
-            f"packed example (the CUDA kernels honour it; check the proof below for this device)",
-            "PackedCollator(return_seq_idx=True)", "needs seq_idx",
-        )
-    if by_cu:
-        return Finding(
-            "recurrent_layers", WARNING,
-            f"{names} carry state along the sequence; {', '.join(by_cu)} read cu_seq_lens_q to reset it at every "
-            f"packed example",
-            "keep PackedCollator(return_flash_attn_kwargs=True) (the default)", "state reset by cu_seq_lens",
-        )
+    restart = (
+        "with attn_implementation='packcollate' they restart at every packed example (their own kernels' "
+        "seq_idx / cu_seq_lens on CUDA where mamba_ssm / causal_conv1d / fla are installed, else the examples "
+        "run apart in length buckets: exact on any device)"
+    )
+    fix = "attn_implementation='packcollate'"
     if model is None:
         return Finding(
             "recurrent_layers", WARNING,
-            f"{names} may carry state along the sequence (model type / layer types); build the model to know "
-            f"whether they read seq_idx",
-            "PackedCollator(return_seq_idx=True) if they do; trust the numeric proof", "recurrent layers",
+            f"{names} may carry state along the sequence (model type / layer types); {restart}",
+            f"{fix}; PackedCollator(return_seq_idx=True) for CUDA kernels that read it", "recurrent layers",
+        )
+    if by_seq_idx or by_cu:
+        readers = ", ".join(sorted(set(by_seq_idx) | set(by_cu)))
+        read = "seq_idx" if not by_cu else "cu_seq_lens_q" if not by_seq_idx else "seq_idx or cu_seq_lens_q"
+        return Finding(
+            "recurrent_layers", WARNING,
+            f"{names} carry state along the sequence; {restart}. Other backends: {readers} read {read}, which only "
+            f"the CUDA kernels honour (without them transformers refuses packed batches)",
+            fix + ("; PackedCollator(return_seq_idx=True) for their CUDA kernels" if by_seq_idx else ""),
+            "restarted by packcollate",
         )
     return Finding(
-        "recurrent_layers", ERROR,
-        f"{names} carry state along the sequence and read neither seq_idx nor cu_seq_lens: the state of one packed "
-        f"example flows into the next",
-        "train this architecture with padding (PaddedCollator), not packed", "state leaks across examples",
+        "recurrent_layers", WARNING,
+        f"{names} carry state along the sequence and read neither seq_idx nor cu_seq_lens: with other backends the "
+        f"state of one packed example flows into the next; {restart}",
+        fix, "restarted by packcollate only",
     )
 
 
@@ -334,6 +317,15 @@ def check_layout_route(model: torch.nn.Module, batch: Mapping) -> Finding:
     described = "; ".join(
         f"use_cache={use_cache}: {', '.join(routes) or 'none'}" for use_cache, (_, routes) in seen.items()
     )
+    internal = sorted({type(layer).__name__ for _, layer in recurrent.internal_attention_layers(model)})
+    if calls == 0 and internal:
+        return Finding(
+            "layout_route", WARNING,
+            f"no attention call goes through transformers' AttentionInterface: {', '.join(internal)} compute "
+            f"attention inside the model; with attn_implementation='packcollate' they run their packed examples "
+            f"apart (other backends do not decide whether packed examples stay apart)",
+            "attn_implementation='packcollate'; trust the numeric proof below", "attention inside the model",
+        )
     if calls == 0:
         return Finding(
             "layout_route", WARNING,

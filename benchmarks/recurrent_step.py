@@ -1,0 +1,167 @@
+"""One training step (forward + backward + AdamW) of tiny hybrid / SSM models, padded vs packed.
+
+    python benchmarks/recurrent_step.py                 # CPU, fp32, both models
+    python benchmarks/recurrent_step.py --models mamba2
+
+Models (random weights, built from configs):
+- `qwen3_5`: Qwen3.5-shaped, 4 layers (3 gated delta-net + 1 full attention, as Qwen3.5's 3:1
+  pattern), hidden 256, 8 heads / 2 key-value heads, delta-net 4 key / 8 value heads of 32;
+- `mamba2`: Mamba-2, 4 layers, hidden 256, 8 SSM heads of 64, state 16, chunk 64.
+Vocabulary 4096 for both.
+
+Modes, on the same batches in the same order:
+- `padded`: `PaddedCollator` (right padding, attention_mask), transformers' sdpa / its own mixers;
+- `packcollate`: `PackedCollator` + `attn_implementation="packcollate"`: the attention layers run
+  per sequence, every recurrent layer runs its examples apart in length buckets (no kernel package;
+  on CPU this is the pure-PyTorch path).
+
+Data: batches of 16 examples with FLAN-like lengths (lognormal, median 120, sigma 0.9, clipped to
+[8, 1024]), as benchmarks/attention_step.py. The table gives real (non-pad) tokens/s, the median step,
+the speed-up over padded, the ideal speed-up (padded tokens / real tokens) and the fraction of it
+reached (target: >= 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import packcollate  # noqa: F401  (registers the backend and the recurrent restart)
+from packcollate import PackedCollator, PaddedCollator
+from packcollate.benchmark import library_versions, save_result
+
+MEDIAN_LENGTH, SIGMA, MIN_LENGTH, MAX_LENGTH = 120, 0.9, 8, 1024
+VOCAB = 4096
+
+
+def flan_like_batches(n_batches: int, batch_size: int, seed: int = 0) -> list[list[dict]]:
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n_batches):
+        lengths = np.clip(rng.lognormal(np.log(MEDIAN_LENGTH), SIGMA, batch_size), MIN_LENGTH, MAX_LENGTH).astype(int)
+        batches.append([{"input_ids": rng.integers(3, VOCAB, n).tolist()} for n in lengths])
+    return batches
+
+
+def qwen3_5_config():
+    from transformers import Qwen3_5TextConfig
+
+    return Qwen3_5TextConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=8, num_key_value_heads=2,
+        head_dim=32, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32,
+        linear_value_head_dim=32, max_position_embeddings=2048, use_cache=False,
+    )
+
+
+def mamba2_config():
+    from transformers import Mamba2Config
+
+    return Mamba2Config(
+        vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_heads=8, head_dim=64, expand=2, state_size=16,
+        n_groups=1, chunk_size=64, use_cache=False,
+    )
+
+
+CONFIGS = {"qwen3_5": qwen3_5_config, "mamba2": mamba2_config}
+MODES = {"padded": (PaddedCollator, "sdpa"), "packcollate": (PackedCollator, "packcollate")}
+
+
+def train_step(model, optimizer, batch: dict) -> float:
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def build(config, implementation: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    try:
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation)
+    except ValueError:  # Mamba-2 has no attention to choose for the padded mode: its default
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+
+
+def bench_model(name: str, batches: list[list[dict]], repeats: int) -> dict:
+    config = CONFIGS[name]()
+    runs = {}
+    for mode, (collator_class, implementation) in MODES.items():
+        model = build(config, implementation).train()
+        runs[mode] = {
+            "model": model,
+            "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-4),
+            "batches": [collator_class()(b) for b in batches],
+            "times": [[] for _ in batches],
+        }
+    for run in runs.values():  # same weights: the first step's loss must agree; it also warms up
+        run["first_loss"] = train_step(run["model"], run["optimizer"], run["batches"][0])
+    for _ in range(repeats):
+        for i in range(len(batches)):
+            for run in runs.values():  # round-robin: noise hits every mode alike
+                start = time.perf_counter()
+                train_step(run["model"], run["optimizer"], run["batches"][i])
+                run["times"][i].append(time.perf_counter() - start)
+    real = sum(len(f["input_ids"]) for b in batches for f in b)
+    padded = sum(len(b) * max(len(f["input_ids"]) for f in b) for b in batches)
+    ideal = padded / real
+    results = {}
+    for mode, run in runs.items():
+        medians = [float(np.median(t)) for t in run["times"]]
+        results[mode] = {"tokens_per_s": real / sum(medians), "median_step_s": float(np.median(medians)),
+                         "first_loss": run["first_loss"]}
+    speedup = results["packcollate"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
+    return {"ideal_speedup": ideal, "packed_speedup": speedup, "fraction_of_ideal": speedup / ideal,
+            "first_loss_diff": abs(results["padded"]["first_loss"] - results["packcollate"]["first_loss"]),
+            "params": sum(p.numel() for p in runs["padded"]["model"].parameters()), "modes": results}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches, each timed --repeats times")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shared machine has 2 cores)")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device name>/")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device_name = f"cpu-{platform.machine()}"
+    batches = flan_like_batches(args.batches, args.batch_size)
+    results = {name: bench_model(name, batches, args.repeats) for name in args.models}
+
+    print(f"train step, {args.batch_size} FLAN-like examples per step, {device_name}, fp32, {args.threads} thread(s)")
+    print(f"{'model':9} {'padded tok/s':>13} {'packed tok/s':>13} {'packed/padded':>14} {'ideal':>7} {'of ideal':>9} "
+          f"{'loss diff':>10}")
+    for name, r in results.items():
+        print(f"{name:9} {r['modes']['padded']['tokens_per_s']:13.0f} {r['modes']['packcollate']['tokens_per_s']:13.0f} "
+              f"{r['packed_speedup']:13.2f}x {r['ideal_speedup']:6.2f}x {r['fraction_of_ideal']:9.2f} "
+              f"{r['first_loss_diff']:10.2e}")
+
+    out = {
+        "benchmark": "recurrent_step",
+        "device": device_name,
+        "dtype": "float32",
+        "command": "python benchmarks/recurrent_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "data": {"median_length": MEDIAN_LENGTH, "sigma": SIGMA, "clip": [MIN_LENGTH, MAX_LENGTH],
+                 "batch_size": args.batch_size, "batches": args.batches},
+        "threads": args.threads,
+        "versions": library_versions("torch", "transformers"),
+        "models": results,
+    }
+    out_dir = args.out or Path("benchmarks/results") / device_name
+    save_result(out, out_dir / "recurrent_step_float32.json")
+    return out
+
+
+if __name__ == "__main__":
+    main()
