@@ -94,7 +94,8 @@ def shield_vision_tower(model) -> list[str]:
         if module_type not in vision_types or any(name.startswith(outer + ".") for outer in hooked):
             continue
         if not getattr(module, "_packcollate_shielded", False):
-            module.register_forward_pre_hook(_drop_packing_kwargs, with_kwargs=True)
+            # first among the module's pre-hooks: the recurrent layers' layout hook must not see them either
+            module.register_forward_pre_hook(_drop_packing_kwargs, with_kwargs=True, prepend=True)
             module._packcollate_shielded = True
         hooked.append(name)
     return hooked
