@@ -53,6 +53,7 @@ from .static_checks import (
     check_use_cache,
 )
 from .tiny import _default_config, proof_features, tiny_config
+from .unwrap import unwrap_model, unwrapped_class
 
 # --- the target --------------------------------------------------------------------------------
 
@@ -115,9 +116,11 @@ def _causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> tuple[type,
 
 def _resolve_target(target, trust_remote_code: bool) -> _Target:
     if isinstance(target, torch.nn.Module):
-        if not isinstance(getattr(target, "config", None), PretrainedConfig):
+        inner = unwrap_model(target)  # PEFT, torch.compile, DDP, FSDP, accelerate wrappers
+        if not isinstance(getattr(inner, "config", None), PretrainedConfig):
             raise TypeError(f"target: expected a transformers model with a .config, got {type(target).__name__}")
-        return _Target(type(target).__name__, target.config.model_type, type(target), target.config)
+        cls = unwrapped_class(target)
+        return _Target(cls.__name__, inner.config.model_type, cls, inner.config)
     if isinstance(target, PretrainedConfig):
         model_class, config = _causal_lm(target, trust_remote_code)
         return _Target(type(target).__name__, target.model_type, model_class, config)
