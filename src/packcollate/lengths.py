@@ -145,6 +145,16 @@ CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_seq
 PERCENTILES = (10, 50, 90, 99)
 
 
+def _first_context_key(configs) -> tuple[int | None, str | None]:
+    """The first positive int under `CONTEXT_KEYS` in `configs` (mappings), in order."""
+    for cfg in configs:
+        for key in CONTEXT_KEYS:
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, key
+    return None, None
+
+
 def context_length(config) -> tuple[int | None, str | None]:
     """The model's context length and the config attribute it came from, or `(None, None)`.
 
@@ -154,12 +164,32 @@ def context_length(config) -> tuple[int | None, str | None]:
     configs = [config]
     if hasattr(config, "get_text_config"):
         configs.append(config.get_text_config())
-    for cfg in configs:
-        for key in CONTEXT_KEYS:
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value, key
-    return None, None
+    return _first_context_key([{key: getattr(cfg, key, None) for key in CONTEXT_KEYS} for cfg in configs])
+
+
+def read_config_json(path) -> dict:
+    """The JSON object of a `config.json` (a file, or a folder holding one), read as data: no code runs,
+    so this works for configs that name remote code (`auto_map`) without trusting it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"expected a config.json file or a folder holding one, got {str(path)!r}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file}: expected a JSON object, got unreadable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def context_length_from_json(data: dict) -> tuple[int | None, str | None]:
+    """`context_length` of a config.json's data (`read_config_json`), its `text_config` too, as plain values."""
+    text = data.get("text_config")
+    return _first_context_key([data, *([text] if isinstance(text, dict) else [])])
 
 
 @dataclass

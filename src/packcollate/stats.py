@@ -21,7 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .lengths import PERCENTILES, column_names, context_length, length_stats, recommend_max_seq_length, token_counts
+from .lengths import (
+    PERCENTILES,
+    column_names,
+    context_length,
+    context_length_from_json,
+    length_stats,
+    read_config_json,
+    recommend_max_seq_length,
+    token_counts,
+)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TEXT_FIELDS = ("text", "prompt", "completion", "messages")
@@ -143,6 +152,13 @@ def _model_context(name: str | None, trust_remote_code: bool) -> tuple[int | Non
         return None, "not given (--model)"
     from transformers import AutoConfig
 
+    if Path(name).is_dir() or Path(name).suffix == ".json":
+        # a local config.json is data: read it without running code (remote-code configs need no trust here);
+        # transformers' own config class is asked only for a default the file leaves out
+        data = read_config_json(name)
+        limit, key = context_length_from_json(data)
+        if limit or data.get("auto_map"):
+            return limit, (f"{limit} ({key} in config.json)" if limit else "unknown (no context length in config.json)")
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:

@@ -26,6 +26,7 @@ from .equivalence import (
     _reference_run,
     _Run,
 )
+from .remote_code import check_remote_code
 from .report import (
     BF16_TOLERANCE,
     CONTAMINATED,
@@ -77,6 +78,7 @@ def _load_config(target, trust_remote_code: bool) -> PretrainedConfig:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"target: expected a directory with a config.json, got {str(path)!r} without one")
+        check_remote_code(path, trust_remote_code)
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if str(target) in CONFIG_MAPPING:
         return _default_config(str(target))
@@ -103,7 +105,7 @@ def _causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> tuple[type,
         )
         return model_class, config
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        hint = " (its config names remote code: pass trust_remote_code=True)" if auto_map else ""
+        hint = " (its config names remote code: pass --trust-remote-code, trust_remote_code=True)" if auto_map else ""
         raise ValueError(
             f"model_type {config.model_type!r}: expected an architecture with a causal-LM head "
             f"(AutoModelForCausalLM), got {type(config).__name__}, which has none{hint}"
