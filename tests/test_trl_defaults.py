@@ -108,5 +108,8 @@ def test_bf16_default_without_cuda(tmp_path):
                             train_dataset=dataset, processing_class=char_tokenizer())
     assert ours.accelerator.mixed_precision == "bf16"
     assert next(ours.model.parameters()).dtype == torch.float32
+    dtypes = []
+    ours.model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     reference, packed = losses(theirs)[0], losses(ours)[0]
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # the step ran under CPU bf16 autocast
     assert abs(reference - packed) < 2e-2 * abs(reference)

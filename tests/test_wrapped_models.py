@@ -88,8 +88,10 @@ def test_unwrap_sees_through_nested_wrappers():
     assert unwrapped_class(wrapped) is type(model)
 
 
-def test_unwrap_sees_through_ddp(free_port):
+def test_unwrap_sees_through_ddp_and_fsdp2(free_port):
+    """DDP around a PeftModel; FSDP2's fully_shard, which swaps the class for FSDPLlamaForCausalLM."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
     try:
@@ -97,6 +99,9 @@ def test_unwrap_sees_through_ddp(free_port):
         ddp = torch.nn.parallel.DistributedDataParallel(get_peft_model(model, lora_config()))
         assert unwrap_model(ddp) is model
         assert_packing_safe(ddp)
+        sharded = fully_shard(tiny_model())
+        assert type(sharded).__name__ == "FSDPLlamaForCausalLM" and unwrapped_class(sharded) is type(model)
+        assert_packing_safe(sharded)
     finally:
         dist.destroy_process_group()
 
