@@ -1,6 +1,6 @@
 """torch.compile on packed batches: graphs, graph breaks and recompiles, before and after.
 
-    python benchmarks/compile_breaks.py [--before /work/main/src] [--steps 8] [--out benchmarks/results]
+    python benchmarks/compile_breaks.py [--before /work/main/src] [--steps 8] [--modes M ...] [--backend eager|inductor]
 
 A tiny random Llama (2 layers, `attn_implementation="packcollate"`, CPU, fp32) in a plain loop of
 `--steps` packed batches of varying length `N` and example count `k` (forward and backward). Each
@@ -124,7 +124,8 @@ def child(args) -> dict:
     model = _model(args.layers)
     result = {"explain": _explain(model, _batches(1, {})[0]), "modes": {},
               "recompile_limit": torch._dynamo.config.recompile_limit}
-    for name, (compile_options, collator_options) in MODES.items():
+    for name in args.modes:
+        compile_options, collator_options = MODES[name]
         result["modes"][name] = _loop(model, _batches(args.steps, collator_options), compile_options, args.backend)
     return result
 
@@ -135,7 +136,7 @@ def run_tree(src: str, args) -> dict:
         out = handle.name
     env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, __file__, "--child", out, "--steps", str(args.steps), "--layers", str(args.layers),
-               "--backend", args.backend]
+               "--backend", args.backend, "--modes", *args.modes]
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result = json.loads(Path(out).read_text())
     os.unlink(out)
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--backend", choices=["eager", "inductor"], default="eager")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,7 +183,7 @@ def main() -> None:
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                 "model": f"tiny Llama, {args.layers} layers, hidden 32, packcollate attention, CPU fp32",
                 "backend": args.backend, "results": results}
-    out = Path(args.out) / "compile_breaks.json"
+    out = Path(args.out) / ("compile_breaks.json" if args.backend == "eager" else f"compile_breaks_{args.backend}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2))
     print(f"wrote {out}")
