@@ -28,22 +28,25 @@ def sequence_ids(query: torch.Tensor, attention_mask, kwargs: dict, chunk: int |
     """`(B, S)` int64 sequence id of every token, and `(B, S)` bool real tokens (None: all are real)."""
     batch, _, seq, _ = query.shape
     device = query.device
-    starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)  # example starts (cu_seq_lens, position_ids)
     starts[:, 0] = True
-    real = None
-    if _is_sequence_map(attention_mask):
-        starts[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
-        real = attention_mask != 0
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    if isinstance(cu_seq_lens, torch.Tensor) and cu_seq_lens.dim() == 1:
+    examples = isinstance(cu_seq_lens, torch.Tensor) and cu_seq_lens.dim() == 1
+    if examples:
         starts.view(-1)[cu_seq_lens[:-1].long()] = True
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq:
+        examples = True
         positions = position_ids.expand(batch, -1)
         starts[:, 1:] |= positions[:, 1:] != positions[:, :-1] + 1
-    if chunk:
+    real = None
+    if _is_sequence_map(attention_mask):
+        real = attention_mask != 0
+        if not (chunk and examples):  # a chunked layer counts chunks from the examples, not from the mask
+            starts[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
+    if chunk and examples:
         index = torch.arange(seq, device=device).expand(batch, -1)
-        first = torch.cummax(torch.where(starts, index, 0), dim=1).values  # start of each token's sequence
+        first = torch.cummax(torch.where(starts, index, 0), dim=1).values  # start of each token's example
         starts = starts | ((index - first) % chunk == 0)
     return torch.cumsum(starts, dim=1), real
 
