@@ -88,11 +88,14 @@ def test_packed_trainer_equals_padded(padded_reference, tmp_path):
     assert_same_change(padded_reference, change)
 
 
-def test_plain_trainer_drops_the_completion_mask(padded_reference, tmp_path):
-    """The pitfall PackedTrainer fixes: the plain Trainer removes completion_mask before collation."""
-    change = weight_change(Trainer, tmp_path, collator=PackedCollator(), train_dataset=prompt_completion_dataset())
-    with pytest.raises(AssertionError):
-        assert_same_change(padded_reference, change)
+def test_plain_trainer_refuses_to_drop_the_completion_mask(tmp_path):
+    """The pitfall PackedTrainer fixes: the plain Trainer removes completion_mask before collation, which
+    would train on the prompt; the collator refuses before the first step (tests/test_dropped_columns.py)."""
+    trainer = Trainer(model=tiny_model(), args=arguments(tmp_path), data_collator=PackedCollator(),
+                      train_dataset=prompt_completion_dataset())
+    with pytest.raises(ValueError, match="expected the 'completion_mask' column of the training dataset to reach the collator"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_gradient_accumulation_keeps_the_token_mean(padded_reference, tmp_path):

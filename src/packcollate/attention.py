@@ -380,12 +380,13 @@ def packcollate_mask(
     device = padding.device if padding is not None else kwargs.get("device", "cpu")
     starts = torch.zeros(batch_size, q_length, dtype=torch.bool, device=device)
     packed = False
+    compiling = torch.compiler.is_compiling()  # no data-dependent branch: always the map (it may say "one sequence")
     if mask_function is not None and q_length > 1:
         allowed = _adjacent_allowed(mask_function, batch_size, q_length, device)
-        if allowed is not None and not bool(allowed.all()):
+        if allowed is not None and (compiling or not bool(allowed.all())):
             starts[:, 1:] = ~allowed
             packed = True
-    padded = padding is not None and not bool(padding.all())
+    padded = padding is not None and (compiling or not bool(padding.all()))
     if not packed and not padded:
         return None
     if padded:
@@ -747,6 +748,10 @@ def packcollate_attention(
             mask = mask | ~mask.any(-1, keepdim=True)
         out = _attention_dense(query, key, value, opts, mask, s_aux, is_causal=False)
         return out.transpose(1, 2).contiguous(), None
+    if key.shape[2] == seq and torch.compiler.is_compiling():  # one graph, no sync: see compiled_attention.py
+        from .compiled_attention import traceable_attention
+
+        return traceable_attention(module, query, key, value, attention_mask, opts, s_aux, kwargs).contiguous(), None
     layout = _chunked_layout(module, query, key, kwargs) or resolve_layout(query, key, attention_mask, kwargs)
     if layout is None and key.shape[2] != seq:
         out = _decode_attention(query, key, value, opts, s_aux)

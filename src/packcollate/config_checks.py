@@ -67,6 +67,15 @@ def check_config_json(file: Path) -> dict:
     return values
 
 
+def read_config_json(path) -> dict:
+    """The JSON object of a `config.json` (a file, or a folder holding one), read and checked as data:
+    no code runs, so this works for configs that name remote code (`auto_map`) without trusting it."""
+    file = config_file(path)
+    if file is None:
+        raise FileNotFoundError(f"expected a config.json file or a folder holding one, got {str(path)!r}")
+    return check_config_json(file)
+
+
 def load_local_config(path, *, trust_remote_code: bool = False):
     """A transformers config from a local folder or `config.json` (no network), checked first.
 

@@ -203,6 +203,16 @@ CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_seq
 PERCENTILES = (10, 50, 90, 99)
 
 
+def _first_context_key(configs) -> tuple[int | None, str | None]:
+    """The first positive int under `CONTEXT_KEYS` in `configs` (mappings), in order."""
+    for cfg in configs:
+        for key in CONTEXT_KEYS:
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, key
+    return None, None
+
+
 def context_length(config) -> tuple[int | None, str | None]:
     """The model's context length and the config attribute it came from, or `(None, None)`.
 
@@ -212,12 +222,14 @@ def context_length(config) -> tuple[int | None, str | None]:
     configs = [config]
     if hasattr(config, "get_text_config"):
         configs.append(config.get_text_config())
-    for cfg in configs:
-        for key in CONTEXT_KEYS:
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value, key
-    return None, None
+    return _first_context_key([{key: getattr(cfg, key, None) for key in CONTEXT_KEYS} for cfg in configs])
+
+
+def context_length_from_json(data: dict) -> tuple[int | None, str | None]:
+    """`context_length` of a config.json's data (`config_checks.read_config_json`), its `text_config`
+    too, as plain values."""
+    text = data.get("text_config")
+    return _first_context_key([data, *([text] if isinstance(text, dict) else [])])
 
 
 @dataclass

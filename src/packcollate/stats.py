@@ -27,8 +27,16 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .config_checks import config_file, load_local_config
-from .lengths import PERCENTILES, column_names, context_length, length_stats, recommend_max_seq_length, token_counts
+from .config_checks import config_file, load_local_config, read_config_json
+from .lengths import (
+    PERCENTILES,
+    column_names,
+    context_length,
+    context_length_from_json,
+    length_stats,
+    recommend_max_seq_length,
+    token_counts,
+)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TEXT_FIELDS = ("text", "prompt", "completion", "messages")
@@ -254,6 +262,13 @@ def _model_config(name: str, trust_remote_code: bool):
         return load_local_config(name, trust_remote_code=trust_remote_code)
     from transformers import AutoConfig
 
+    if Path(name).is_dir() or Path(name).suffix == ".json":
+        # a local config.json is data: read it without running code (remote-code configs need no trust here);
+        # transformers' own config class is asked only for a default the file leaves out
+        data = read_config_json(name)
+        limit, key = context_length_from_json(data)
+        if limit or data.get("auto_map"):
+            return limit, (f"{limit} ({key} in config.json)" if limit else "unknown (no context length in config.json)")
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as error:
@@ -264,6 +279,13 @@ def _model_config(name: str, trust_remote_code: bool):
 def _model_context(name: str | None, trust_remote_code: bool) -> tuple[int | None, str]:
     if name is None:
         return None, "not given (--model)"
+    if config_file(name) is not None:
+        # a local config.json is data: read it without running code (remote-code configs need no trust here);
+        # transformers' own config class is asked only for a default the file leaves out
+        data = read_config_json(name)
+        limit, key = context_length_from_json(data)
+        if limit or data.get("auto_map"):
+            return limit, (f"{limit} ({key} in config.json)" if limit else "unknown (no context length in config.json)")
     config = _model_config(name, trust_remote_code)
     limit, key = context_length(config)
     return limit, (f"{limit} ({key} of {type(config).__name__})" if limit else "unknown (no context length in config)")

@@ -11,6 +11,7 @@ from .model_check import _collator_options, _one_thread, _prepare_proof, _proof_
 from .report import CONTAMINATED, LOGIT_TOLERANCE, UNSUPPORTED, BackendResult
 from .static_checks import _position_start, check_recurrent_layers
 from .tiny import proof_features
+from .unwrap import unwrap_model, unwrapped_class
 
 logger = logging.getLogger("packcollate")
 
@@ -27,26 +28,28 @@ def assert_packing_safe(model: torch.nn.Module, *, collator: PackedCollator | No
     raises on the tiny copy is not an error here (training would raise loudly anyway): it is logged.
 
     Args:
-        model: the transformers causal LM about to be trained on packed batches.
+        model: the transformers causal LM about to be trained on packed batches, bare or wrapped
+            (PEFT, torch.compile, DDP, FSDP, accelerate: see `packcollate.compat.unwrap`).
         collator: the `PackedCollator` in use; its layout options (position offset, seq_idx, flash
             kwargs) are used for the proof.
         use_cache: the `use_cache` the training forward passes (default: the config's).
     """
+    model_type, model = unwrapped_class(model), unwrap_model(model)
     config = model.config
     backend = config._attn_implementation or "eager"
     use_cache = bool(getattr(config, "use_cache", False)) if use_cache is None else use_cache
     layout = _collator_options(collator) if collator is not None else None
-    key = (type(model), config.to_json_string(use_diff=False), backend, use_cache, str(layout))
+    key = (model_type, config.to_json_string(use_diff=False), backend, use_cache, str(layout))
     if key not in _GUARD_CACHE:
         with _one_thread():
-            _GUARD_CACHE[key] = _guard_proof(model, backend, use_cache, layout)
+            _GUARD_CACHE[key] = _guard_proof(model_type, config, backend, use_cache, layout)
     result = _GUARD_CACHE[key]
     trial = result.trial(use_cache)
     if trial.verdict == UNSUPPORTED:
-        logger.warning("packcollate could not check packing for %s with %r: %s", type(model).__name__, backend, trial.error)
+        logger.warning("packcollate could not check packing for %s with %r: %s", model_type.__name__, backend, trial.error)
     elif trial.verdict == CONTAMINATED:
         raise RuntimeError(
-            f"packed batches are not safe for {type(model).__name__} with attn_implementation={backend!r} and "
+            f"packed batches are not safe for {model_type.__name__} with attn_implementation={backend!r} and "
             f"use_cache={use_cache}: on a tiny random copy, packed examples differ from the same examples one at a "
             f"time by {trial.max_logit_diff:.3g} (max |logit diff|) and {trial.max_grad_rel_diff:.3g} (max relative "
             f"gradient diff, {trial.worst_parameter}); expected <= {LOGIT_TOLERANCE:g}. Fix: "
@@ -55,12 +58,11 @@ def assert_packing_safe(model: torch.nn.Module, *, collator: PackedCollator | No
         )
 
 
-def _guard_proof(model: torch.nn.Module, backend: str, use_cache: bool, layout: dict | None) -> BackendResult:
-    """The proof of one backend on a tiny copy of `model`'s class and config."""
-    model_class = type(model)
-    tiny = _tiny_model(model_class, model.config, "cpu")
+def _guard_proof(model_type: type, config, backend: str, use_cache: bool, layout: dict | None) -> BackendResult:
+    """The proof of one backend on a tiny copy of `model_type` built from `config`."""
+    tiny = _tiny_model(model_type, config, "cpu")
     if layout is None:
-        layout = _collator_options(_proof_collator(model_class, _position_start(model.config, tiny),
-                                                   check_recurrent_layers(model.config, tiny)))
+        layout = _collator_options(_proof_collator(model_type, _position_start(config, tiny),
+                                                   check_recurrent_layers(config, tiny)))
     proof = _prepare_proof(tiny, proof_features(), PackedCollator(**layout), torch.device("cpu"))
     return _prove_backend(tiny, proof, backend)

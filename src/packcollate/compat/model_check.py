@@ -27,6 +27,7 @@ from .equivalence import (
     _reference_run,
     _Run,
 )
+from .remote_code import check_remote_code
 from .report import (
     BF16_TOLERANCE,
     CONTAMINATED,
@@ -55,6 +56,7 @@ from .static_checks import (
     check_use_cache,
 )
 from .tiny import _default_config, proof_features, tiny_config
+from .unwrap import unwrap_model, unwrapped_class
 
 # --- the target --------------------------------------------------------------------------------
 
@@ -78,8 +80,10 @@ def _load_config(target, trust_remote_code: bool) -> PretrainedConfig:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"target: expected a directory with a config.json, got {str(path)!r} without one")
+        check_remote_code(path, trust_remote_code)
         return load_local_config(path, trust_remote_code=trust_remote_code)
     if path.is_file() and path.suffix == ".json":
+        check_remote_code(path.parent, trust_remote_code)
         return load_local_config(path, trust_remote_code=trust_remote_code)
     if str(target) in CONFIG_MAPPING:
         return _default_config(str(target))
@@ -106,7 +110,7 @@ def _causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> tuple[type,
         )
         return model_class, config
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        hint = " (its config names remote code: pass trust_remote_code=True)" if auto_map else ""
+        hint = " (its config names remote code: pass --trust-remote-code, trust_remote_code=True)" if auto_map else ""
         raise ValueError(
             f"model_type {config.model_type!r}: expected an architecture with a causal-LM head "
             f"(AutoModelForCausalLM), got {type(config).__name__}, which has none{hint}"
@@ -119,9 +123,11 @@ def _causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> tuple[type,
 
 def _resolve_target(target, trust_remote_code: bool) -> _Target:
     if isinstance(target, torch.nn.Module):
-        if not isinstance(getattr(target, "config", None), PretrainedConfig):
+        inner = unwrap_model(target)  # PEFT, torch.compile, DDP, FSDP, accelerate wrappers
+        if not isinstance(getattr(inner, "config", None), PretrainedConfig):
             raise TypeError(f"target: expected a transformers model with a .config, got {type(target).__name__}")
-        return _Target(type(target).__name__, target.config.model_type, type(target), target.config)
+        cls = unwrapped_class(target)
+        return _Target(cls.__name__, inner.config.model_type, cls, inner.config)
     if isinstance(target, PretrainedConfig):
         model_class, config = _causal_lm(target, trust_remote_code)
         return _Target(type(target).__name__, target.model_type, model_class, config)

@@ -1,0 +1,71 @@
+"""The `packcollate` attention backend under `torch.compile`: the same semantics, traced as one graph.
+
+The eager backend derives the sequence layout once per forward (a device sync, Python lists, a cache
+keyed by tensor identity) and runs each bucket of similar-length sequences as its own SDPA call:
+fast, but every one of those steps is a graph break, and the number of buckets depends on the data.
+While `torch.compile` traces (`torch.compiler.is_compiling()`), `packcollate_attention` calls
+`traceable_attention` instead: tensor operations only, no `.item()`, no data-dependent Python
+branch, so a packed forward is one graph and stays one graph when the packed length `N` and the
+number of examples `k` change (dynamic shapes; `torch.compile(model, dynamic=True)` or the default
+automatic dynamic shapes, which mark them dynamic at the first change).
+
+Each token gets the id of its sequence, `(B, S)`: a new id wherever `cu_seq_lens_q`, `position_ids`
+(a position that does not continue the previous one) or this backend's mask (a change of id, padding
+0) says a sequence starts, as the eager layout does; chunked-attention layers (Llama 4) also start a
+new id every `attention_chunk_size` tokens of an example. Attention is then one SDPA call over the
+row with the mask `same id & causal (& sliding window) & real key`: `(B, 1, S, S)` bool, so memory
+is quadratic in `S` (as transformers' packed sdpa); the eager path stays linear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionOptions, _attention_dense, _chunk_size, _is_sequence_map
+
+
+def sequence_ids(query: torch.Tensor, attention_mask, kwargs: dict, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(B, S)` int64 sequence id of every token, and `(B, S)` bool real tokens (None: all are real)."""
+    batch, _, seq, _ = query.shape
+    device = query.device
+    starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)  # example starts (cu_seq_lens, position_ids)
+    starts[:, 0] = True
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    examples = isinstance(cu_seq_lens, torch.Tensor) and cu_seq_lens.dim() == 1
+    if examples:
+        starts.view(-1)[cu_seq_lens[:-1].long()] = True
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq:
+        examples = True
+        positions = position_ids.expand(batch, -1)
+        starts[:, 1:] |= positions[:, 1:] != positions[:, :-1] + 1
+    real = None
+    if _is_sequence_map(attention_mask):
+        real = attention_mask != 0
+        if not (chunk and examples):  # a chunked layer counts chunks from the examples, not from the mask
+            starts[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
+    if chunk and examples:
+        index = torch.arange(seq, device=device).expand(batch, -1)
+        first = torch.cummax(torch.where(starts, index, 0), dim=1).values  # start of each token's example
+        starts = starts | ((index - first) % chunk == 0)
+    return torch.cumsum(starts, dim=1), real
+
+
+def traceable_attention(module, query, key, value, attention_mask, opts: AttentionOptions, sinks, kwargs: dict) -> torch.Tensor:
+    """Exact attention with every sequence kept apart, traceable: q `(B, H, S, D)`, k/v `(B, H_kv, S, D)`
+    -> `(B, S, H, D_v)`; padding tokens give 0, as on the eager path."""
+    seq = query.shape[2]
+    ids, real = sequence_ids(query, attention_mask, kwargs, _chunk_size(module))
+    allowed = ids[:, :, None] == ids[:, None, :]  # (B, S, S)
+    index = torch.arange(seq, device=query.device)
+    distance = index[:, None] - index[None, :]
+    if opts.causal:
+        allowed = allowed & (distance >= 0)
+    if opts.sliding_window is not None:
+        allowed = allowed & (distance < opts.sliding_window)
+        if not opts.causal:
+            allowed = allowed & (distance > -opts.sliding_window)
+    if real is not None:
+        allowed = (allowed & real[:, None, :]) | (distance == 0)  # a padding query sees itself: finite, zeroed below
+    out = _attention_dense(query, key, value, opts, allowed[:, None], sinks, is_causal=False).transpose(1, 2)
+    return out if real is None else out * real[:, :, None, None].to(out.dtype)
