@@ -141,7 +141,12 @@ def _layout_from_cu(cu_seq_lens: torch.Tensor, max_length, batch: int, seq: int)
     if cached is not None:
         return cached
     if cu_seq_lens.dim() != 1 or cu_seq_lens.numel() < 2:
-        raise ValueError(f"cu_seq_lens_q: expected a (k+1,) tensor of cumulative lengths, got shape {tuple(cu_seq_lens.shape)}")
+        raise ValueError(
+            f"cu_seq_lens_q: expected a (k+1,) tensor of cumulative lengths, got shape {tuple(cu_seq_lens.shape)}"
+            + (" (accelerate's dispatch_batches, its default for an IterableDataset, slices every tensor along dim 0: "
+               "train with PackedTrainer, or TrainingArguments(accelerator_config={'dispatch_batches': False}))"
+               if cu_seq_lens.numel() == 1 else "")
+        )
     total = int(cu_seq_lens[-1])
     if total != batch * seq:
         raise ValueError(

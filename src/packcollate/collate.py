@@ -203,18 +203,22 @@ class _Collator:
                             f"max_seq_length={self.max_seq_length} ({plan.dropped_tokens} tokens)")
         if plan.split_segments:
             self.stats.split_sequences += plan.split_segments
-        if len(lengths) == 0:
-            raise ValueError(
-                f"every example of the batch is longer than max_seq_length={self.max_seq_length} and "
-                f"overflow='drop' removed them all; got lengths {flat.segment_lengths.tolist()}"
-            )
+        source = plan.source
+        if len(lengths) == 0:  # overflow="drop" removed every example: one pad token, no target
+            self._warn_once("empty", f"overflow='drop' removed every example of a batch (lengths "
+                            f"{flat.segment_lengths.tolist()}): it became one pad token without a target, which "
+                            f"adds nothing to the loss")
+            fill = {"input_ids": getattr(self, "pad_token_id", 0), "labels": IGNORE_INDEX}
+            out = {key: np.full(1, fill.get(key, 0), dtype=value.dtype) for key, value in out.items()}
+            lengths, source = np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+            self.stats.padding_tokens += 1
         cu_seq_lens = _cumulative(lengths)
         out["labels"][cu_seq_lens[:-1]] = self.separator_id
         self.stats.batches += 1
         self.stats.examples += len(flat.example_lengths)
-        self.stats.sequences += len(lengths)
+        self.stats.sequences += len(plan.lengths)
         self.stats.tokens += int(cu_seq_lens[-1])
-        return PreparedBatch(out, lengths, cu_seq_lens, _per_sequence(flat.passthrough, flat.segment_example[plan.source]))
+        return PreparedBatch(out, lengths, cu_seq_lens, _per_sequence(flat.passthrough, flat.segment_example[source]))
 
     def _finish(self, batch: dict, passthrough: dict[str, list], return_tensors: str | None) -> dict:
         """Convert numpy arrays to the requested tensor type; add passthrough values."""

@@ -16,7 +16,14 @@
 - with `max_tokens_per_batch`, batches training and evaluation (its own budget with
   `eval_max_tokens_per_batch`) by a `TokenBudgetBatchSampler`, one plan per rank, re-planned every
   epoch; examples longer than the budget train in a batch of their own, with a warning;
-- with `check_packing=True` (default), runs `assert_packing_safe` on the model at train start.
+- with `check_packing=True` (default), runs `assert_packing_safe` on the model at train start;
+- batches an iterable dataset (a stream) with a `TokenBudgetStream`, the token budget or the
+  per-device batch size, every rank the same number of steps (`integrations.streams`);
+- measures every split before the first step and says once how many examples exceed
+  `max_seq_length` or the model's context (an example longer than the model's positions is an
+  error there, not mid-run: `integrations.length_check`);
+- reports `eval_loss` as the token mean over the eval set's targets, whatever the batching
+  (`integrations.eval_loss`).
 
 The loss needs nothing extra: `Trainer` divides the summed token loss of every micro-batch by the
 label tokens of the whole optimizer step, gathered over gradient accumulation and over ranks
@@ -35,7 +42,11 @@ from transformers import Trainer, TrainerCallback
 from ..collate import PackedCollator, _Collator
 from ..features import MASK_KEYS
 from ..lengths import token_counts
+from ..lengths import context_length
 from ..sampler import TokenBudgetBatchSampler
+from .eval_loss import TokenMeanEvalLoss
+from .length_check import check_split_lengths
+from .streams import is_stream, stream_dataloader
 
 logger = logging.getLogger("packcollate")
 
@@ -70,7 +81,7 @@ class _SetEpoch(TrainerCallback):
         self.sampler.set_epoch(int(state.epoch or 0))
 
 
-class PackingTrainerMixin:
+class PackingTrainerMixin(TokenMeanEvalLoss):
     """Packed batches for a `Trainer` subclass; put it first: `class T(PackingTrainerMixin, Trainer)`.
 
     Args:
@@ -103,6 +114,7 @@ class PackingTrainerMixin:
             max_tokens_per_batch if eval_max_tokens_per_batch is None else eval_max_tokens_per_batch or None
         )
         self.budget_strategy = budget_strategy
+        self._lengths_checked = False
         super().__init__(*args, **kwargs)
         self.data_collator = data_collator if data_collator is not None else PackedCollator()
         if check_packing:
@@ -161,17 +173,47 @@ class PackingTrainerMixin:
             self.add_callback(_SetEpoch(sampler))
         return loader
 
+    def _check_lengths(self) -> None:
+        """Measure every split once, before the first training or evaluation step (`length_check`)."""
+        if self._lengths_checked:
+            return
+        self._lengths_checked = True
+        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        named = {"train": self.train_dataset, **{name if name == "eval" else f"eval '{name}'": d for name, d in evals.items()}}
+        named = {name: d for name, d in named.items() if d is not None}
+        streams = tuple(name for name, d in named.items() if is_stream(d))
+        splits = {name: example_lengths(d) for name, d in named.items() if name not in streams}
+        limit, key = context_length(getattr(self.model, "config", None))
+        message = check_split_lengths(
+            splits, max_seq_length=getattr(self.data_collator, "max_seq_length", None),
+            overflow=getattr(self.data_collator, "overflow", "truncate"), context_limit=limit, context_key=key,
+            streams=streams,
+        )
+        if message:
+            logger.warning("%s", message)
+
+    def train(self, *args, **kwargs):
+        self._check_lengths()
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._check_lengths()
+        return super().evaluate(*args, **kwargs)
+
     def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is not None and is_stream(self.train_dataset):
+            return stream_dataloader(self, self.train_dataset, "training", self.max_tokens_per_batch, training=True)
         if self.max_tokens_per_batch is None or self.train_dataset is None:
             return super().get_train_dataloader()
         return self._budget_dataloader(self.train_dataset, "training", self.max_tokens_per_batch, training=True)
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        named = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = named if named is not None else self.eval_dataset
+        if dataset is not None and is_stream(dataset):
+            return stream_dataloader(self, dataset, "evaluation", self.eval_max_tokens_per_batch, training=False)
         if self.eval_max_tokens_per_batch is None:
             return super().get_eval_dataloader(eval_dataset)
-        if isinstance(eval_dataset, str):
-            eval_dataset = self.eval_dataset[eval_dataset]
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
         return self._budget_dataloader(dataset, "evaluation", self.eval_max_tokens_per_batch, training=False)
