@@ -45,6 +45,7 @@ from ..lengths import token_counts
 from ..lengths import context_length
 from ..sampler import TokenBudgetBatchSampler
 from .eval_loss import TokenMeanEvalLoss
+from .launch_check import assert_fsdp_active
 from .length_check import check_split_lengths
 from .streams import is_stream, stream_dataloader
 
@@ -116,6 +117,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss):
         self.budget_strategy = budget_strategy
         self._lengths_checked = False
         super().__init__(*args, **kwargs)
+        assert_fsdp_active(self.args, self.accelerator)
         self.data_collator = data_collator if data_collator is not None else PackedCollator()
         if check_packing:
             from .guard import PackingGuardCallback
