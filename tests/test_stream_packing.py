@@ -194,3 +194,22 @@ def test_two_ranks_end_a_stream_evenly(padded_reference, tmp_path, free_port):  
     assert saved["steps"][0] == saved["steps"][1]
     assert saved["padding_batches"] >= 1  # the odd example count left one rank a padding batch
     assert_same_change(padded_reference, saved["change"])
+
+
+def test_trainer_resumes_mid_stream(tmp_path):
+    """4 steps on a stream, or 2 steps, a checkpoint, and 2 more from it: the same weights."""
+    dataset = prompt_completion_dataset(n=48).to_iterable_dataset()
+
+    def run(output, max_steps, resume=None):
+        model = tiny_model()
+        args = arguments(output, max_steps=max_steps, save_strategy="steps", save_steps=2, learning_rate=0.1,
+                         per_device_train_batch_size=4)
+        trainer = PackedTrainer(model=model, args=args, train_dataset=dataset, max_tokens_per_batch=150,
+                                check_packing=False)
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "half", 2)
+    resumed = run(tmp_path / "half", 4, resume=str(tmp_path / "half" / "checkpoint-2"))
+    assert_same_change(whole, resumed, rtol=1e-6)

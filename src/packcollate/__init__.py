@@ -8,6 +8,7 @@ from . import attention
 from .collate import CollateStats, PackedCollator, PaddedCollator
 from .compat import assert_packing_safe, check_model
 from .sampler import TokenBudgetBatchSampler
+from .stream_packing import TokenBudgetStream
 
 attention.register()
 
@@ -18,6 +19,7 @@ __all__ = [
     "PackedCollator",
     "PaddedCollator",
     "TokenBudgetBatchSampler",
+    "TokenBudgetStream",
     "__version__",
     "assert_packing_safe",
     "check_model",
