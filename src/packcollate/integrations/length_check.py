@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..lengths import recommend_max_seq_length
+from ..lengths import context_length, recommend_max_seq_length
 
 _EFFECT = {"truncate": "truncated", "split": "split into pieces", "drop": "dropped (not trained or evaluated on)"}
 
@@ -31,7 +31,7 @@ def check_split_lengths(
     overflow: str,
     context_limit: int | None,
     context_key: str | None = None,
-    streams: tuple[str, ...] = (),
+    unmeasured: tuple[str, ...] = (),
 ) -> str | None:
     """Check example lengths `(n,)` of each split; see the module docstring. Returns a message or None.
 
@@ -39,7 +39,7 @@ def check_split_lengths(
         splits: `{name: (n,) int lengths}`.
         max_seq_length, overflow: the collator's length policy (`packcollate.lengths`).
         context_limit, context_key: the model's context length and the config key it came from.
-        streams: names of splits that could not be measured (iterable datasets).
+        unmeasured: names of splits that could not be measured (streams, rows without `input_ids`).
     """
     cuts = max_seq_length is not None and overflow != "error"
     lines = []
@@ -72,11 +72,43 @@ def check_split_lengths(
             f"{name} split: {int(over.sum())} of {len(lengths)} examples are longer than max_seq_length={max_seq_length} "
             f"(longest {int(lengths.max())}, first: example {first}) and will be {_EFFECT[overflow]}"
         )
-    if streams:
-        lines.append(f"not measured (streams): {', '.join(streams)}")
+    if unmeasured:
+        lines.append(f"not measured (streams, or no input_ids yet): {', '.join(unmeasured)}")
     if not any("longer than" in line for line in lines):
         return "; ".join(lines) or None
     measured = {name: lengths for name, lengths in splits.items() if len(lengths)}
     cover = recommend_max_seq_length(measured, context_limit, headroom=0.0, multiple=1)
+    longest = max(int(np.max(lengths)) for lengths in measured.values())
+    if cover < longest:
+        return "; ".join(lines) + (f". No max_seq_length covers the longest example ({longest}) within the model's "
+                                   f"{context_key}={context_limit}: the longer ones need the length policy")
     limit = f" (the model's {context_key} is {context_limit})" if context_limit else ""
     return "; ".join(lines) + f". max_seq_length={cover} covers every measured split{limit}"
+
+
+def check_trainer_splits(train_dataset, eval_dataset, collator, model) -> str | None:
+    """`check_split_lengths` for a trainer's splits (`eval_dataset` may be a dict of named splits),
+    its collator's length policy and its model's context limit."""
+    from .streams import is_stream
+    from .trainer import example_lengths
+
+    evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+    named = {"train": train_dataset, **{name if name == "eval" else f"eval '{name}'": d for name, d in evals.items()}}
+    splits, unmeasured = {}, []
+    for name, dataset in named.items():
+        if dataset is None:
+            continue
+        try:
+            lengths = None if is_stream(dataset) else example_lengths(dataset)
+        except (KeyError, TypeError):  # no `input_ids` yet (raw text a custom collator tokenizes)
+            lengths = None
+        if lengths is None:
+            unmeasured.append(name)
+        else:
+            splits[name] = lengths
+    limit, key = context_length(getattr(model, "config", None))
+    return check_split_lengths(
+        splits, max_seq_length=getattr(collator, "max_seq_length", None),
+        overflow=getattr(collator, "overflow", "truncate"), context_limit=limit, context_key=key,
+        unmeasured=tuple(unmeasured),
+    )

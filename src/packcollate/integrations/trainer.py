@@ -42,11 +42,10 @@ from transformers import Trainer, TrainerCallback
 from ..collate import PackedCollator, _Collator
 from ..features import MASK_KEYS
 from ..lengths import token_counts
-from ..lengths import context_length
 from ..sampler import TokenBudgetBatchSampler
 from .eval_loss import TokenMeanEvalLoss
 from .launch_check import assert_fsdp_active
-from .length_check import check_split_lengths
+from .length_check import check_trainer_splits
 from .streams import is_stream, stream_dataloader
 
 logger = logging.getLogger("packcollate")
@@ -177,22 +176,11 @@ class PackingTrainerMixin(TokenMeanEvalLoss):
 
     def _check_lengths(self) -> None:
         """Measure every split once, before the first training or evaluation step (`length_check`)."""
-        if self._lengths_checked:
-            return
-        self._lengths_checked = True
-        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
-        named = {"train": self.train_dataset, **{name if name == "eval" else f"eval '{name}'": d for name, d in evals.items()}}
-        named = {name: d for name, d in named.items() if d is not None}
-        streams = tuple(name for name, d in named.items() if is_stream(d))
-        splits = {name: example_lengths(d) for name, d in named.items() if name not in streams}
-        limit, key = context_length(getattr(self.model, "config", None))
-        message = check_split_lengths(
-            splits, max_seq_length=getattr(self.data_collator, "max_seq_length", None),
-            overflow=getattr(self.data_collator, "overflow", "truncate"), context_limit=limit, context_key=key,
-            streams=streams,
-        )
-        if message:
-            logger.warning("%s", message)
+        if not self._lengths_checked:
+            self._lengths_checked = True
+            message = check_trainer_splits(self.train_dataset, self.eval_dataset, self.data_collator, self.model)
+            if message:
+                logger.warning("%s", message)
 
     def train(self, *args, **kwargs):
         self._check_lengths()
