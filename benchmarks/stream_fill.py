@@ -55,7 +55,7 @@ def online(lengths: np.ndarray, order: np.ndarray, budget: int, ranks: int, buff
     stream = TokenBudgetStream(examples, budget, buffer_size=buffer, strategy=strategy, num_replicas=ranks, rank=0,
                                overflow="own_batch", seed=0)
     start = time.perf_counter()
-    batches = [batch for step in stream._steps(np.random.default_rng(0)) for batch in step]  # every rank's batches
+    batches = [batch for step in stream.steps() for batch in step]  # every rank's batches
     seconds = time.perf_counter() - start
     real = [b for b in batches if "labels" not in b[0]]
     tokens = sum(e["length"] for b in real for e in b)

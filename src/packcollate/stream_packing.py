@@ -145,6 +145,7 @@ class TokenBudgetStream(IterableDataset):
         length_column: the token column measured when an example has no `length` (default `input_ids`).
 
     Attributes:
+        max_tokens: the budget of a batch (examples when `by_count`, i.e. built with `max_examples`).
         epoch: the epoch `set_epoch` chose.
         examples_read, oversized_examples, padding_batches: counts of the last (or current) pass.
     """
@@ -173,7 +174,8 @@ class TokenBudgetStream(IterableDataset):
                 f"max_examples={max_examples!r}"
             )
         self.by_count = max_tokens is None
-        self.max_tokens = _positive_int("max_examples" if self.by_count else "max_tokens", max_examples or max_tokens)
+        self.max_tokens = _positive_int("max_examples" if self.by_count else "max_tokens",
+                                        max_examples if self.by_count else max_tokens)
         self.buffer_size = _positive_int("buffer_size", buffer_size)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -196,8 +198,9 @@ class TokenBudgetStream(IterableDataset):
 
     # -- the plan (the same on every rank) ----------------------------------------------------------
 
-    def _steps(self, rng: np.random.Generator | None) -> Iterator[list[list[dict]]]:
-        """Every step of one pass: `num_replicas` batches (lists of examples) each."""
+    def steps(self) -> Iterator[list[list[dict]]]:
+        """Every step of the current epoch's pass, for all ranks: `num_replicas` batches (lists of examples)."""
+        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
         self.examples_read = self.oversized_examples = self.padding_batches = 0
         buffer: list[dict] = []
         lengths: list[int] = []
@@ -294,10 +297,9 @@ class TokenBudgetStream(IterableDataset):
             )
         if hasattr(self.examples, "set_epoch"):
             self.examples.set_epoch(self.epoch)
-        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
         start, self._skip = self._skip, 0
         self._yielded = start
-        for index, step in enumerate(self._steps(rng)):
+        for index, step in enumerate(self.steps()):
             if index < start:
                 continue
             self._yielded += 1
