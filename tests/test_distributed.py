@@ -55,7 +55,7 @@ def test_fsdp_asked_on_cpu_is_refused_not_run_as_ddp(tmp_path, free_port):
                str(HERE / "fsdp_asked_on_cpu.py"), str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("REFUSED: FSDP was asked for (TrainingArguments(fsdp=") == 2, result.stdout
+    assert result.stdout.count("FSDP was asked for (TrainingArguments(fsdp=") == 2, result.stdout  # both ranks
     assert "but accelerate runs DistributedType.MULTI_CPU and would not shard the model" in result.stdout
 
 
