@@ -43,8 +43,12 @@ class TokenMeanEvalLoss:
 
     _eval_sums: torch.Tensor | None = None
 
+    def _token_mean_eval(self) -> bool:
+        """Only for the token-mean loss (a `loss_weighting="sequence"` trainer averages examples instead)."""
+        return getattr(self, "loss_weighting", "token") == "token"
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._eval_sums is None:  # training: the Trainer's own token mean over the optimizer step
+        if self._eval_sums is None:  # training (or not a token mean): the Trainer's own loss
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         targets = batch_targets(inputs, getattr(self, "_loss_shifts_labels", True))
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
@@ -58,6 +62,8 @@ class TokenMeanEvalLoss:
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
+        if not self._token_mean_eval():
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)  # loss sum, targets, empty
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
