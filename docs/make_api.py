@@ -29,6 +29,7 @@ PUBLIC = [
     ("packcollate.losses", ["sequence_weighted_loss", "count_loss_examples", "per_example_token_loss"]),
     ("packcollate.preference", ["PackedPreferenceCollator", "PackedPairCollator"]),
     ("packcollate.sequence_scores", ["packed_sequence_logits", "assert_sequence_scores_safe"]),
+    ("packcollate.stream_packing", ["TokenBudgetStream"]),
     ("packcollate.lengths", ["plan_lengths", "context_length", "length_stats", "LengthStats", "recommend_max_seq_length"]),
     ("packcollate.recurrent", ["restart_token_mixers", "token_mixers", "internal_attention_layers", "uses_kernels",
                                "run_per_example", "plan_buckets"]),

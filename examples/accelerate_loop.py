@@ -1,7 +1,11 @@
 """A plain PyTorch + accelerate training loop with token-budget batches and the padded loss.
 
     python examples/accelerate_loop.py --steps 10
-    torchrun --nproc_per_node 2 examples/accelerate_loop.py --steps 10   # DDP (see ddp_torchrun.sh)
+    torchrun --nproc_per_node 2 examples/accelerate_loop.py --steps 10 --processes 2      # DDP (ddp_torchrun.sh)
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py --processes 2   # DDP, CPU too
+
+On a machine without GPUs, `accelerate launch --num_processes 2` (no `--multi_gpu`) starts ONE
+process; `--processes N` makes the script stop with the command to use instead of training alone.
 
 The loss of an optimizer step is the mean over all its label tokens, across gradient-accumulation
 micro-batches and ranks, exactly as with padding: `count_label_tokens` counts them, the model sums
@@ -20,15 +24,18 @@ from torch.utils.data import DataLoader
 import packcollate  # noqa: F401
 from packcollate import PackedCollator, TokenBudgetBatchSampler
 from packcollate.integrations import count_label_tokens, micro_batches
+from packcollate.integrations.launch_check import assert_processes
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=10, help="optimizer steps")
 parser.add_argument("--examples", type=int, default=400)
 parser.add_argument("--max-tokens", type=int, default=2048, help="token budget of one micro-batch on one rank")
 parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
+parser.add_argument("--processes", type=int, default=None, help="stop unless this many processes run")
 args = parser.parse_args()
 
 accelerator = Accelerator(cpu=not torch.cuda.is_available())
+assert_processes(accelerator, args.processes)
 features = arithmetic_features(args.examples)
 sampler = TokenBudgetBatchSampler([len(f["input_ids"]) for f in features], args.max_tokens,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index)

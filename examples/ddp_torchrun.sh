@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python -m torch.distributed.run --nproc_per_node "${NPROC:-2}" --master_port "${MASTER_PORT:-29541}" \
-    accelerate_loop.py "$@"
+    accelerate_loop.py --processes "${NPROC:-2}" "$@"

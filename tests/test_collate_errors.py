@@ -213,9 +213,18 @@ def test_overflow_error_names_the_sub_sequence_of_a_pre_packed_row():
     raises(features, ValueError, "example 2 (sub-sequence 1)", "max_seq_length=2", "got 3", max_seq_length=2, overflow="error")
 
 
-def test_overflow_drop_removing_every_example():
-    raises([{"input_ids": [1, 2, 3]}], ValueError, "every example", "max_seq_length=2", "overflow='drop'", "got lengths [3]",
-           max_seq_length=2, overflow="drop")
+def test_overflow_drop_removing_every_example_gives_a_batch_without_targets(caplog):
+    """Not an error (it stopped evaluation mid-run): one pad token, no target, announced once."""
+    features = [{"input_ids": [1, 2, 3], "idx": 7}]
+    for collator in (PackedCollator(max_seq_length=2, overflow="drop", pad_token_id=5, passthrough_keys=["idx"]),
+                     PaddedCollator(max_seq_length=2, overflow="drop", pad_token_id=5, passthrough_keys=["idx"])):
+        with caplog.at_level("WARNING", logger="packcollate"):
+            batch = collator(features)
+        assert batch["input_ids"].tolist() == [[5]] and batch["labels"].tolist() == [[-100]]
+        assert collator.stats.dropped_sequences == 1 and collator.stats.sequences == 0
+        assert "overflow='drop' removed every example of a batch (lengths [3])" in caplog.text
+    packed = PackedCollator(max_seq_length=2, overflow="drop")([{"input_ids": [1, 2, 3]}])
+    assert packed["cu_seq_lens_q"].tolist() == [0, 1] and packed["position_ids"].tolist() == [[0]]
 
 
 def test_on_missing_template_error():

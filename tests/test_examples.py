@@ -41,6 +41,25 @@ def test_ddp_torchrun_two_processes(free_port):
     assert "x 2 process(es)" in out
 
 
+def test_accelerate_launch_multi_gpu_flag_starts_two_processes_on_cpu(free_port):
+    """On CPU, `accelerate launch --num_processes 2` starts one process; with --multi_gpu, two (gloo)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(free_port)]
+    out = run(*launch, "--multi_gpu", "--num_processes", "2", "accelerate_loop.py", "--steps", "1", "--examples", "48",
+              "--processes", "2", timeout=240)
+    assert "x 2 process(es)" in out
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = subprocess.run([*launch, "--num_processes", "2", "accelerate_loop.py", "--steps", "1", "--examples", "48",
+                            "--processes", "2"], cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=240)
+    assert alone.returncode != 0 and "expected 2 processes, got 1" in alone.stderr
+
+
+def test_fsdp2_loop_two_processes(free_port):
+    out = run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+              "fsdp2_loop.py", "--steps", "2", "--examples", "48", timeout=240)
+    assert "step 2: loss" in out and "2 ranks, FSDP2: rank 0 holds" in out
+
+
 def test_check_my_model():
     out = run(sys.executable, "check_my_model.py", "llama")
     assert "exact" in out

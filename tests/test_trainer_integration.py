@@ -180,10 +180,13 @@ def test_long_validation_examples_never_crash(tmp_path):
 
 
 def test_packed_eval_loss_equals_padded(tmp_path):
+    """Both the token mean over the eval set (the plain Trainer weighs each batch by its rows instead:
+    tests/test_eval_lengths.py)."""
     eval_set = prompt_completion_dataset(n=8, seed=1)
     packed = PackedTrainer(model=tiny_model(), args=arguments(tmp_path), eval_dataset=eval_set, check_packing=False)
-    padded = Trainer(model=tiny_model("sdpa"), args=arguments(tmp_path, remove_unused_columns=False),
-                     eval_dataset=eval_set, data_collator=PaddedCollator(passthrough_keys=["idx"]))
+    padded = PackedTrainer(model=tiny_model("sdpa"), args=arguments(tmp_path, remove_unused_columns=False),
+                           eval_dataset=eval_set, data_collator=PaddedCollator(passthrough_keys=["idx"]),
+                           check_packing=False)
     assert abs(packed.evaluate()["eval_loss"] - padded.evaluate()["eval_loss"]) < 1e-5
 
 

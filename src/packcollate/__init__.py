@@ -8,6 +8,7 @@ from . import attention, recurrent
 from .collate import CollateStats, PackedCollator, PaddedCollator
 from .compat import assert_packing_safe, check_model
 from .sampler import TokenBudgetBatchSampler
+from .stream_packing import TokenBudgetStream
 
 attention.register()
 recurrent.register()
@@ -19,6 +20,7 @@ __all__ = [
     "PackedCollator",
     "PaddedCollator",
     "TokenBudgetBatchSampler",
+    "TokenBudgetStream",
     "__version__",
     "assert_packing_safe",
     "check_model",

@@ -243,20 +243,24 @@ class _Collator:
         if plan.dropped_segments:
             self._warn_once("drop", f"dropped {plan.dropped_segments} sequences longer than "
                             f"max_seq_length={self.max_seq_length} ({plan.dropped_tokens} tokens)")
-        if len(lengths) == 0:
-            raise ValueError(
-                f"every example of the batch is longer than max_seq_length={self.max_seq_length} and "
-                f"overflow='drop' removed them all; got lengths {flat.segment_lengths.tolist()}"
-            )
+        source = plan.source
+        padding = 0
+        if len(lengths) == 0:  # overflow="drop" removed every example: one pad token, no target
+            self._warn_once("empty", f"overflow='drop' removed every example of a batch (lengths "
+                            f"{flat.segment_lengths.tolist()}): it became one pad token without a target, which "
+                            f"adds nothing to the loss")
+            fill = {"input_ids": getattr(self, "pad_token_id", 0), "labels": IGNORE_INDEX}
+            out = {key: np.full(1, fill.get(key, 0), dtype=value.dtype) for key, value in out.items()}
+            lengths, source, padding = np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64), 1
         cu_seq_lens = _cumulative(lengths)
         out["labels"][cu_seq_lens[:-1]] = self.separator_id
         self.stats.add(
-            batches=1, examples=len(flat.example_lengths), sequences=len(lengths), tokens=int(cu_seq_lens[-1]),
+            batches=1, examples=len(flat.example_lengths), sequences=len(plan.lengths), tokens=int(cu_seq_lens[-1]),
             truncated_sequences=plan.truncated_segments, truncated_tokens=plan.truncated_tokens,
             dropped_sequences=plan.dropped_segments, dropped_tokens=plan.dropped_tokens,
-            split_sequences=plan.split_segments,
+            split_sequences=plan.split_segments, padding_tokens=padding,
         )
-        return PreparedBatch(out, lengths, cu_seq_lens, _per_sequence(flat.passthrough, flat.segment_example[plan.source]))
+        return PreparedBatch(out, lengths, cu_seq_lens, _per_sequence(flat.passthrough, flat.segment_example[source]))
 
     def _finish(self, batch: dict, passthrough: dict[str, list], return_tensors: str | None) -> dict:
         """Convert numpy arrays to the requested tensor type; add passthrough values."""

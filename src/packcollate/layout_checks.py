@@ -24,7 +24,12 @@ def check_cu_seq_lens_type(cu_seq_lens, name: str = "cu_seq_lens_q") -> None:
             f"{cu_seq_lens!r:.60}; pass torch.tensor(..., dtype=torch.int32)"
         )
     if cu_seq_lens.dim() != 1 or cu_seq_lens.numel() < 2:
-        raise ValueError(f"{name}: expected a (k+1,) tensor of cumulative lengths, got {_shape(cu_seq_lens)}")
+        raise ValueError(
+            f"{name}: expected a (k+1,) tensor of cumulative lengths, got {_shape(cu_seq_lens)}"
+            + (" (accelerate's dispatch_batches, its default for an IterableDataset, slices every tensor along dim 0: "
+               "train with PackedTrainer, or TrainingArguments(accelerator_config={'dispatch_batches': False}))"
+               if cu_seq_lens.numel() == 1 else "")
+        )
     if cu_seq_lens.dtype.is_floating_point or cu_seq_lens.dtype.is_complex or cu_seq_lens.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer tensor, got dtype {cu_seq_lens.dtype}")
 

@@ -16,7 +16,14 @@
 - with `max_tokens_per_batch`, batches training and evaluation (its own budget with
   `eval_max_tokens_per_batch`) by a `TokenBudgetBatchSampler`, one plan per rank, re-planned every
   epoch; examples longer than the budget train in a batch of their own, with a warning;
-- with `check_packing=True` (default), runs `assert_packing_safe` on the model at train start.
+- with `check_packing=True` (default), runs `assert_packing_safe` on the model at train start;
+- batches an iterable dataset (a stream) with a `TokenBudgetStream`, the token budget or the
+  per-device batch size, every rank the same number of steps (`integrations.streams`);
+- measures every split before the first step and says once how many examples exceed
+  `max_seq_length` or the model's context (an example longer than the model's positions is an
+  error there, not mid-run: `integrations.length_check`);
+- reports `eval_loss` as the token mean over the eval set's targets, whatever the batching
+  (`integrations.eval_loss`).
 
 The loss needs nothing extra: `Trainer` divides the summed token loss of every micro-batch by the
 label tokens of the whole optimizer step, gathered over gradient accumulation and over ranks
@@ -36,7 +43,11 @@ from ..collate import PackedCollator, _Collator
 from ..features import MASK_KEYS
 from ..lengths import token_counts
 from ..sampler import TokenBudgetBatchSampler
+from .eval_loss import TokenMeanEvalLoss
+from .launch_check import assert_fsdp_active
+from .length_check import check_trainer_splits
 from .sequence_loss import SequenceWeightedLossMixin
+from .streams import is_stream, stream_dataloader
 
 logger = logging.getLogger("packcollate")
 
@@ -71,7 +82,7 @@ class _SetEpoch(TrainerCallback):
         self.sampler.set_epoch(int(state.epoch or 0))
 
 
-class PackingTrainerMixin(SequenceWeightedLossMixin):
+class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
     """Packed batches for a `Trainer` subclass; put it first: `class T(PackingTrainerMixin, Trainer)`.
 
     Args:
@@ -110,7 +121,9 @@ class PackingTrainerMixin(SequenceWeightedLossMixin):
             max_tokens_per_batch if eval_max_tokens_per_batch is None else eval_max_tokens_per_batch or None
         )
         self.budget_strategy = budget_strategy
+        self._lengths_checked = False
         super().__init__(*args, **kwargs)
+        assert_fsdp_active(self.args, self.accelerator)
         self.data_collator = data_collator if data_collator is not None else PackedCollator()
         if check_packing:
             from .guard import PackingGuardCallback
@@ -172,17 +185,36 @@ class PackingTrainerMixin(SequenceWeightedLossMixin):
             self.add_callback(_SetEpoch(sampler))
         return loader
 
+    def _check_lengths(self) -> None:
+        """Measure every split once, before the first training or evaluation step (`length_check`)."""
+        if not self._lengths_checked:
+            self._lengths_checked = True
+            message = check_trainer_splits(self.train_dataset, self.eval_dataset, self.data_collator, self.model)
+            if message:
+                logger.warning("%s", message)
+
+    def train(self, *args, **kwargs):
+        self._check_lengths()
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._check_lengths()
+        return super().evaluate(*args, **kwargs)
+
     def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is not None and is_stream(self.train_dataset):
+            return stream_dataloader(self, self.train_dataset, "training", self.max_tokens_per_batch, training=True)
         if self.max_tokens_per_batch is None or self.train_dataset is None:
             return super().get_train_dataloader()
         return self._budget_dataloader(self.train_dataset, "training", self.max_tokens_per_batch, training=True)
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        named = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = named if named is not None else self.eval_dataset
+        if dataset is not None and is_stream(dataset):
+            return stream_dataloader(self, dataset, "evaluation", self.eval_max_tokens_per_batch, training=False)
         if self.eval_max_tokens_per_batch is None:
             return super().get_eval_dataloader(eval_dataset)
-        if isinstance(eval_dataset, str):
-            eval_dataset = self.eval_dataset[eval_dataset]
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
         return self._budget_dataloader(dataset, "evaluation", self.eval_max_tokens_per_batch, training=False)

@@ -1,0 +1,339 @@
+"""Token-budget batches from a stream: an online packer over a bounded buffer.
+
+`TokenBudgetBatchSampler` plans a whole epoch from the lengths of every example; a stream
+(`datasets.Dataset.to_iterable_dataset()`, `load_dataset(..., streaming=True)`, a generator) has
+no lengths up front and no indices. `TokenBudgetStream` wraps the stream and yields, for this
+rank, lists of examples whose tokens sum to at most `max_tokens`:
+
+    stream = TokenBudgetStream(dataset.to_iterable_dataset(), max_tokens=16384)
+    loader = DataLoader(stream, batch_size=None, collate_fn=PackedCollator())   # one batch per item
+
+`PackedTrainer(max_tokens_per_batch=...)` builds it by itself for an iterable dataset.
+
+How batches are made:
+
+1. read examples into a buffer; every `buffer_size` new examples, pack the buffer into bins of at
+   most `max_tokens` tokens by best-fit decreasing (`"bfd"`, default), first-fit decreasing
+   (`"ffd"`) or in order (`"greedy"`), vectorised over the buffer (`sampler.fit_bins`);
+2. keep the `c` least-filled bins (`1 <= c <= num_replicas`, so that the bins handed out are a
+   multiple of `num_replicas`) in the buffer for the next round: a part-filled bin is completed by
+   later examples instead of being trained part-filled. A round that would hand out fewer than
+   `num_replicas` bins keeps everything and reads `buffer_size` more;
+3. group the other bins into steps of `num_replicas` bins of similar tokens (one per rank), in
+   random order (`shuffle=True`, seeded by `(seed, epoch)`) or packing order;
+4. when the stream ends, pack the rest and make its bins a multiple of `num_replicas` exactly as
+   the sampler does (`sampler._equal_counts`: repack the least-filled bins into more, or merge);
+   when there are too few examples left for that, the missing bins are *padding batches*: one
+   copy of the shortest example left, every label -100 (no targets: they add nothing to the loss
+   or to its token count, `padding_batches` counts them).
+
+Every rank reads the whole stream and computes the same plan (nothing is communicated), then keeps
+its own batch of every step: the stream must yield the same examples in the same order on every
+rank (true for `datasets` streams, seeded shuffles and plain generators), as with accelerate's
+`IterableDatasetShard`. Only this rank's batches are collated.
+
+Guarantees, per pass over the stream, over all ranks together:
+
+| guarantee | how |
+| --- | --- |
+| every example exactly once | bins partition the examples read; carried bins are handed out later, never twice |
+| no batch over `max_tokens` | bins never exceed it; a longer example raises (`overflow="error"`, naming its position in the stream) or gets a batch of its own (`overflow="own_batch"`, counted in `oversized_examples`) |
+| the same number of steps on every rank | every step holds `num_replicas` bins; the end is evened out (4.), so no rank waits for a collective the others never call |
+| bounded memory | `buffer_size` new examples plus the bins kept from the last round: `num_replicas` of them, or fewer than `2 * num_replicas` bins' worth when a round hands out nothing |
+| deterministic, resumable | the plan depends only on the stream, `(seed, epoch)` and the arguments; `state_dict()` / `load_state_dict()` resume mid-stream (by reading the stream again up to the step reached, without collating) |
+
+`num_workers > 1` in the `DataLoader` is refused: each worker would read (a shard of) the stream
+on its own and the plan would no longer be shared.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .masking import IGNORE_INDEX
+from .sampler import (
+    OVERFLOW_POLICIES,
+    STRATEGIES,
+    _Bins,
+    _distributed_default,
+    _equal_counts,
+    _positive_int,
+    fit_bins,
+    greedy_bins,
+)
+
+DEFAULT_BUFFER_SIZE = 1024
+
+
+def example_tokens(example: Mapping, position: int, column: str = "input_ids") -> int:
+    """Tokens of one streamed example: its `length` field, else `len(example[column])`.
+
+    Raises ValueError naming the stream `position` when the example has neither or is empty.
+    """
+    if not isinstance(example, Mapping):
+        raise ValueError(f"stream example {position}: expected a dict of features, got {type(example).__name__}")
+    if "length" in example:
+        value = example["length"]
+    elif column in example:
+        value = len(example[column])
+    else:
+        raise ValueError(f"stream example {position}: expected a 'length' or {column!r} key, got keys {sorted(example)}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"stream example {position}, key 'length': expected a positive int, got {value!r}")
+    return int(value)
+
+
+def padding_example(example: Mapping) -> dict:
+    """A copy of `example` with every label -100: a batch of it has no targets.
+
+    Per-token keys other than `labels` are kept (the collator checks them against `input_ids`).
+    """
+    padded = copy.deepcopy(dict(example))
+    padded["labels"] = [IGNORE_INDEX] * len(padded["input_ids"])
+    return padded
+
+
+def pack_buffer(lengths: np.ndarray, max_tokens: int, strategy: str) -> _Bins:
+    """Bins of the buffer's examples `(m,)` (indices into `lengths`), longer ones alone and unpackable."""
+    order = np.arange(len(lengths))
+    over = lengths > max_tokens
+    fits, oversized = order[~over], order[over]
+    if len(fits) == 0:
+        bin_of = np.zeros(0, dtype=np.int64)
+    elif strategy == "greedy":
+        bin_of = greedy_bins(lengths[fits], max_tokens)
+    else:
+        bin_of = fit_bins(lengths[fits], max_tokens, window=len(fits), best_fit=strategy == "bfd")
+    n_bins = int(bin_of.max(initial=-1)) + 1
+    return _Bins(
+        np.concatenate([fits[np.argsort(bin_of, kind="stable")], oversized]).astype(np.int64),
+        np.concatenate([np.bincount(bin_of, minlength=n_bins), np.ones(len(oversized), dtype=np.int64)]),
+        np.concatenate([np.ones(n_bins, dtype=bool), np.zeros(len(oversized), dtype=bool)]),
+    )
+
+
+def _runs(bins: _Bins) -> list[np.ndarray]:
+    """The items of each bin, `(sizes[b],)` each."""
+    return np.split(bins.items, np.cumsum(bins.sizes)[:-1]) if len(bins.sizes) else []
+
+
+class TokenBudgetStream(IterableDataset):
+    """Yield this rank's token-budget batches (lists of examples) from a stream (see the module docstring).
+
+    Use as `DataLoader(TokenBudgetStream(stream, max_tokens), batch_size=None, collate_fn=PackedCollator())`
+    and call `set_epoch(epoch)` before every pass, as with `DistributedSampler`.
+
+    Args:
+        examples: an iterable of example dicts (re-iterable for several epochs): a
+            `datasets.IterableDataset`, a torch `IterableDataset`, a list, ... An example's tokens are
+            its `length` field, else `len(example[length_column])`.
+        max_tokens: token budget of one batch on one rank; None to batch by count (`max_examples`).
+        max_examples: with `max_tokens=None`, batches of at most this many examples (every example
+            counts as 1 token; the same packing, carrying and even end).
+        buffer_size: new examples read between two packing rounds (default 1024). Larger buffers
+            pack tighter (see `benchmarks/stream_fill.py`) and hold more examples in memory.
+        strategy: `"bfd"` (default), `"ffd"` or `"greedy"`, as in `TokenBudgetBatchSampler`.
+        shuffle: hand out the steps of each packing round in random order, seeded by `(seed, epoch)`
+            (default True); False keeps packing order (evaluation).
+        seed: base seed.
+        num_replicas, rank: data-parallel ranks and this rank; default from `torch.distributed`.
+        overflow: an example longer than `max_tokens`: `"error"` (default) or `"own_batch"`.
+        length_column: the token column measured when an example has no `length` (default `input_ids`).
+
+    Attributes:
+        max_tokens: the budget of a batch (examples when `by_count`, i.e. built with `max_examples`).
+        epoch: the epoch `set_epoch` chose.
+        examples_read, oversized_examples, padding_batches: counts of the last (or current) pass.
+    """
+
+    def __init__(
+        self,
+        examples: Iterable[Mapping],
+        max_tokens: int | None,
+        *,
+        max_examples: int | None = None,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        strategy: str = "bfd",
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        overflow: str = "error",
+        length_column: str = "input_ids",
+    ) -> None:
+        if not isinstance(examples, Iterable) or isinstance(examples, (str, bytes, Mapping)):
+            raise ValueError(f"examples: expected an iterable of example dicts, got {type(examples).__name__}")
+        self.examples = examples
+        if (max_tokens is None) == (max_examples is None):
+            raise ValueError(
+                f"expected exactly one of max_tokens and max_examples, got max_tokens={max_tokens!r}, "
+                f"max_examples={max_examples!r}"
+            )
+        self.by_count = max_tokens is None
+        self.max_tokens = _positive_int("max_examples" if self.by_count else "max_tokens",
+                                        max_examples if self.by_count else max_tokens)
+        self.buffer_size = _positive_int("buffer_size", buffer_size)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow: expected one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        self.num_replicas, self.rank = _distributed_default(num_replicas, rank)
+        self.strategy = strategy
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.overflow = overflow
+        self.length_column = length_column
+        self.epoch = 0
+        self.examples_read = 0
+        self.oversized_examples = 0
+        self.padding_batches = 0
+        self._skip = 0  # steps the next pass skips (load_state_dict)
+        self._yielded = 0  # steps of this pass handed out so far
+
+    # -- the plan (the same on every rank) ----------------------------------------------------------
+
+    def steps(self) -> Iterator[list[list[dict]]]:
+        """Every step of the current epoch's pass, for all ranks: `num_replicas` batches (lists of examples)."""
+        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+        self.examples_read = self.oversized_examples = self.padding_batches = 0
+        buffer: list[dict] = []
+        lengths: list[int] = []
+        fresh = 0
+        for example in self.examples:
+            tokens = 1 if self.by_count else example_tokens(example, self.examples_read, self.length_column)
+            if tokens > self.max_tokens:
+                if self.overflow == "error":
+                    raise ValueError(
+                        f"stream example {self.examples_read}: expected at most max_tokens={self.max_tokens} tokens, "
+                        f"got {tokens}; use overflow='own_batch' to give it a batch of its own"
+                    )
+                self.oversized_examples += 1
+            self.examples_read += 1
+            buffer.append(example)
+            lengths.append(tokens)
+            fresh += 1
+            if fresh >= self.buffer_size:
+                fresh = 0
+                array = np.asarray(lengths, dtype=np.int64)
+                emitted, kept = self._split_off_carry(pack_buffer(array, self.max_tokens, self.strategy), array)
+                if len(emitted.sizes):
+                    yield from self._group(emitted, buffer, array, rng)
+                    keep = kept.items.tolist()
+                    buffer = [buffer[i] for i in keep]
+                    lengths = [lengths[i] for i in keep]
+        if buffer:
+            yield from self._last_steps(buffer, np.asarray(lengths, dtype=np.int64), rng)
+
+    def _split_off_carry(self, bins: _Bins, lengths: np.ndarray) -> tuple[_Bins, _Bins]:
+        """(bins handed out now, a multiple of `num_replicas`; the `1 … num_replicas` least-filled
+        bins, kept for the next round). Fewer than `num_replicas` bins to hand out: all are kept."""
+        carry = (len(bins.sizes) - 1) % self.num_replicas + 1
+        if len(bins.sizes) - carry < self.num_replicas:  # nothing to hand out yet: keep reading
+            return _Bins(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)), bins
+        least = np.argsort(bins.tokens(lengths), kind="stable")[:carry]
+        out = np.ones(len(bins.sizes), dtype=bool)
+        out[least] = False
+        runs = _runs(bins)
+        emitted = _Bins(
+            np.concatenate([runs[b] for b in np.flatnonzero(out)]), bins.sizes[out], bins.packable[out]
+        )
+        kept = _Bins(
+            np.concatenate([runs[b] for b in least]),
+            bins.sizes[least],
+            bins.packable[least],
+        )
+        return emitted, kept
+
+    def _last_steps(self, buffer: list[dict], lengths: np.ndarray, rng) -> Iterator[list[list[dict]]]:
+        """Pack the rest of the stream into a multiple of `num_replicas` bins, padding when too few."""
+        bins = pack_buffer(lengths, self.max_tokens, self.strategy)
+        try:
+            bins, _ = _equal_counts(bins, lengths, self.max_tokens, self.num_replicas, drop_last=False)
+        except ValueError:  # too few examples left to give every rank a batch: one batch per example
+            if len(lengths) <= self.num_replicas:
+                bins = _Bins(np.arange(len(lengths), dtype=np.int64), np.ones(len(lengths), dtype=np.int64),
+                             lengths <= self.max_tokens)
+        pad = -len(bins.sizes) % self.num_replicas
+        if pad:
+            shortest = int(np.argmin(lengths))
+            buffer = [*buffer, padding_example(buffer[shortest])]
+            lengths = np.append(lengths, lengths[shortest])
+            bins = _Bins(
+                np.concatenate([bins.items, np.full(pad, len(buffer) - 1, dtype=np.int64)]),
+                np.concatenate([bins.sizes, np.ones(pad, dtype=np.int64)]),
+                np.concatenate([bins.packable, np.zeros(pad, dtype=bool)]),
+            )
+            self.padding_batches += pad
+        yield from self._group(bins, buffer, lengths, rng)
+
+    def _group(self, bins: _Bins, buffer: list[dict], lengths: np.ndarray, rng) -> Iterator[list[list[dict]]]:
+        """Steps of `num_replicas` bins of similar tokens, in random or packing order."""
+        tokens = bins.tokens(lengths)
+        if rng is not None:
+            steps = np.lexsort((rng.random(len(tokens)), tokens)).reshape(-1, self.num_replicas)
+            steps = steps[rng.permutation(len(steps))]
+            steps = np.take_along_axis(steps, rng.random(steps.shape).argsort(axis=1), axis=1)
+        else:
+            steps = np.sort(np.argsort(tokens, kind="stable").reshape(-1, self.num_replicas), axis=1)
+            steps = steps[np.argsort(steps[:, 0], kind="stable")]
+        runs = _runs(bins)
+        for step in steps.tolist():
+            yield [[buffer[i] for i in runs[b].tolist()] for b in step]
+
+    # -- this rank's batches -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        worker = get_worker_info()
+        if worker is not None and worker.num_workers > 1:
+            raise ValueError(
+                f"TokenBudgetStream: expected at most 1 DataLoader worker, got num_workers={worker.num_workers}: "
+                f"each worker would read the stream on its own and the ranks' plan would differ"
+            )
+        if hasattr(self.examples, "set_epoch"):
+            self.examples.set_epoch(self.epoch)
+        start, self._skip = self._skip, 0
+        self._yielded = start
+        for index, step in enumerate(self.steps()):
+            if index < start:
+                continue
+            self._yielded += 1
+            yield step[self.rank]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Plan `epoch` next (forwarded to the stream's own `set_epoch`, which reshuffles a `datasets` stream)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch: expected a non-negative int, got {epoch!r}")
+        if epoch != self.epoch:
+            self._skip = self._yielded = 0
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict:
+        """`{"epoch", "seed", "steps_yielded", "num_replicas"}`: enough to resume this pass.
+
+        `steps_yielded` counts batches handed out; a prefetching `DataLoader` takes some before they
+        are trained on: save the number of steps trained instead when they differ.
+        """
+        return {"epoch": self.epoch, "seed": self.seed, "steps_yielded": self._yielded, "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next pass skips the first `steps_yielded` steps (reading, not collating, them)."""
+        missing = {"epoch", "seed", "steps_yielded"} - set(state)
+        if missing:
+            raise ValueError(f"state: expected the keys epoch, seed, steps_yielded, got {sorted(state)}")
+        if state.get("num_replicas", self.num_replicas) != self.num_replicas:
+            raise ValueError(
+                f"state: expected num_replicas={self.num_replicas} (the plan depends on it), "
+                f"got a state saved with {state['num_replicas']}"
+            )
+        skip = state["steps_yielded"]
+        if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or skip < 0:
+            raise ValueError(f"steps_yielded: expected a non-negative int, got {skip!r}")
+        self.set_epoch(state["epoch"])
+        self.seed = int(state["seed"])
+        self._skip = self._yielded = int(skip)

@@ -1,0 +1,35 @@
+"""Worker for test_distributed: PackedTrainer with TrainingArguments(fsdp="full_shard") on 2 CPU ranks.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_asked_on_cpu.py
+
+accelerate would train with DDP; PackedTrainer must refuse. Prints the error and exits 0 when refused.
+"""
+
+import sys
+
+import torch.distributed as dist
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_trainer_integration import arguments, prompt_completion_dataset, tiny_model  # noqa: E402
+
+from packcollate.integrations import PackedTrainer  # noqa: E402
+
+
+def main(out_dir: str) -> int:
+    args = arguments(out_dir, fsdp="full_shard", ddp_backend="gloo")
+    try:
+        PackedTrainer(model=tiny_model(), args=args, train_dataset=prompt_completion_dataset(), check_packing=False)
+    except RuntimeError as error:
+        print("REFUSED:", error, flush=True)
+        code = 0
+    else:
+        print("NOT REFUSED", flush=True)
+        code = 1
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
