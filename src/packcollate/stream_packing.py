@@ -253,12 +253,12 @@ class TokenBudgetStream(IterableDataset):
     def _last_steps(self, buffer: list[dict], lengths: np.ndarray, rng) -> Iterator[list[list[dict]]]:
         """Pack the rest of the stream into a multiple of `num_replicas` bins, padding when too few."""
         bins = pack_buffer(lengths, self.max_tokens, self.strategy)
-        try:
-            bins, _ = _equal_counts(bins, lengths, self.max_tokens, self.num_replicas, drop_last=False)
-        except ValueError:  # too few examples left to give every rank a batch: one batch per example
-            if len(lengths) <= self.num_replicas:
-                bins = _Bins(np.arange(len(lengths), dtype=np.int64), np.ones(len(lengths), dtype=np.int64),
-                             lengths <= self.max_tokens)
+        even = _equal_counts(bins, lengths, self.max_tokens, self.num_replicas, drop_last=False)
+        if even is not None:
+            bins = even[0]
+        elif len(lengths) <= self.num_replicas:  # too few examples left to give every rank a batch: one each
+            bins = _Bins(np.arange(len(lengths), dtype=np.int64), np.ones(len(lengths), dtype=np.int64),
+                         lengths <= self.max_tokens)
         pad = -len(bins.sizes) % self.num_replicas
         if pad:
             shortest = int(np.argmin(lengths))

@@ -42,10 +42,13 @@ class TokenMeanEvalLoss:
     """
 
     _eval_sums: torch.Tensor | None = None
+    #: False for trainers whose loss is not a mean over label tokens (DPO, reward models): their own
+    #: evaluation loop stays
+    loss_is_token_mean: bool = True
 
     def _token_mean_eval(self) -> bool:
         """Only for the token-mean loss (a `loss_weighting="sequence"` trainer averages examples instead)."""
-        return getattr(self, "loss_weighting", "token") == "token"
+        return self.loss_is_token_mean and getattr(self, "loss_weighting", "token") == "token"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._eval_sums is None:  # training (or not a token mean): the Trainer's own loss

@@ -136,6 +136,8 @@ class PackedDPOTrainer(PackingTrainerMixin, DPOTrainer):
     (virtual tokens), which TRL handles on padded rows only.
     """
 
+    loss_is_token_mean = False  # a loss per pair: TRL's evaluation loop, not the token mean
+
     def __init__(self, *args, data_collator=None, **kwargs):
         _refuse_sequence_weighting(type(self).__name__, kwargs)
         super().__init__(*args, data_collator=data_collator, **kwargs)
@@ -201,6 +203,8 @@ class PackedRewardTrainer(PackingTrainerMixin, RewardTrainer):
     `SequenceScoreGuardCallback` at train start. Loss and metrics are TRL's, computed from
     the packed scores (equal to the padded ones: tested for Llama, Qwen2, Qwen3, Gemma, Gemma 2).
     """
+
+    loss_is_token_mean = False  # a loss per pair: TRL's evaluation loop, not the token mean
 
     def __init__(self, *args, data_collator=None, check_packing: bool = True, **kwargs):
         _refuse_sequence_weighting(type(self).__name__, kwargs)
