@@ -27,7 +27,6 @@ import argparse
 import copy
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 
 import packcollate  # noqa: F401  (registers the backend and the recurrent restart)
 from packcollate import PackedCollator, PaddedCollator
-from packcollate.benchmark import library_versions, save_result
+from packcollate.benchmark import library_versions, round_robin_summary, save_result, time_round_robin
 
 MEDIAN_LENGTH, SIGMA, MIN_LENGTH, MAX_LENGTH = 120, 0.9, 8, 1024
 VOCAB = 4096
@@ -74,14 +73,6 @@ CONFIGS = {"qwen3_5": qwen3_5_config, "mamba2": mamba2_config}
 MODES = {"padded": (PaddedCollator, "sdpa"), "packcollate": (PackedCollator, "packcollate")}
 
 
-def train_step(model, optimizer, batch: dict) -> float:
-    loss = model(**batch, use_cache=False).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
 def build(config, implementation: str):
     from transformers import AutoModelForCausalLM
 
@@ -101,24 +92,12 @@ def bench_model(name: str, batches: list[list[dict]], repeats: int) -> dict:
             "model": model,
             "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-4),
             "batches": [collator_class()(b) for b in batches],
-            "times": [[] for _ in batches],
         }
-    for run in runs.values():  # same weights: the first step's loss must agree; it also warms up
-        run["first_loss"] = train_step(run["model"], run["optimizer"], run["batches"][0])
-    for _ in range(repeats):
-        for i in range(len(batches)):
-            for run in runs.values():  # round-robin: noise hits every mode alike
-                start = time.perf_counter()
-                train_step(run["model"], run["optimizer"], run["batches"][i])
-                run["times"][i].append(time.perf_counter() - start)
+    time_round_robin(runs, repeats, torch.device("cpu"))  # same weights: the first step's loss must agree
     real = sum(len(f["input_ids"]) for b in batches for f in b)
     padded = sum(len(b) * max(len(f["input_ids"]) for f in b) for b in batches)
     ideal = padded / real
-    results = {}
-    for mode, run in runs.items():
-        medians = [float(np.median(t)) for t in run["times"]]
-        results[mode] = {"tokens_per_s": real / sum(medians), "median_step_s": float(np.median(medians)),
-                         "first_loss": run["first_loss"]}
+    results = round_robin_summary(runs, real)
     speedup = results["packcollate"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
     return {"ideal_speedup": ideal, "packed_speedup": speedup, "fraction_of_ideal": speedup / ideal,
             "first_loss_diff": abs(results["padded"]["first_loss"] - results["packcollate"]["first_loss"]),

@@ -23,7 +23,6 @@ import argparse
 import copy
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 import packcollate  # noqa: F401  (registers the backend)
 from packcollate import PaddedCollator
 from packcollate.attention import describe
-from packcollate.benchmark import library_versions, save_result
+from packcollate.benchmark import library_versions, round_robin_summary, save_result, time_round_robin
 from packcollate.multimodal import PackedVisionCollator
 
 MEDIAN_TEXT, SIGMA, MAX_TEXT = 60, 0.8, 512
@@ -120,19 +119,6 @@ def padded_batch(examples: list[dict]) -> dict:
     return batch
 
 
-def train_step(model, optimizer, batch: dict) -> float:
-    loss = model(**batch, use_cache=False).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -167,28 +153,13 @@ def main(argv=None) -> dict:
             "model": model,
             "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-4),
             "batches": [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(b).items()} for b in batches],
-            "times": [[] for _ in batches],
         }
         for batch in runs[name]["batches"]:
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    for run in runs.values():  # same weights: the first step's loss checks the modes agree; it also warms up
-        run["first_loss"] = train_step(run["model"], run["optimizer"], run["batches"][0])
-    for _ in range(args.repeats):
-        for i in range(len(batches)):
-            for run in runs.values():  # round-robin: noise hits every mode alike
-                _sync(device)
-                start = time.perf_counter()
-                train_step(run["model"], run["optimizer"], run["batches"][i])
-                _sync(device)
-                run["times"][i].append(time.perf_counter() - start)
-
+    time_round_robin(runs, args.repeats, device)  # same weights: the first step's loss checks the modes agree
     ideal = sum(padded_tokens) / sum(real_tokens)
-    results = {}
-    for name, run in runs.items():
-        step_medians = [float(np.median(t)) for t in run["times"]]
-        results[name] = {"tokens_per_s": sum(real_tokens) / sum(step_medians),
-                         "median_step_s": float(np.median(step_medians)), "first_loss": run["first_loss"]}
+    results = round_robin_summary(runs, sum(real_tokens))
     padded = results["padded-sdpa"]["tokens_per_s"]
     for r in results.values():
         r["speedup_vs_padded"] = r["tokens_per_s"] / padded

@@ -65,7 +65,14 @@ Length distributions (synthetic token ids; the parameters are modelled, not meas
 
 from .config import BUILTIN_DATASETS, DISTRIBUTIONS, DTYPES, MODES, PRESETS, SAME_BATCHES, TARGETS
 from .data import Data, load_data, synthetic_lengths, tokenize_rows
-from .measure import epoch_loss, fork_memory_available, peak_rss_in_child, train_step
+from .measure import (
+    epoch_loss,
+    fork_memory_available,
+    peak_rss_in_child,
+    round_robin_summary,
+    time_round_robin,
+    train_step,
+)
 from .modes import ModeRun, build_model, build_modes, fixed_batches, length_grouped_batches
 from .report import device_name, format_table, library_versions, plot_result, save_result
 from .run import add_arguments, main, run_benchmark
@@ -74,6 +81,6 @@ __all__ = [
     "BUILTIN_DATASETS", "DISTRIBUTIONS", "DTYPES", "MODES", "PRESETS", "SAME_BATCHES", "TARGETS",
     "Data", "ModeRun", "add_arguments", "build_model", "build_modes", "device_name", "epoch_loss",
     "fixed_batches", "fork_memory_available", "format_table", "length_grouped_batches", "library_versions",
-    "load_data", "main", "peak_rss_in_child", "plot_result", "run_benchmark", "save_result", "synthetic_lengths",
-    "tokenize_rows", "train_step",
+    "load_data", "main", "peak_rss_in_child", "plot_result", "round_robin_summary", "run_benchmark", "save_result",
+    "synthetic_lengths", "time_round_robin", "tokenize_rows", "train_step",
 ]

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..masking import IGNORE_INDEX
@@ -34,6 +35,35 @@ def train_step(model, optimizer, batch: dict, device: torch.device) -> tuple[flo
     _sync(device)
     seconds = time.perf_counter() - start
     return float(loss.detach()), seconds
+
+
+def time_round_robin(runs: dict[str, dict], repeats: int, device: torch.device) -> None:
+    """Time the training steps of several modes side by side (the benchmark scripts' loop).
+
+    Each run is `{"model", "optimizer", "batches"}` (the same examples in every mode). The first
+    batch's step, on the same initial weights in every mode, sets `run["first_loss"]` (the loss check)
+    and warms up. Then `repeats` rounds step through the batches, each batch in every mode before the
+    next (noise hits every mode alike), and `run["times"][i]` collects batch `i`'s seconds.
+    """
+    for run in runs.values():
+        run["first_loss"], _ = train_step(run["model"], run["optimizer"], run["batches"][0], device)
+        run["times"] = [[] for _ in run["batches"]]
+    batches = len(next(iter(runs.values()))["batches"])
+    for _ in range(repeats):
+        for i in range(batches):
+            for run in runs.values():
+                run["times"][i].append(train_step(run["model"], run["optimizer"], run["batches"][i], device)[1])
+
+
+def round_robin_summary(runs: dict[str, dict], real_tokens: int) -> dict[str, dict]:
+    """Per mode of `time_round_robin`: real tokens/s over the per-batch median step times, the median
+    step in seconds, and the first step's loss."""
+    summary = {}
+    for name, run in runs.items():
+        medians = [float(np.median(t)) for t in run["times"]]
+        summary[name] = {"tokens_per_s": real_tokens / sum(medians), "median_step_s": float(np.median(medians)),
+                         "first_loss": run["first_loss"]}
+    return summary
 
 
 def _optimizer(model, lr: float):
