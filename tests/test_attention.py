@@ -512,3 +512,17 @@ def test_llama4_chunked_layers_keep_their_chunks(use_cache):
     assert "chunked_attention" in model.config.layer_types
     result = compare_packed_unpacked(model, features(), reference_attn_implementation="eager", use_cache=use_cache)
     assert result.max_logit_diff < 1e-5 and result.max_grad_rel_diff < 1e-5
+
+
+@pytest.mark.parametrize("term", attention.LOGIT_TERMS)
+def test_logit_terms_the_backend_does_not_apply_are_refused(term):
+    """A bias on the attention logits (Inkling's relative position bias and per-token sinks, T5's
+    position_bias, ALiBi) would be silently dropped: the backend refuses it, naming the module."""
+    model = tiny_model("llama")
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 6, 16)
+    bias = torch.zeros(1, 4, 6, 6)
+    with pytest.raises(ValueError, match=f"LlamaAttention passes '{term}', a term on the attention logits"):
+        attention.packcollate_attention(module, q, q, q, None, **{term: bias})
+    out, _ = attention.packcollate_attention(module, q, q, q, None, **{term: None})  # None: nothing to apply
+    assert out.shape == (1, 6, 4, 16)

@@ -710,6 +710,11 @@ def _decode_attention(query, key, value, opts: AttentionOptions, sinks) -> torch
     return _attention_dense(query, key, value, opts, allowed[None, None], sinks, is_causal=False)
 
 
+#: Keyword arguments some models hand their attention function that change its logits (T5's and
+#: Inkling's relative `position_bias`, Inkling's per-token `sinks`, ALiBi): refused, never ignored.
+LOGIT_TERMS = ("position_bias", "sinks", "alibi", "attention_bias")
+
+
 def packcollate_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -729,6 +734,13 @@ def packcollate_attention(
     """
     if kwargs.get("output_attentions"):
         _warn_once("weights", "packcollate attention returns no attention weights (output_attentions is ignored)")
+    refused = [name for name in LOGIT_TERMS if isinstance(kwargs.get(name), torch.Tensor)]
+    if refused:
+        raise ValueError(
+            f"attn_implementation='packcollate': {type(module).__name__} passes {', '.join(map(repr, refused))}, a term "
+            f"on the attention logits this backend does not apply (ignoring it would change the model's output); "
+            f"train this architecture with padding and its own attention backend"
+        )
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     opts = AttentionOptions(
