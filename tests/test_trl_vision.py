@@ -60,8 +60,13 @@ def chats():
 @pytest.mark.parametrize("assistant_only_loss", [False, True])
 def test_packed_sft_trainer_matches_trl_padded_on_image_chats(tmp_path, processor, chats, assistant_only_loss):
     options = dict(assistant_only_loss=assistant_only_loss)
-    theirs = SFTTrainer(model=tiny_vlm(processor, "eager"), args=sft_config(tmp_path / "trl", **options),
-                        train_dataset=chats, processing_class=processor)
+    try:
+        theirs = SFTTrainer(model=tiny_vlm(processor, "eager"), args=sft_config(tmp_path / "trl", **options),
+                            train_dataset=chats, processing_class=processor)
+    except ValueError as error:  # read at run time: TRL 1.16 needs transformers >= 5.18 for this option
+        if "requires transformers" not in str(error):
+            raise
+        pytest.skip(f"TRL refuses this setting with this transformers: {error}")
     ours = PackedSFTTrainer(model=tiny_vlm(processor, "packcollate"), args=sft_config(tmp_path / "ours", **options),
                             train_dataset=chats, processing_class=processor)
     assert isinstance(ours.data_collator, ProcessThenPack)

@@ -232,23 +232,39 @@ class KernelFunction:
         return self.installed and any(p in self.parameters for p in _PACKING_PARAMETERS)
 
 
+def _is_kernel_wrapper(value) -> bool:
+    closure = inspect.getclosurevars(value).nonlocals
+    return "is_new_implementation" in closure and "applicable_params" in closure
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_functions(cls: type) -> tuple[KernelFunction, ...]:
     """The kernel functions `cls`'s forward calls: functions of its modeling file that transformers
-    wrapped with a kernel fallback, named in the class's source; read from the wrappers at run time."""
+    wrapped with a kernel fallback, named in the class's source or in the source of the file's own
+    helpers it calls (transformers 5.25 moved Mamba-2's `causal_conv1d_fn` call into
+    `causal_conv1d_forward`); read from the wrappers at run time."""
     try:
-        source = inspect.getsource(cls)
+        sources = [inspect.getsource(cls)]
         namespace = vars(sys.modules[cls.__module__])
     except (KeyError, OSError, TypeError):
         return ()
-    found = []
-    for name, value in namespace.items():
-        if not (inspect.isfunction(value) and re.search(rf"\b{re.escape(name)}\(", source)):
-            continue
-        closure = inspect.getclosurevars(value).nonlocals
-        if "is_new_implementation" in closure and "applicable_params" in closure:
-            found.append(KernelFunction(name, bool(closure["is_new_implementation"]), tuple(closure["applicable_params"])))
-    return tuple(found)
+    found, seen = {}, set()
+    while sources:
+        source = sources.pop()
+        for name, value in namespace.items():
+            if name in seen or not (inspect.isfunction(value) and re.search(rf"\b{re.escape(name)}\(", source)):
+                continue
+            seen.add(name)
+            if _is_kernel_wrapper(value):
+                closure = inspect.getclosurevars(value).nonlocals
+                found[name] = KernelFunction(name, bool(closure["is_new_implementation"]),
+                                             tuple(closure["applicable_params"]))
+            elif getattr(value, "__module__", None) == cls.__module__:  # a helper of the same file: read it too
+                try:
+                    sources.append(inspect.getsource(value))
+                except (OSError, TypeError):
+                    pass
+    return tuple(found.values())
 
 
 def uses_kernels(module: torch.nn.Module, device: torch.device) -> bool:

@@ -178,8 +178,8 @@ class _PackedScorer:
         self.model = model
 
     def __call__(self, **inputs):
-        scores, outputs = packed_sequence_logits(self.model, inputs)
-        return SequenceClassifierOutputWithPast(logits=scores, cache=getattr(outputs, "cache", None))
+        scores, _ = packed_sequence_logits(self.model, inputs)
+        return SequenceClassifierOutputWithPast(logits=scores)  # TRL reads the logits only (the cache field's name varies by release)
 
 
 class SequenceScoreGuardCallback(TrainerCallback):
