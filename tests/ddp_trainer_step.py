@@ -3,6 +3,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_trainer_step.py OUT.pt [--loss-weighting sequence]
 """
 
+import os
 import sys
 
 import torch
@@ -34,3 +35,5 @@ def main(out: str, loss_weighting: str = "token") -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], *sys.argv[3:4])  # OUT.pt [--loss-weighting WEIGHTING]
+    sys.stdout.flush()
+    os._exit(0)  # the result is saved; skip interpreter teardown, where a gloo worker can hang (seen here)

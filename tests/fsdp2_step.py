@@ -9,6 +9,7 @@ ranks (`count_label_tokens`), and the loss is multiplied by the world size becau
 gradients over ranks. Rank 0 saves the loss and the full (unsharded) gradients.
 """
 
+import os
 import sys
 
 import torch
@@ -54,3 +55,5 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    os._exit(0)  # the result is saved; skip interpreter teardown, where a gloo worker can hang (seen here)
