@@ -45,24 +45,31 @@ def examples_with_targets(labels: torch.Tensor, cu_seq_lens: torch.Tensor) -> to
     return segment_sum(_targets(labels, cu_seq_lens).long(), cu_seq_lens.to(labels.device)) > 0
 
 
+def sum_over_step(counts: Iterable[torch.Tensor], *, across_ranks: bool = True, kind: str = "") -> torch.Tensor:
+    """The sum of the 0-d counts of a step's micro-batches (one per batch), all-reduced over ranks
+    when `across_ranks` and `torch.distributed` runs. Raises ValueError for a step of no batch;
+    `kind` names the batches the message expects (e.g. `" with 'labels'"`)."""
+    total = None
+    for count in counts:
+        total = count if total is None else total + count
+    if total is None:
+        raise ValueError(f"batches: expected at least one batch{kind}, got none")
+    if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return total
+
+
+def _examples_with_targets(index: int, batch: dict) -> torch.Tensor:
+    if "labels" not in batch or "cu_seq_lens_q" not in batch:
+        raise KeyError(f"batch {index}: expected a packed batch with 'labels' and 'cu_seq_lens_q', got {sorted(batch)}")
+    return examples_with_targets(torch.as_tensor(batch["labels"]), torch.as_tensor(batch["cu_seq_lens_q"])).sum()
+
+
 def count_loss_examples(batches: Iterable[dict], *, across_ranks: bool = True) -> torch.Tensor:
     """Examples with at least one target in packed `batches` (dicts with `labels` `(1, N)` and
     `cu_seq_lens_q` `(k+1,)`), summed over ranks when `torch.distributed` runs: the `E` of the
     module docstring. A 0-d int64 tensor on the labels' device."""
-    total = None
-    for index, batch in enumerate(batches):
-        if "labels" not in batch or "cu_seq_lens_q" not in batch:
-            raise KeyError(
-                f"batch {index}: expected a packed batch with 'labels' and 'cu_seq_lens_q', got {sorted(batch)}"
-            )
-        labels = torch.as_tensor(batch["labels"])
-        count = examples_with_targets(labels, torch.as_tensor(batch["cu_seq_lens_q"])).sum()
-        total = count if total is None else total + count
-    if total is None:
-        raise ValueError("batches: expected at least one batch, got none")
-    if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return total
+    return sum_over_step((_examples_with_targets(i, b) for i, b in enumerate(batches)), across_ranks=across_ranks)
 
 
 def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,18 @@ OVERFLOW_POLICIES = ("error", "own_batch")
 DEFAULT_WINDOW = 4096
 
 
+def _check_state_keys(state: dict, keys: tuple[str, ...], num_replicas: int) -> None:
+    """A resume state carries `keys` and, when it names one, this plan's `num_replicas` (the plan
+    depends on it); shared by the sampler and the stream packer."""
+    if set(keys) - set(state):
+        raise ValueError(f"state: expected the keys {', '.join(keys)}, got {sorted(state)}")
+    if state.get("num_replicas", num_replicas) != num_replicas:
+        raise ValueError(
+            f"state: expected num_replicas={num_replicas} (the plan depends on it), "
+            f"got a state saved with {state['num_replicas']}"
+        )
+
+
 def _non_negative_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
@@ -601,14 +613,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         """Resume: the next iteration yields this rank's batches after the first `batches_yielded`.
 
         Atomic: every value is checked before any is applied; a refused state changes nothing."""
-        missing = {"epoch", "seed", "batches_yielded"} - set(state)
-        if missing:
-            raise ValueError(f"state: expected the keys epoch, seed, batches_yielded, got {sorted(state)}")
-        if state.get("num_replicas", self.num_replicas) != self.num_replicas:
-            raise ValueError(
-                f"state: expected num_replicas={self.num_replicas} (the plan depends on it), "
-                f"got a state saved with {state['num_replicas']}"
-            )
+        _check_state_keys(state, ("epoch", "seed", "batches_yielded"), self.num_replicas)
         epoch = _non_negative_int("state['epoch']", state["epoch"])
         seed = _non_negative_int("state['seed']", state["seed"])
         skip = state["batches_yielded"]

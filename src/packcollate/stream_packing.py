@@ -59,6 +59,7 @@ from .sampler import (
     OVERFLOW_POLICIES,
     STRATEGIES,
     _Bins,
+    _check_state_keys,
     _distributed_default,
     _equal_counts,
     _positive_int,
@@ -323,14 +324,7 @@ class TokenBudgetStream(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next pass skips the first `steps_yielded` steps (reading, not collating, them)."""
-        missing = {"epoch", "seed", "steps_yielded"} - set(state)
-        if missing:
-            raise ValueError(f"state: expected the keys epoch, seed, steps_yielded, got {sorted(state)}")
-        if state.get("num_replicas", self.num_replicas) != self.num_replicas:
-            raise ValueError(
-                f"state: expected num_replicas={self.num_replicas} (the plan depends on it), "
-                f"got a state saved with {state['num_replicas']}"
-            )
+        _check_state_keys(state, ("epoch", "seed", "steps_yielded"), self.num_replicas)
         skip = state["steps_yielded"]
         if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or skip < 0:
             raise ValueError(f"steps_yielded: expected a non-negative int, got {skip!r}")

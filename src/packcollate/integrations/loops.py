@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from ..losses import sum_over_step
 from ..masking import IGNORE_INDEX
 
 
@@ -30,16 +31,9 @@ def count_label_tokens(batches: Iterable[dict], *, across_ranks: bool = True) ->
     A target is a label other than -100 at positions `1 …` of a row (the model shifts labels: the
     first position of a row is never predicted). Returns a 0-d int64 tensor on the labels' device.
     """
-    total = None
-    for batch in batches:
-        labels = torch.as_tensor(batch["labels"])  # numpy batches too (`return_tensors="np"`)
-        count = (labels[..., 1:] != IGNORE_INDEX).sum()
-        total = count if total is None else total + count
-    if total is None:
-        raise ValueError("batches: expected at least one batch with 'labels', got none")
-    if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return total
+    # numpy batches too (`return_tensors="np"`)
+    counts = ((torch.as_tensor(batch["labels"])[..., 1:] != IGNORE_INDEX).sum() for batch in batches)
+    return sum_over_step(counts, across_ranks=across_ranks, kind=" with 'labels'")
 
 
 def micro_batches(loader: Iterable[dict], accumulation_steps: int) -> Iterator[list[dict]]:
