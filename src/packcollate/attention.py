@@ -17,6 +17,11 @@ the model or cache does:
    over buckets of similar-length sequences, right-padded inside a bucket, which causal masking
    makes exact). A feature a fast kernel lacks (softcap, attention sinks, dropout, fp32, …) falls
    back to the exact path with a one-time warning naming why.
+3. Bidirectional blocks: `bidirectional_block_ids` `(B|1, S)` (the vision collator emits it for
+   families whose image tokens attend to each other in both directions, Gemma 3) lets tokens of
+   one block id (>= 0) in one sequence see each other, future ones included; everything else stays
+   causal, and a sliding window still bounds how far back a query looks (transformers' rule:
+   `window & (causal | same block)`). Only the exact path takes them (on CUDA too, with a warning).
 
 Shapes (transformers' convention): `query` `(B, H, S, D)`, `key`/`value` `(B, H_kv, S_kv, D)`; the
 output is `(B, S, H, D_v)`. Packed batches have `B = 1`, `S = N`.
@@ -33,11 +38,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layout_checks import check_cu_seq_lens, check_cu_seq_lens_type, check_padding_mask, checked_position_ids
+from .layout_checks import (
+    check_cu_seq_lens,
+    check_cu_seq_lens_type,
+    check_padding_mask,
+    checked_block_ids,
+    checked_position_ids,
+)
 
 logger = logging.getLogger("packcollate")
 
 BACKEND_NAME = "packcollate"
+#: The kwarg that names bidirectional blocks: `(B|1, S)` integer, -1 outside blocks.
+BLOCK_IDS = "bidirectional_block_ids"
 
 EXACT = "exact-sdpa"
 TORCH_VARLEN = "torch-varlen"
@@ -67,6 +80,7 @@ class AttentionOptions:
         sliding_window: a query sees at most this many keys, itself included (`q - kv < W`), or None.
         softcap: logits become `softcap * tanh(logits / softcap)` (Gemma 2), or None.
         has_sinks: per-head sink logits (`s_aux`, GPT-OSS) join the softmax.
+        bidirectional_blocks: tokens of one `bidirectional_block_ids` block see each other.
     """
 
     causal: bool = True
@@ -75,6 +89,7 @@ class AttentionOptions:
     sliding_window: int | None = None
     softcap: float | None = None
     has_sinks: bool = False
+    bidirectional_blocks: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,6 +482,24 @@ def _window_mask(length: int, window: int | None, causal: bool, device) -> torch
     return allowed
 
 
+def block_allowed(blocks: torch.Tensor, window: int | None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """`(G, 1, L, L)` bool allowed-mask of causal rows `(G, L)` with bidirectional blocks.
+
+    A query sees the earlier keys and every key of its own block (`blocks` >= 0, the same id), within
+    `window` keys back when given (`window & (causal | same block)`, as transformers' masks);
+    `lengths` `(G,)`: keys at or after a row's length are padding and never seen.
+    """
+    width = blocks.shape[-1]
+    index = torch.arange(width, device=blocks.device)
+    distance = index[:, None] - index[None, :]
+    allowed = ((blocks[:, :, None] == blocks[:, None, :]) & (blocks >= 0)[:, :, None]) | (distance >= 0)
+    if window is not None:
+        allowed = allowed & (distance < window)
+    if lengths is not None:
+        allowed = allowed & (index[None, :] < lengths[:, None])[:, None, :]
+    return allowed[:, None]
+
+
 def _plan_buckets(lengths: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Group sequences of similar length; per bucket: `(G, L)` gather index and `(G,)` lengths.
 
@@ -521,12 +554,14 @@ def exact_varlen(
     layout: SequenceLayout,
     opts: AttentionOptions,
     sinks: torch.Tensor | None = None,
+    blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention per sequence. q `(M, H, D)`, k/v `(M, H_kv, D)` in token order -> `(M, H, D_v)`.
 
     Sequences are grouped into buckets of similar length and right-padded inside a bucket (the
     padding is masked: causally when causal, by key padding otherwise), so each bucket is one
-    batched attention call.
+    batched attention call. `blocks` `(M,)`: bidirectional block ids of causal layers (see
+    `block_allowed`), or None.
     """
     buckets, back = _scatter_plan(layout, q.device)
     outputs = []
@@ -534,6 +569,11 @@ def exact_varlen(
         qb = q.index_select(0, gather).view(count, width, *q.shape[1:]).transpose(1, 2)
         kb = k.index_select(0, gather).view(count, width, *k.shape[1:]).transpose(1, 2)
         vb = v.index_select(0, gather).view(count, width, *v.shape[1:]).transpose(1, 2)
+        if blocks is not None and opts.causal:
+            allowed = block_allowed(blocks.index_select(0, gather).view(count, width), opts.sliding_window, seq_lengths)
+            out = _attention_dense(qb, kb, vb, opts, allowed, sinks, is_causal=False)
+            outputs.append(out.transpose(1, 2).reshape(count * width, *out.shape[1:2], out.shape[-1]))
+            continue
         allowed = _window_mask(width, opts.sliding_window, opts.causal, q.device)
         if not opts.causal:
             key_real = torch.arange(width, device=q.device)[None, :] < seq_lengths[:, None]
@@ -612,6 +652,8 @@ def choose_kernel(device_type: str, dtype: torch.dtype, opts: AttentionOptions, 
     """(kernel name, reason) for a call site; see the module docstring for the order."""
     if device_type != "cuda":
         return EXACT, f"no varlen kernel on {device_type}"
+    if opts.bidirectional_blocks:
+        return EXACT, f"bidirectional blocks ({BLOCK_IDS}): no varlen kernel takes them"
     half = dtype in (torch.float16, torch.bfloat16)
     flash = _flash_attn_varlen_func()
     if flash is not None:
@@ -652,7 +694,7 @@ def choose_kernel(device_type: str, dtype: torch.dtype, opts: AttentionOptions, 
 
 def _decide(device_type: str, dtype: torch.dtype, opts: AttentionOptions, head_dims_match: bool, site: str) -> str:
     key = (site, device_type, dtype, opts.causal, opts.sliding_window is not None, opts.softcap is not None,
-           opts.has_sinks, opts.dropout > 0, head_dims_match)
+           opts.has_sinks, opts.dropout > 0, head_dims_match, opts.bidirectional_blocks)
     if key not in _DECISIONS:
         kernel, reason = choose_kernel(device_type, dtype, opts, head_dims_match)
         _DECISIONS[key] = (kernel, reason)
@@ -743,6 +785,9 @@ def packcollate_attention(
         )
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    batch, heads, seq, _ = query.shape
+    # blocks shape a causal prefill/training call only (decoding gets transformers' 4-D mask)
+    blocks = checked_block_ids(kwargs.get(BLOCK_IDS), batch, seq) if causal and key.shape[2] == seq else None
     opts = AttentionOptions(
         causal=causal,
         scaling=scaling,
@@ -750,8 +795,8 @@ def packcollate_attention(
         sliding_window=int(sliding_window) if sliding_window else None,
         softcap=float(softcap) if softcap else None,
         has_sinks=s_aux is not None,
+        bidirectional_blocks=blocks is not None,
     )
-    batch, heads, seq, _ = query.shape
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         # a mask the caller built (create_causal_mask passes 4-D masks through untouched), or ours with a
         # cache: honour it; a query with no key left (padding) attends everywhere, so it stays finite
@@ -763,7 +808,7 @@ def packcollate_attention(
     if key.shape[2] == seq and torch.compiler.is_compiling():  # one graph, no sync: see compiled_attention.py
         from .compiled_attention import traceable_attention
 
-        return traceable_attention(module, query, key, value, attention_mask, opts, s_aux, kwargs).contiguous(), None
+        return traceable_attention(module, query, key, value, attention_mask, opts, s_aux, kwargs, blocks).contiguous(), None
     layout = _chunked_layout(module, query, key, kwargs) or resolve_layout(query, key, attention_mask, kwargs)
     if layout is None and key.shape[2] != seq:
         out = _decode_attention(query, key, value, opts, s_aux)
@@ -771,6 +816,10 @@ def packcollate_attention(
     if layout is None or layout.full_rows:
         if query.device.type != "cuda" or batch == 1:
             # every row is one sequence: batched attention, no gather
+            if blocks is not None:
+                allowed = block_allowed(blocks, opts.sliding_window)
+                out = _attention_dense(query, key, value, opts, allowed, s_aux, is_causal=False)
+                return out.transpose(1, 2).contiguous(), None
             allowed = _window_mask(seq, opts.sliding_window, opts.causal, query.device)
             out = _attention_dense(query, key, value, opts, allowed, s_aux, is_causal=opts.causal)
             return out.transpose(1, 2).contiguous(), None
@@ -791,7 +840,11 @@ def packcollate_attention(
     elif kernel == TORCH_VARLEN:
         out = torch_varlen(q.contiguous(), k.contiguous(), v.contiguous(), layout, opts)
     else:
-        out = exact_varlen(q, k, v, layout, opts, s_aux)
+        token_blocks = None
+        if blocks is not None:
+            token_blocks = blocks.reshape(-1).long()
+            token_blocks = token_blocks if layout.token_index is None else token_blocks.index_select(0, layout.token_index)
+        out = exact_varlen(q, k, v, layout, opts, s_aux, token_blocks)
     if layout.token_index is not None:
         full = out.new_zeros(batch * seq, *out.shape[1:])
         out = full.index_copy(0, layout.token_index, out)

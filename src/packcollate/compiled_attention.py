@@ -13,7 +13,8 @@ Each token gets the id of its sequence, `(B, S)`: a new id wherever `cu_seq_lens
 (a position that does not continue the previous one) or this backend's mask (a change of id, padding
 0) says a sequence starts, as the eager layout does; chunked-attention layers (Llama 4) also start a
 new id every `attention_chunk_size` tokens of an example. Attention is then one SDPA call over the
-row with the mask `same id & causal (& sliding window) & real key`: `(B, 1, S, S)` bool, so memory
+row with the mask `same id & causal (& sliding window) & real key`, where bidirectional blocks
+(`bidirectional_block_ids`) widen `causal` to `causal | same block`: `(B, 1, S, S)` bool, so memory
 is quadratic in `S` (as transformers' packed sdpa); the eager path stays linear.
 """
 
@@ -51,16 +52,21 @@ def sequence_ids(query: torch.Tensor, attention_mask, kwargs: dict, chunk: int |
     return torch.cumsum(starts, dim=1), real
 
 
-def traceable_attention(module, query, key, value, attention_mask, opts: AttentionOptions, sinks, kwargs: dict) -> torch.Tensor:
+def traceable_attention(module, query, key, value, attention_mask, opts: AttentionOptions, sinks, kwargs: dict,
+                        blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention with every sequence kept apart, traceable: q `(B, H, S, D)`, k/v `(B, H_kv, S, D)`
-    -> `(B, S, H, D_v)`; padding tokens give 0, as on the eager path."""
+    -> `(B, S, H, D_v)`; padding tokens give 0, as on the eager path. `blocks` `(B, S)`: bidirectional
+    block ids (-1 outside blocks) of a causal layer, or None."""
     seq = query.shape[2]
     ids, real = sequence_ids(query, attention_mask, kwargs, _chunk_size(module))
     allowed = ids[:, :, None] == ids[:, None, :]  # (B, S, S)
     index = torch.arange(seq, device=query.device)
     distance = index[:, None] - index[None, :]
     if opts.causal:
-        allowed = allowed & (distance >= 0)
+        ahead = distance >= 0
+        if blocks is not None:
+            ahead = ahead | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks >= 0)[:, :, None])
+        allowed = allowed & ahead
     if opts.sliding_window is not None:
         allowed = allowed & (distance < opts.sliding_window)
         if not opts.causal:

@@ -93,3 +93,22 @@ def check_padding_mask(attention_mask: torch.Tensor, batch: int, seq: int) -> No
             f"attention_mask: expected a padding mask of shape ({batch}, {seq}) like the query, got "
             f"{tuple(attention_mask.shape)}"
         )
+
+
+def checked_block_ids(block_ids, batch: int, seq: int) -> torch.Tensor | None:
+    """`bidirectional_block_ids` `(B|1, S)` integer (-1: an ordinary token; tokens of one id >= 0 in
+    one sequence attend to each other in both directions), as `(B, S)`; None when absent."""
+    if block_ids is None:
+        return None
+    if not isinstance(block_ids, torch.Tensor):
+        raise ValueError(
+            f"bidirectional_block_ids: expected a ({batch}, {seq}) integer torch tensor, got {type(block_ids).__name__}"
+        )
+    if block_ids.dtype.is_floating_point or block_ids.dtype.is_complex or block_ids.dtype == torch.bool:
+        raise ValueError(f"bidirectional_block_ids: expected an integer tensor (-1 outside blocks), got dtype {block_ids.dtype}")
+    if block_ids.dim() != 2 or block_ids.shape[-1] != seq or block_ids.shape[0] not in (1, batch):
+        raise ValueError(
+            f"bidirectional_block_ids: expected shape ({batch}, {seq}) or (1, {seq}) like the query's tokens, got "
+            f"{tuple(block_ids.shape)}; were the batch's tokens cut or padded after collation?"
+        )
+    return block_ids.expand(batch, seq)

@@ -18,6 +18,13 @@ Output, for `k` examples packed into `N` tokens (everything `PackedCollator` emi
 | `position_ids` | `(1, N)` int64 (1-D rotary), or `(1 + S, 1, N)` int64 (multi-section) | row 0: text positions `0 … l_i-1` per example (what the attention and mask read); rows 1…S: the model's rotary positions per example |
 | vision keys | each example's value concatenated on the image axis | e.g. `pixel_values` `(P, D)` and `image_grid_thw` `(I, 3)` for Qwen2-VL; `pixel_values` `(I, C, H, W)` for LLaVA and Gemma 3; `(1, I, C, H, W)` for Idefics3 / SmolVLM |
 
+For families whose image tokens attend to each other in both directions (Gemma 3: the processor's
+`token_type_ids`), the batch also holds `bidirectional_block_ids` `(1, N)` int64: the family's own
+block ids (transformers' `get_block_sequence_ids_for_mask`) over the packed row, -1 on ordinary
+tokens. The `packcollate` backend lets a block's tokens see each other inside their own example
+only; transformers' kernels do not read it (their packed masks are not exact there), so the collator
+refuses such batches for a model on another backend.
+
 Qwen-style text models read a `(4, 1, N)` `position_ids` as "text positions, then the three rotary
 sections" (transformers documents this layout for packed inputs); the text row keeps the examples
 apart in transformers' own kernels, and the `packcollate` attention backend reads `cu_seq_lens_*`.
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .attention import BACKEND_NAME, BLOCK_IDS
 from .collate import PackedCollator
 from .masking import IGNORE_INDEX
 
@@ -48,7 +56,18 @@ BATCHED_IMAGE_FAMILIES = ("idefics2", "idefics3", "smolvlm")
 _TEXT_KEYS = ("input_ids", "labels", "attention_mask", "completion_mask", "assistant_masks", "mm_token_type_ids",
               "token_type_ids")
 #: The packing kwargs of the text row; a vision tower must not see them (see `shield_vision_tower`).
-PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", BLOCK_IDS)
+
+
+def _gemma3_blocks(type_ids: torch.Tensor) -> torch.Tensor:
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    return get_block_sequence_ids_for_mask(type_ids)
+
+
+#: Families whose image tokens attend to each other bidirectionally: model_type -> (the per-token key
+#: that marks them, the family's own `(1, N)` marks -> `(1, N)` block ids, -1 outside blocks).
+BIDIRECTIONAL_BLOCKS = {"gemma3": ("token_type_ids", _gemma3_blocks)}
 # Vision inputs given per image or video to `get_rope_index` (the rest are pixels, not needed for positions).
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
@@ -155,11 +174,12 @@ class PackedVisionCollator(PackedCollator):
             Building the collator calls `shield_vision_tower(model)`: the text's packing kwargs
             never reach the vision tower.
         causal_image_tokens: for families whose processors mark image tokens with `token_type_ids`
-            so that they attend to each other bidirectionally (Gemma 3): False (default) refuses a
-            batch of several examples carrying them (no backend keeps bidirectional image blocks
-            apart under packing: transformers 5.24's packed sliding-window mask looks the blocks up
-            by in-sequence position); True drops `token_type_ids`, so image tokens are causal like
-            text, which packs exactly.
+            so that they attend to each other bidirectionally (Gemma 3, `BIDIRECTIONAL_BLOCKS`):
+            False (default) keeps the blocks (`bidirectional_block_ids`), exact with the
+            `packcollate` backend; a batch of several such examples for a model on another backend
+            (transformers' packed sliding-window mask looks the blocks up by in-sequence position),
+            or of a family without a known block rule, is refused. True drops `token_type_ids`, so
+            image tokens are causal like text (a different model than the one pre-trained).
         mask_vision_tokens: label the image / video placeholder tokens -100 (they are replaced by
             image features). Default False: labels stay as given, like TRL's and transformers'
             padded batches (TRL trains on them), so packed and padded losses match.
@@ -196,8 +216,8 @@ class PackedVisionCollator(PackedCollator):
         self._video_token = _token_id(self._config, "video_token_id") if self._config is not None else None
         if isinstance(self.model, torch.nn.Module):
             shield_vision_tower(self.model)
-        model_type = getattr(self._config, "model_type", None)
-        self._image_axis = 1 if model_type in BATCHED_IMAGE_FAMILIES else 0
+        self._model_type = getattr(self._config, "model_type", None)
+        self._image_axis = 1 if self._model_type in BATCHED_IMAGE_FAMILIES else 0
 
     # -- splitting examples into text and vision ------------------------------------------------
 
@@ -225,14 +245,38 @@ class PackedVisionCollator(PackedCollator):
                     text[key] = value
             texts.append(text)
             visions.append(vision)
-        if len(texts) > 1 and "token_type_ids" in texts[0] and any(visions):
-            raise ValueError(
-                "key 'token_type_ids': expected no bidirectional image blocks in a packed batch, got them in "
-                f"{len(texts)} examples; image tokens that attend to each other bidirectionally (Gemma 3) are not "
-                "kept apart under packing by any backend: pass causal_image_tokens=True (image tokens attend "
-                "causally, exact under packing) or batch one example at a time"
-            )
         return texts, visions
+
+    def _block_ids(self, batch: dict, examples: int) -> np.ndarray | None:
+        """`(1, N)` int64 bidirectional block ids of the packed row (the family's own rule), or None when
+        the batch has none; raises when they cannot be kept exact (see `causal_image_tokens`)."""
+        rule = BIDIRECTIONAL_BLOCKS.get(self._model_type)
+        key = rule[0] if rule is not None else "token_type_ids"
+        if key not in batch or self.causal_image_tokens:
+            return None
+        if rule is None:
+            if examples > 1 and key == "token_type_ids" and (np.asarray(batch[key]) != 0).any():
+                raise ValueError(
+                    f"key 'token_type_ids': expected no bidirectional token blocks for model_type {self._model_type!r} "
+                    f"(no block rule is known for it here: {sorted(BIDIRECTIONAL_BLOCKS)}), got them in {examples} "
+                    f"packed examples; "
+                    + ("pass model= (its family's rule keeps the blocks), " if self._config is None else "")
+                    + "pass causal_image_tokens=True (tokens attend causally) or batch one example at a time"
+                )
+            return None
+        blocks = rule[1](torch.as_tensor(batch[key], dtype=torch.long)).numpy().astype(np.int64)
+        if not (blocks >= 0).any():
+            return None
+        text_config = self._config.get_text_config() if hasattr(self._config, "get_text_config") else self._config
+        backend = getattr(text_config, "_attn_implementation", None) or getattr(self._config, "_attn_implementation", None)
+        if examples > 1 and backend != BACKEND_NAME:
+            raise ValueError(
+                f"key {key!r}: bidirectional image blocks of {examples} packed examples are exact only with "
+                f"attn_implementation={BACKEND_NAME!r}, got a model on {backend!r} (transformers' packed masks look "
+                f"the blocks up by in-sequence position); load the model with attn_implementation={BACKEND_NAME!r}, "
+                f"or pass causal_image_tokens=True"
+            )
+        return blocks
 
     def _kept_examples(self, texts: list[dict]) -> np.ndarray:
         """`(k',)` indices of the examples the length policy keeps (all, unless `overflow="drop"`)."""
@@ -318,6 +362,9 @@ class PackedVisionCollator(PackedCollator):
             placeholders = [t for t in (self._image_token, self._video_token) if t is not None]
             if placeholders:
                 batch["labels"][np.isin(batch["input_ids"], placeholders)] = IGNORE_INDEX
+        blocks = self._block_ids(batch, len(kept))
+        if blocks is not None:
+            batch[BLOCK_IDS] = blocks
         if self._rope_owner is not None:
             sections = self._rope_positions(texts, visions, kept, batch["position_ids"][0])
             batch["position_ids"] = np.concatenate([batch["position_ids"], sections])[:, None, :]
