@@ -20,9 +20,11 @@ from packcollate.compat.vision import (
     _image_example,
     compare_vision_packed_unpacked,
     qwen_image_processor,
+    tiny_vision_config,
     tiny_vision_model,
     vision_proof_features,
 )
+from packcollate.attention import BLOCK_IDS
 from packcollate.multimodal import PACKING_KWARGS, PackedVisionCollator
 
 torch.set_num_threads(1)
@@ -110,12 +112,12 @@ def test_vision_tower_keeps_images_apart(family):
 def test_vision_tower_never_sees_the_text_layout(family):
     model = model_of(family)
     seen = []
+    collator = PackedVisionCollator(model=model)  # hooks the tower
     tower = next(m for n, m in model.named_modules() if getattr(m, "_packcollate_shielded", False))
     handle = tower.register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(kw)), with_kwargs=True)
     try:
-        collator = PackedVisionCollator(model=model)
-        batch = collator(vision_proof_features(model.config))
-        assert "cu_seq_lens_q" in batch
+        batch = collator(vision_proof_features(model.config, token_type_ids=True))
+        assert "cu_seq_lens_q" in batch and (family != "gemma3" or BLOCK_IDS in batch)
         with torch.no_grad():
             model(**batch)
     finally:
@@ -165,18 +167,59 @@ def test_inputs_not_mutated():
             assert torch.equal(torch.as_tensor(np.asarray(f[key])), torch.as_tensor(np.asarray(g[key])))
 
 
-def test_gemma3_bidirectional_image_blocks_refused_or_made_causal():
-    model = model_of("gemma3")
+def gemma3_with_window(window: int):
+    from transformers import AutoModelForImageTextToText
+
+    config = tiny_vision_config("gemma3")
+    config.get_text_config().sliding_window = window
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(config, attn_implementation="packcollate").float().eval()
+
+
+@pytest.mark.parametrize("window", [8, 2])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_gemma3_bidirectional_image_blocks_pack_exactly(window, use_cache):
+    """Gemma 3 with its processor's token_type_ids: image tokens see each other in both directions. Packed
+    (the family's block ids, the packcollate backend) == each example alone through eager with its marks,
+    also with a sliding window shorter than an image block (window 2 < 4 image tokens)."""
+    model = gemma3_with_window(window)
     marked = vision_proof_features(model.config, token_type_ids=True)
-    with pytest.raises(ValueError, match="token_type_ids.*causal_image_tokens=True"):
+    batch = PackedVisionCollator(model=model)(marked)
+    ids, blocks = batch["input_ids"][0], batch[BLOCK_IDS][0]
+    assert torch.equal(blocks >= 0, ids == model.config.image_token_index)
+    assert len(set(blocks[blocks >= 0].tolist())) == sum(len(f.get("pixel_values", [])) for f in marked)
+    result = compare_vision_packed_unpacked(model, marked, use_cache=use_cache)
+    assert result.max_logit_diff < LOGIT_TOLERANCE and result.max_grad_rel_diff < GRAD_TOLERANCE, result
+    # the blocks matter: causal image tokens against the same marked reference are far off
+    causal = compare_vision_packed_unpacked(model, marked, collator=PackedVisionCollator(model=model,
+                                                                                        causal_image_tokens=True))
+    assert causal.max_logit_diff > 1e-2
+
+
+def test_gemma3_lora_wrapped_packs_bidirectional_blocks_exactly():
+    peft = pytest.importorskip("peft")
+    base = gemma3_with_window(8)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      lora_dropout=0.0))
+    marked = vision_proof_features(base.config, seed=3, token_type_ids=True)
+    result = compare_vision_packed_unpacked(model, marked, collator=PackedVisionCollator(model=model))
+    assert result.max_logit_diff < LOGIT_TOLERANCE and result.max_grad_rel_diff < GRAD_TOLERANCE, result
+
+
+def test_gemma3_bidirectional_blocks_refused_where_not_exact():
+    model = gemma3_with_window(8)
+    marked = vision_proof_features(model.config, token_type_ids=True)
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match=r"key 'token_type_ids': bidirectional image blocks of 4 packed examples.*"
+                                         r"attn_implementation='packcollate', got a model on 'eager'"):
         PackedVisionCollator(model=model)(marked)
-    collator = PackedVisionCollator(model=model, causal_image_tokens=True)
-    plain = vision_proof_features(model.config)
-    result = compare_vision_packed_unpacked(model, marked, collator=collator)
-    reference = compare_vision_packed_unpacked(model, plain, collator=collator)
-    # dropping the marks packs exactly against the unpacked model without them; with them it would differ
-    assert reference.max_logit_diff < LOGIT_TOLERANCE
-    assert result.max_logit_diff > 1e-3
+    assert BLOCK_IDS in PackedVisionCollator(model=model)(marked[:1])  # one example: nothing packed
+    with pytest.raises(ValueError, match=r"model_type None.*pass model=.*causal_image_tokens=True"):
+        PackedVisionCollator()(marked)
+    batch = PackedVisionCollator(causal_image_tokens=True)(marked)
+    assert "token_type_ids" not in batch and BLOCK_IDS not in batch
+    model.set_attn_implementation("packcollate")
+    assert BLOCK_IDS not in PackedVisionCollator(model=model)(vision_proof_features(model.config))  # no marks
 
 
 def test_overflow_drop_drops_the_examples_images():
@@ -279,3 +322,22 @@ def test_video_examples_pack_exactly(family):
     assert batch["video_grid_thw"].shape == (2, 3) and batch["pixel_values_videos"].shape[0] == 48 + 16
     result = compare_vision_packed_unpacked(model, features, collator=collator)
     assert result.max_logit_diff < LOGIT_TOLERANCE and result.max_grad_rel_diff < GRAD_TOLERANCE, result
+
+
+def test_compiled_gemma3_with_bidirectional_blocks_equals_eager():
+    """torch.compile'd (dynamic shapes, two batches of different lengths): the traced backend path applies the
+    image blocks as the eager path does (which equals one example at a time, above)."""
+    model = gemma3_with_window(2)
+    collator = PackedVisionCollator(model=model)
+    compiled = torch.compile(copy.deepcopy(model), backend="eager", dynamic=True)
+    for seed in (0, 5):
+        batch = collator(vision_proof_features(model.config, seed=seed, token_type_ids=True))
+        out, reference = compiled(**batch), model(**batch)
+        assert float((out.logits - reference.logits).abs().max()) < 1e-5
+        out.loss.backward()
+        reference.loss.backward()
+        for (name, p), q in zip(compiled.named_parameters(), model.parameters()):
+            if q.grad is not None and float(q.grad.norm()) > 0:
+                assert float((p.grad - q.grad).norm() / q.grad.norm()) < 1e-5, name
+        compiled.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)

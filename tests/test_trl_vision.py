@@ -1,7 +1,8 @@
 """TRL's vision-language data path (chats with images + a processor), packed by `PackedSFTTrainer`:
 same per-step losses as TRL's own padded `SFTTrainer`; the token budget counts image tokens.
 
-Locally built Qwen2-VL processor (`packcollate.toy_vision`) and a tiny random Qwen2-VL: nothing downloaded.
+Locally built Qwen2-VL and Gemma 3 processors (`packcollate.toy_vision`) and tiny random models: nothing
+downloaded.
 """
 
 import pytest
@@ -14,6 +15,7 @@ from transformers import AutoModelForImageTextToText  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from packcollate import PackedCollator  # noqa: E402
+from packcollate.attention import BLOCK_IDS  # noqa: E402
 from packcollate.compat.vision import tiny_vision_config  # noqa: E402
 from packcollate.integrations.trl import PackedSFTTrainer  # noqa: E402
 from packcollate.integrations.trl_vision import ProcessThenPack  # noqa: E402
@@ -24,8 +26,8 @@ torch.set_num_threads(1)
 STEPS = 3
 
 
-def tiny_vlm(processor, attn_implementation):
-    config = tiny_vision_config("qwen2_vl")
+def tiny_vlm(processor, attn_implementation, family="qwen2_vl"):
+    config = tiny_vision_config(family)
     for key, value in vision_token_ids(processor).items():
         setattr(config, key, value)
     torch.manual_seed(0)
@@ -129,3 +131,35 @@ def test_token_budget_counts_image_tokens(tmp_path, processor, chats):
     for batch in loader:
         assert batch["input_ids"].shape[1] <= 160 or len(batch["cu_seq_lens_q"]) == 2
     assert losses(trainer)
+
+
+def test_gemma3_bidirectional_image_tokens_match_trl_padded(tmp_path, chats):
+    """Gemma 3's processor marks image tokens (token_type_ids) as bidirectional; TRL's padded batch keeps the
+    marks. Packed with the family's block ids through the packcollate backend: the first batch's logits and
+    gradients equal TRL's padded ones, and so do the losses, step by step (rel 1e-3: Adam's normalisation
+    turns 1e-7 gradient differences on near-zero gradients into visible loss drift by step 3)."""
+    from packcollate.compat.equivalence import _grads, _max_rel_grad_diff, _summed_token_loss
+
+    processor = vision_processor(family="gemma3")
+    theirs = SFTTrainer(model=tiny_vlm(processor, "eager", "gemma3"), args=sft_config(tmp_path / "trl"),
+                        train_dataset=chats, processing_class=processor)
+    ours = PackedSFTTrainer(model=tiny_vlm(processor, "packcollate", "gemma3"), args=sft_config(tmp_path / "ours"),
+                            train_dataset=chats, processing_class=processor)
+    examples = [chats[i] for i in range(4)]
+    padded, packed = theirs.data_collator([dict(e) for e in examples]), ours.data_collator(examples)
+    assert "token_type_ids" in padded and bool((padded["token_type_ids"] == 1).any())
+    image_id = vision_token_ids(processor)["image_token_index"]
+    assert torch.equal(packed[BLOCK_IDS][0] >= 0, packed["input_ids"][0] == image_id)
+    runs = []
+    for model, batch in ((theirs.model, padded), (ours.model, packed)):
+        labels = batch.pop("labels")
+        out = model(**batch, use_cache=False)
+        (_summed_token_loss(out.logits, labels) / int((labels[:, 1:] != -100).sum())).backward()
+        real = out.logits[padded["attention_mask"].bool()] if model is theirs.model else out.logits[0]
+        runs.append((real.detach(), _grads(model)))
+        model.zero_grad(set_to_none=True)
+    grad_diff, _ = _max_rel_grad_diff(runs[1][1], runs[0][1])
+    assert float((runs[0][0] - runs[1][0]).abs().max()) < 1e-4 and grad_diff < 1e-3
+    ref, got = losses(theirs), losses(ours)
+    assert len(got) == STEPS
+    assert got == pytest.approx(ref, rel=1e-3)

@@ -247,6 +247,11 @@ class PackedVisionCollator(PackedCollator):
             visions.append(vision)
         return texts, visions
 
+    def _attention_backend(self) -> str | None:
+        """The attention implementation of the model's text side, read at call time."""
+        text_config = self._config.get_text_config() if hasattr(self._config, "get_text_config") else self._config
+        return getattr(text_config, "_attn_implementation", None) or getattr(self._config, "_attn_implementation", None)
+
     def _block_ids(self, batch: dict, examples: int) -> np.ndarray | None:
         """`(1, N)` int64 bidirectional block ids of the packed row (the family's own rule), or None when
         the batch has none; raises when they cannot be kept exact (see `causal_image_tokens`)."""
@@ -267,8 +272,7 @@ class PackedVisionCollator(PackedCollator):
         blocks = rule[1](torch.as_tensor(batch[key], dtype=torch.long)).numpy().astype(np.int64)
         if not (blocks >= 0).any():
             return None
-        text_config = self._config.get_text_config() if hasattr(self._config, "get_text_config") else self._config
-        backend = getattr(text_config, "_attn_implementation", None) or getattr(self._config, "_attn_implementation", None)
+        backend = self._attention_backend()
         if examples > 1 and backend != BACKEND_NAME:
             raise ValueError(
                 f"key {key!r}: bidirectional image blocks of {examples} packed examples are exact only with "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..masking import IGNORE_INDEX
-from ..multimodal import PackedVisionCollator
+from ..multimodal import BIDIRECTIONAL_BLOCKS, PackedVisionCollator
 from .equivalence import Equivalence, _grads, _max_rel_grad_diff, _summed_token_loss
 from .report import CONTAMINATED, EXACT, UNSUPPORTED, _one_line
 from .tiny import tiny_config
@@ -227,12 +227,23 @@ def compare_vision_packed_unpacked(
 LOGIT_TOLERANCE, GRAD_TOLERANCE = 1e-4, 1e-3
 
 
+class _MeasuringCollator(PackedVisionCollator):
+    """`PackedVisionCollator` that builds the bidirectional-block batches it refuses for a model on another
+    backend: the matrix measures what that backend does with them."""
+
+    def _attention_backend(self) -> str:
+        from ..attention import BACKEND_NAME
+
+        return BACKEND_NAME
+
+
 def _trial(model, features, backend: str, use_cache: bool) -> dict:
     """One backend and `use_cache`: the verdict (exact / contaminated / unsupported) and the differences."""
     try:
         with torch.random.fork_rng():
             model.set_attn_implementation(backend)
-            result = compare_vision_packed_unpacked(model, features, use_cache=use_cache)
+            result = compare_vision_packed_unpacked(model, features, collator=_MeasuringCollator(model=model),
+                                                    use_cache=use_cache)
     except Exception as error:  # noqa: BLE001 - a backend that raises is "unsupported", with the error
         return {"use_cache": use_cache, "verdict": UNSUPPORTED, "note": _one_line(error)}
     exact = result.max_logit_diff <= LOGIT_TOLERANCE and result.max_grad_rel_diff <= GRAD_TOLERANCE
@@ -241,15 +252,19 @@ def _trial(model, features, backend: str, use_cache: bool) -> dict:
             "worst_parameter": result.worst_parameter, "loss_diff": result.loss_diff}
 
 
-def check_vision_architecture(model_type: str, backends: Sequence[str] | None = None) -> dict:
-    """Matrix entry of one image-text-to-text family: per backend and `use_cache`, packed vs unpacked."""
+def check_vision_architecture(model_type: str, backends: Sequence[str] | None = None,
+                              token_type_ids: bool = False) -> dict:
+    """Matrix entry of one image-text-to-text family: per backend and `use_cache`, packed vs unpacked.
+
+    `token_type_ids`: the examples carry the processor's bidirectional image-token marks (Gemma 3)."""
     from .model_check import available_backends
 
     start = time.perf_counter()
-    entry: dict = {"model_type": model_type, "task": TASK, "backends": {}, "error": None}
+    entry: dict = {"model_type": model_type, "task": TASK, "backends": {}, "error": None,
+                   "variant": "token_type_ids" if token_type_ids else None}
     try:
         model = tiny_vision_model(model_type)
-        features = vision_proof_features(model.config)
+        features = vision_proof_features(model.config, token_type_ids=token_type_ids)
         entry["architecture"] = type(model).__name__
         entry["rope_index"] = PackedVisionCollator(model=model)._rope_owner is not None
         for backend in backends or available_backends("cpu"):
@@ -271,6 +286,7 @@ def vision_matrix(backends: Sequence[str] | None = None, command: str = "") -> d
     """Every family of `VISION_FAMILIES` checked, plus the families of transformers not covered."""
     start = time.perf_counter()
     entries = [check_vision_architecture(model_type, backends) for model_type in VISION_FAMILIES]
+    entries += [check_vision_architecture(model_type, backends, token_type_ids=True) for model_type in BIDIRECTIONAL_BLOCKS]
     backends = list(entries[0]["backends"]) if entries and entries[0]["backends"] else list(backends or [])
     return {
         "task": TASK, "command": command, "device": "cpu", "backends": backends,
@@ -309,15 +325,18 @@ def format_vision_matrix(document: dict) -> str:
         "- Columns: verdict with `use_cache=False` / `use_cache=True`.",
         f"- transformers {versions['transformers']}, torch {versions['torch']}, Python {versions['python']}; "
         f"{document['seconds']:.0f} s wall time",
-        "- Gemma 3 rows use `causal_image_tokens=True` semantics (no `token_type_ids`): with the processor's "
-        "`token_type_ids` (bidirectional image blocks) no backend is exact under packing and "
-        "`PackedVisionCollator` refuses such batches (see `tests/test_multimodal.py`).",
+        "- `gemma3` has two rows: without `token_type_ids` (image tokens causal, like text) and with the processor's "
+        "`token_type_ids` (image tokens of one image see each other in both directions; the reference sees the same "
+        "marks). With them, `PackedVisionCollator` emits the family's block ids (`bidirectional_block_ids`), which only "
+        "the `packcollate` backend reads; it refuses such batches for a model on another backend (the other columns "
+        "measure what that backend would do with them).",
         "",
         "| family | model class | rotary | " + " | ".join(backends) + " | max diff (packcollate) | notes |",
         "| --- | --- | --- | " + " | ".join("---" for _ in backends) + " | --- | --- |",
     ]
     for entry in document["architectures"]:
-        cells = [f"`{entry['model_type']}`", entry.get("architecture", ""),
+        variant = f" + `{entry['variant']}`" if entry.get("variant") else ""
+        cells = [f"`{entry['model_type']}`{variant}", entry.get("architecture", ""),
                  "multi-section (get_rope_index)" if entry.get("rope_index") else "1-D"]
         cells += [f"{_SHORT[_verdict(entry, b, False)]} / {_SHORT[_verdict(entry, b, True)]}" for b in backends]
         ours = next((t for t in entry["backends"].get("packcollate", []) if "max_logit_diff" in t), None)
@@ -356,18 +375,22 @@ def main(args) -> int:
     if args.model not in VISION_FAMILIES:
         raise ValueError(f"packcollate check --task {TASK}: expected one of {VISION_FAMILIES} (tiny copies built "
                          f"here) or --all, got {args.model!r}")
-    entry = check_vision_architecture(args.model, args.backends)
-    if args.json:
-        print(json.dumps(entry, indent=2))
-    else:
+    # a family with bidirectional image blocks is checked with and without its processor's marks
+    entries = [check_vision_architecture(args.model, args.backends, token_type_ids=marks)
+               for marks in ((False, True) if args.model in BIDIRECTIONAL_BLOCKS else (False,))]
+    for entry in entries:
+        name = args.model + (f" + {entry['variant']}" if entry["variant"] else "")
+        if args.json:
+            print(json.dumps(entry, indent=2))
+            continue
         for backend, trials in entry["backends"].items():
             for t in trials:
                 detail = t.get("note") or f"logits {t['max_logit_diff']:.1e}, grads {t['max_grad_rel_diff']:.1e}"
-                print(f"{args.model} {backend:>12} use_cache={t['use_cache']!s:<5} {t['verdict']:<12} {detail}")
+                print(f"{name} {backend:>12} use_cache={t['use_cache']!s:<5} {t['verdict']:<12} {detail}")
         if entry["error"]:
-            print(f"{args.model}: no verdict: {entry['error']}")
+            print(f"{name}: no verdict: {entry['error']}")
     first = (args.backends or ["packcollate"])[0]
-    return 0 if _verdict(entry, first, False) == EXACT else 1
+    return 0 if all(_verdict(entry, first, False) == EXACT for entry in entries) else 1
 
 
 def _versions() -> dict:
