@@ -28,7 +28,7 @@ from packcollate.attention import BLOCK_IDS
 from packcollate.multimodal import PACKING_KWARGS, PackedVisionCollator
 
 torch.set_num_threads(1)
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v")
 _MODELS: dict = {}
 
 

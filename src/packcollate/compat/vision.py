@@ -23,8 +23,8 @@ from .report import CONTAMINATED, EXACT, UNSUPPORTED, _one_line
 from .tiny import tiny_config
 
 #: Families with a tiny copy here, the task they serve (`packcollate check --task image-text-to-text`).
-VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "gemma3", "llava", "idefics3",
-                   "smolvlm")
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "gemma3",
+                   "llava", "idefics3", "smolvlm")
 TASK = "image-text-to-text"
 #: Token ids of the tiny copies (inside the tiny 256-token vocabulary).
 IMAGE_TOKEN, VIDEO_TOKEN, START_TOKEN, END_TOKEN = 250, 251, 252, 253
@@ -44,8 +44,12 @@ _VISION_OVERRIDES = {
     "glm4v": dict(_QWEN_TOWER, hidden_size=32, intermediate_size=64, out_hidden_size=64, image_size=16),
 }
 _VISION_OVERRIDES["qwen3_vl_moe"] = _VISION_OVERRIDES["qwen3_vl"]
+# Qwen3.5: the Qwen3-VL tower without deepstack, a hybrid text side (Gated DeltaNet + attention layers)
+_VISION_OVERRIDES["qwen3_5"] = _VISION_OVERRIDES["qwen3_5_moe"] = dict(
+    _QWEN_TOWER, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=64)
 # head_dim 16: 8 rotary pairs
 _MROPE_SECTIONS = {"qwen2_vl": [2, 3, 3], "qwen2_5_vl": [2, 3, 3], "qwen3_vl": [4, 2, 2], "qwen3_vl_moe": [4, 2, 2],
+                   "qwen3_5": [4, 2, 2], "qwen3_5_moe": [4, 2, 2],
                    "glm4v": [2, 3, 3]}
 _SIGLIP_TOWER = dict(image_size=IMAGE_SIDE_OTHER, patch_size=PATCH_OTHER, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4)
