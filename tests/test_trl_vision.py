@@ -42,6 +42,22 @@ def sft_config(tmp_path, **overrides):
     return SFTConfig(**base)
 
 
+def first_batch_diffs(padded_model, padded, packed_model, packed) -> tuple[float, float]:
+    """One forward + backward of TRL's padded batch and of our packed one: max |logit diff| over the real
+    tokens and the max relative gradient difference. Gradients are left zeroed."""
+    from packcollate.compat.equivalence import _grads, _max_rel_grad_diff, _summed_token_loss
+
+    runs = []
+    for model, batch in ((padded_model, dict(padded)), (packed_model, dict(packed))):
+        labels = batch.pop("labels")
+        out = model(**batch, use_cache=False)
+        (_summed_token_loss(out.logits, labels) / int((labels[:, 1:] != -100).sum())).backward()
+        real = out.logits[padded["attention_mask"].bool()] if model is padded_model else out.logits[0]
+        runs.append((real.detach(), _grads(model)))
+        model.zero_grad(set_to_none=True)
+    return float((runs[0][0] - runs[1][0]).abs().max()), _max_rel_grad_diff(runs[1][1], runs[0][1])[0]
+
+
 def losses(trainer):
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -84,8 +100,6 @@ def test_packed_sft_trainer_matches_trl_padded_on_image_chats(tmp_path, processo
 def test_first_batch_logits_and_gradients_match_trl_padded(tmp_path, processor, chats, rope_positions):
     """TRL's padded batch through eager vs our packed batch through packcollate: logits on every real token
     and every gradient. Without the model's rope index (1-D positions) the same check fails."""
-    from packcollate.compat.equivalence import _grads, _max_rel_grad_diff, _summed_token_loss
-
     theirs = SFTTrainer(model=tiny_vlm(processor, "eager"), args=sft_config(tmp_path / "trl"),
                         train_dataset=chats, processing_class=processor)
     ours = PackedSFTTrainer(model=tiny_vlm(processor, "packcollate"), args=sft_config(tmp_path / "ours"),
@@ -94,15 +108,7 @@ def test_first_batch_logits_and_gradients_match_trl_padded(tmp_path, processor, 
         ours.data_collator.pack._rope_owner = None
     examples = [chats[i] for i in range(4)]
     padded, packed = theirs.data_collator([dict(e) for e in examples]), ours.data_collator(examples)
-    runs = []
-    for model, batch in ((theirs.model, padded), (ours.model, packed)):
-        labels = batch.pop("labels")
-        out = model(**batch, use_cache=False)
-        (_summed_token_loss(out.logits, labels) / int((labels[:, 1:] != -100).sum())).backward()
-        real = out.logits[padded["attention_mask"].bool()] if model is theirs.model else out.logits[0]
-        runs.append((real.detach(), _grads(model)))
-    logit_diff = float((runs[0][0] - runs[1][0]).abs().max())
-    grad_diff, _ = _max_rel_grad_diff(runs[1][1], runs[0][1])
+    logit_diff, grad_diff = first_batch_diffs(theirs.model, padded, ours.model, packed)
     if rope_positions:
         assert logit_diff < 1e-4 and grad_diff < 1e-3, (logit_diff, grad_diff)
     else:
@@ -138,8 +144,6 @@ def test_gemma3_bidirectional_image_tokens_match_trl_padded(tmp_path, chats):
     marks. Packed with the family's block ids through the packcollate backend: the first batch's logits and
     gradients equal TRL's padded ones, and so do the losses, step by step (rel 1e-3: Adam's normalisation
     turns 1e-7 gradient differences on near-zero gradients into visible loss drift by step 3)."""
-    from packcollate.compat.equivalence import _grads, _max_rel_grad_diff, _summed_token_loss
-
     processor = vision_processor(family="gemma3")
     theirs = SFTTrainer(model=tiny_vlm(processor, "eager", "gemma3"), args=sft_config(tmp_path / "trl"),
                         train_dataset=chats, processing_class=processor)
@@ -150,16 +154,8 @@ def test_gemma3_bidirectional_image_tokens_match_trl_padded(tmp_path, chats):
     assert "token_type_ids" in padded and bool((padded["token_type_ids"] == 1).any())
     image_id = vision_token_ids(processor)["image_token_index"]
     assert torch.equal(packed[BLOCK_IDS][0] >= 0, packed["input_ids"][0] == image_id)
-    runs = []
-    for model, batch in ((theirs.model, padded), (ours.model, packed)):
-        labels = batch.pop("labels")
-        out = model(**batch, use_cache=False)
-        (_summed_token_loss(out.logits, labels) / int((labels[:, 1:] != -100).sum())).backward()
-        real = out.logits[padded["attention_mask"].bool()] if model is theirs.model else out.logits[0]
-        runs.append((real.detach(), _grads(model)))
-        model.zero_grad(set_to_none=True)
-    grad_diff, _ = _max_rel_grad_diff(runs[1][1], runs[0][1])
-    assert float((runs[0][0] - runs[1][0]).abs().max()) < 1e-4 and grad_diff < 1e-3
+    logit_diff, grad_diff = first_batch_diffs(theirs.model, padded, ours.model, packed)
+    assert logit_diff < 1e-4 and grad_diff < 1e-3, (logit_diff, grad_diff)
     ref, got = losses(theirs), losses(ours)
     assert len(got) == STEPS
     assert got == pytest.approx(ref, rel=1e-3)
