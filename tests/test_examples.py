@@ -10,9 +10,19 @@ import pytest
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
+# A gloo worker thread of a finished 2-process run sometimes aborts as the interpreter exits (std::terminate,
+# after the last step was printed and the process group destroyed: seen once in ~20 runs, never twice in a row)
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def run(*command: str, timeout: int = 300, **extra_env: str) -> str:
+    """Run an example; one rerun when it failed only by gloo's abort at exit (a second failure fails)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra_env}
-    result = subprocess.run(command, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=timeout)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # shell scripts' python
+    for attempt in range(2):
+        result = subprocess.run(command, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=timeout)
+        if result.returncode == 0 or GLOO_EXIT_ABORT not in result.stderr:
+            break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
