@@ -482,6 +482,11 @@ def _window_mask(length: int, window: int | None, causal: bool, device) -> torch
     return allowed
 
 
+def same_block(blocks: torch.Tensor) -> torch.Tensor:
+    """`(G, L, L)` bool: query and key carry the same block id >= 0; `blocks` `(G, L)`."""
+    return (blocks[:, :, None] == blocks[:, None, :]) & (blocks >= 0)[:, :, None]
+
+
 def block_allowed(blocks: torch.Tensor, window: int | None, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """`(G, 1, L, L)` bool allowed-mask of causal rows `(G, L)` with bidirectional blocks.
 
@@ -492,7 +497,7 @@ def block_allowed(blocks: torch.Tensor, window: int | None, lengths: torch.Tenso
     width = blocks.shape[-1]
     index = torch.arange(width, device=blocks.device)
     distance = index[:, None] - index[None, :]
-    allowed = ((blocks[:, :, None] == blocks[:, None, :]) & (blocks >= 0)[:, :, None]) | (distance >= 0)
+    allowed = same_block(blocks) | (distance >= 0)
     if window is not None:
         allowed = allowed & (distance < window)
     if lengths is not None:
@@ -569,17 +574,17 @@ def exact_varlen(
         qb = q.index_select(0, gather).view(count, width, *q.shape[1:]).transpose(1, 2)
         kb = k.index_select(0, gather).view(count, width, *k.shape[1:]).transpose(1, 2)
         vb = v.index_select(0, gather).view(count, width, *v.shape[1:]).transpose(1, 2)
+        is_causal = opts.causal
         if blocks is not None and opts.causal:
             allowed = block_allowed(blocks.index_select(0, gather).view(count, width), opts.sliding_window, seq_lengths)
-            out = _attention_dense(qb, kb, vb, opts, allowed, sinks, is_causal=False)
-            outputs.append(out.transpose(1, 2).reshape(count * width, *out.shape[1:2], out.shape[-1]))
-            continue
-        allowed = _window_mask(width, opts.sliding_window, opts.causal, q.device)
+            is_causal = False  # the mask holds causality
+        else:
+            allowed = _window_mask(width, opts.sliding_window, opts.causal, q.device)
         if not opts.causal:
             key_real = torch.arange(width, device=q.device)[None, :] < seq_lengths[:, None]
             key_real = key_real[:, None, None, :]
             allowed = key_real if allowed is None else allowed & key_real
-        out = _attention_dense(qb, kb, vb, opts, allowed, sinks, is_causal=opts.causal)
+        out = _attention_dense(qb, kb, vb, opts, allowed, sinks, is_causal=is_causal)
         outputs.append(out.transpose(1, 2).reshape(count * width, *out.shape[1:2], out.shape[-1]))
     return torch.cat(outputs).index_select(0, back)
 
@@ -816,12 +821,11 @@ def packcollate_attention(
     if layout is None or layout.full_rows:
         if query.device.type != "cuda" or batch == 1:
             # every row is one sequence: batched attention, no gather
-            if blocks is not None:
-                allowed = block_allowed(blocks, opts.sliding_window)
-                out = _attention_dense(query, key, value, opts, allowed, s_aux, is_causal=False)
-                return out.transpose(1, 2).contiguous(), None
-            allowed = _window_mask(seq, opts.sliding_window, opts.causal, query.device)
-            out = _attention_dense(query, key, value, opts, allowed, s_aux, is_causal=opts.causal)
+            if blocks is not None:  # the mask holds causality
+                allowed, is_causal = block_allowed(blocks, opts.sliding_window), False
+            else:
+                allowed, is_causal = _window_mask(seq, opts.sliding_window, opts.causal, query.device), opts.causal
+            out = _attention_dense(query, key, value, opts, allowed, s_aux, is_causal=is_causal)
             return out.transpose(1, 2).contiguous(), None
         if layout is None:
             cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionOptions, _attention_dense, _chunk_size, _is_sequence_map
+from .attention import AttentionOptions, _attention_dense, _chunk_size, _is_sequence_map, same_block
 
 
 def sequence_ids(query: torch.Tensor, attention_mask, kwargs: dict, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -65,7 +65,7 @@ def traceable_attention(module, query, key, value, attention_mask, opts: Attenti
     if opts.causal:
         ahead = distance >= 0
         if blocks is not None:
-            ahead = ahead | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks >= 0)[:, :, None])
+            ahead = ahead | same_block(blocks)
         allowed = allowed & ahead
     if opts.sliding_window is not None:
         allowed = allowed & (distance < opts.sliding_window)

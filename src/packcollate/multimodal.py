@@ -260,7 +260,7 @@ class PackedVisionCollator(PackedCollator):
         if key not in batch or self.causal_image_tokens:
             return None
         if rule is None:
-            if examples > 1 and key == "token_type_ids" and (np.asarray(batch[key]) != 0).any():
+            if examples > 1 and (np.asarray(batch[key]) != 0).any():
                 raise ValueError(
                     f"key 'token_type_ids': expected no bidirectional token blocks for model_type {self._model_type!r} "
                     f"(no block rule is known for it here: {sorted(BIDIRECTIONAL_BLOCKS)}), got them in {examples} "

@@ -39,7 +39,7 @@ def chat_template(family: str = "qwen2_vl") -> str:
     """A multimodal chat template: `<|user|>…<|end|><|assistant|>…<|end|>`, images as the family's text."""
     content = (
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}" + _IMAGE_TEXT[family] + ""
+        "{% if c['type'] == 'image' %}" + _IMAGE_TEXT[family] +
         "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     )
     return (
@@ -49,7 +49,6 @@ def chat_template(family: str = "qwen2_vl") -> str:
     )
 
 
-CHAT_TEMPLATE = chat_template("qwen2_vl")
 IMAGE_SIZES = ((8, 12), (16, 8), (8, 8), (12, 12), (16, 16))
 
 
