@@ -8,7 +8,6 @@
 2. `PackedTrainer` on `to_iterable_dataset()`, token budget, one accumulated step: weight change saved.
 """
 
-import os
 import sys
 
 import torch
@@ -16,12 +15,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_trainer_integration import arguments, prompt_completion_dataset, tiny_model  # noqa: E402
+from two_ranks import exit_now, watchdog  # noqa: E402
 
 from packcollate.integrations import PackedTrainer  # noqa: E402
 from packcollate.stream_packing import TokenBudgetStream  # noqa: E402
 
 
 def main(out: str) -> None:
+    watchdog()
     dataset = prompt_completion_dataset()
     model = tiny_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -49,11 +50,8 @@ def main(out: str) -> None:
         torch.save({"change": {n: p.detach() - before[n] for n, p in model.named_parameters()},
                     "seen": sorted(i for s, _ in gathered for i in s), "steps": [n for _, n in gathered],
                     "padding_batches": stream.padding_batches}, out)
-    dist.barrier()
-    dist.destroy_process_group()  # gloo may abort at exit when it is left alive
+    exit_now()  # no teardown: see two_ranks
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    sys.stdout.flush()
-    os._exit(0)  # the result is saved; skip interpreter teardown, where a gloo worker hung now and then (2 of 8 runs)

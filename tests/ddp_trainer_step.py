@@ -3,18 +3,19 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_trainer_step.py OUT.pt [--loss-weighting sequence]
 """
 
-import os
 import sys
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_trainer_integration import arguments, prompt_completion_dataset, tiny_model  # noqa: E402
+from two_ranks import exit_now, watchdog  # noqa: E402
 
 from packcollate.integrations import PackedTrainer  # noqa: E402
 
 
 def main(out: str, loss_weighting: str = "token") -> None:
+    watchdog()
     dataset = prompt_completion_dataset()
     total = sum(len(x) for x in dataset["input_ids"])
     model = tiny_model()
@@ -28,11 +29,8 @@ def main(out: str, loss_weighting: str = "token") -> None:
     assert trainer.state.global_step == 1, trainer.state.global_step
     if trainer.args.process_index == 0:
         torch.save({n: p.detach() - before[n] for n, p in model.named_parameters()}, out)
-    # no barrier or destroy_process_group: a rank hung there now and then after training (seen in CI);
-    # each rank exits at once below (os._exit), its part done, so gloo is never torn down
+    exit_now()  # no barrier and no teardown: see two_ranks
 
 
 if __name__ == "__main__":
     main(sys.argv[1], *sys.argv[3:4])  # OUT.pt [--loss-weighting WEIGHTING]
-    sys.stdout.flush()
-    os._exit(0)  # the result is saved; skip interpreter teardown, where a gloo worker can hang (seen here)

@@ -9,7 +9,6 @@ ranks (`count_label_tokens`), and the loss is multiplied by the world size becau
 gradients over ranks. Rank 0 saves the loss and the full (unsharded) gradients.
 """
 
-import os
 import sys
 
 import torch
@@ -18,12 +17,14 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_trainer_integration import N_EXAMPLES, prompt_completion_dataset, tiny_model  # noqa: E402
+from two_ranks import exit_now, watchdog  # noqa: E402
 
 from packcollate import PackedCollator  # noqa: E402
 from packcollate.integrations import count_label_tokens  # noqa: E402
 
 
 def main(out: str) -> None:
+    watchdog()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -49,11 +50,8 @@ def main(out: str) -> None:
     if rank == 0:
         total = sum(p.numel() for p in grads.values())
         torch.save({"loss": step_loss, "grads": grads, "sharded_fraction": sharded / total}, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    exit_now()  # no teardown: see two_ranks
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    sys.stdout.flush()
-    os._exit(0)  # the result is saved; skip interpreter teardown, where a gloo worker can hang (seen here)

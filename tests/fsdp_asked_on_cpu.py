@@ -7,15 +7,15 @@ accelerate would train with DDP; PackedTrainer must refuse. Prints the error and
 
 import sys
 
-import torch.distributed as dist
-
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_trainer_integration import arguments, prompt_completion_dataset, tiny_model  # noqa: E402
+from two_ranks import exit_now, watchdog  # noqa: E402
 
 from packcollate.integrations import PackedTrainer  # noqa: E402
 
 
-def main(out_dir: str) -> int:
+def main(out_dir: str) -> None:
+    watchdog()
     args = arguments(out_dir, fsdp="full_shard", ddp_backend="gloo")
     try:
         PackedTrainer(model=tiny_model(), args=args, train_dataset=prompt_completion_dataset(), check_packing=False)
@@ -25,11 +25,8 @@ def main(out_dir: str) -> int:
     else:
         print("NOT REFUSED", flush=True)
         code = 1
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return code
+    exit_now(code)  # no teardown: see two_ranks
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    main(sys.argv[1])

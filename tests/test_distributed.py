@@ -6,8 +6,6 @@ with accelerate 1.16: `DistributedType.MULTI_CPU`, the model a `DistributedDataP
 FSDP2's `fully_shard` works on CPU with gloo: 2 ranks, packed micro-batches, equal to padding.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +16,8 @@ from packcollate import PaddedCollator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer_integration import N_EXAMPLES, prompt_completion_dataset, tiny_model  # noqa: E402
+from two_ranks import launch  # noqa: E402
 
-HERE = Path(__file__).parent
 
 
 def padded_loss_and_grads():
@@ -35,11 +33,7 @@ def padded_loss_and_grads():
 
 def test_fsdp2_fully_shard_two_ranks_packed_equals_padded(tmp_path, free_port):
     out = tmp_path / "fsdp2.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-               str(HERE / "fsdp2_step.py"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch("fsdp2_step.py", str(out), port=free_port)
     saved = torch.load(out)
     assert saved["sharded_fraction"] < 0.6  # each rank holds about half of the parameters: really sharded
     loss, grads = padded_loss_and_grads()
@@ -50,11 +44,7 @@ def test_fsdp2_fully_shard_two_ranks_packed_equals_padded(tmp_path, free_port):
 
 def test_fsdp_asked_on_cpu_is_refused_not_run_as_ddp(tmp_path, free_port):
     """TrainingArguments(fsdp="full_shard") on 2 CPU ranks: accelerate would train with DDP; refused first."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-               str(HERE / "fsdp_asked_on_cpu.py"), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = launch("fsdp_asked_on_cpu.py", str(tmp_path), port=free_port)
     assert result.stdout.count("FSDP was asked for (TrainingArguments(fsdp=") == 2, result.stdout  # both ranks
     assert "but accelerate runs DistributedType.MULTI_CPU and would not shard the model" in result.stdout
 

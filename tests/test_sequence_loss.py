@@ -3,8 +3,6 @@ padded reference â€” the mean over examples of each example's mean token loss â€
 into micro-batches, in `PackedTrainer(loss_weighting="sequence")` with gradient accumulation and a
 token budget, and over 2 ranks (torchrun, gloo, CPU)."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,9 +15,9 @@ from packcollate.losses import count_loss_examples, per_example_token_loss, sequ
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer_integration import arguments, prompt_completion_dataset, tiny_model  # noqa: E402
+from two_ranks import launch  # noqa: E402
 
 torch.set_num_threads(1)
-HERE = Path(__file__).parent
 
 
 def padded_reference_change(dataset, model=None):
@@ -110,11 +108,7 @@ def test_two_ranks_with_torchrun_equal_padded(tmp_path, free_port):
     dataset = prompt_completion_dataset()
     expected, _ = padded_reference_change(dataset)
     out = tmp_path / "change.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-               str(HERE / "ddp_trainer_step.py"), str(out), "--loss-weighting", "sequence"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch("ddp_trainer_step.py", str(out), "--loss-weighting", "sequence", port=free_port)
     assert_same_change(expected, torch.load(out))
 
 

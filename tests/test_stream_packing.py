@@ -7,8 +7,6 @@ exactly the padded weight change (it crashed on main: accelerate cut `cu_seq_len
 a token budget raised a pyarrow TypeError), and 2 ranks (torchrun, gloo) end a stream evenly.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,8 +31,8 @@ from test_trainer_integration import (  # noqa: E402
     prompt_completion_dataset,
     tiny_model,
 )
+from two_ranks import launch  # noqa: E402
 
-HERE = Path(__file__).parent
 torch.set_num_threads(1)
 
 
@@ -184,11 +182,7 @@ def test_two_ranks_end_a_stream_evenly(padded_reference, tmp_path, free_port):  
     """torchrun, gloo: the packer's batches with an all_reduce each (a hang fails the timeout), every
     example once over the ranks, and PackedTrainer on the stream changes the weights like padding."""
     out = tmp_path / "change.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-               str(HERE / "ddp_stream_step.py"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch("ddp_stream_step.py", str(out), port=free_port)
     saved = torch.load(out)
     assert saved["seen"] == list(range(N_EXAMPLES + 1))
     assert saved["steps"][0] == saved["steps"][1]

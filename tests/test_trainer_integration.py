@@ -5,11 +5,6 @@ optimizer step is exactly minus the gradient: padded, packed, packed with gradie
 token-budget batches and 2 ranks (torchrun, gloo) must all change the weights identically.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import datasets
 import numpy as np
 import pytest
@@ -20,8 +15,8 @@ import packcollate  # noqa: F401
 from packcollate import PackedCollator, PaddedCollator
 from packcollate.integrations import PackedTrainer, count_label_tokens, micro_batches
 from packcollate.integrations.trainer import example_lengths
+from two_ranks import launch
 
-HERE = Path(__file__).parent
 N_EXAMPLES = 16
 
 
@@ -253,11 +248,7 @@ def test_plain_loop_helpers_give_the_padded_gradient(padded_reference, loop):
 def test_two_ranks_with_torchrun_equal_padded(padded_reference, tmp_path, free_port):
     """The same global step over 2 ranks (torchrun, gloo, CPU), token-budget batches: same change."""
     out = tmp_path / "change.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-               str(HERE / "ddp_trainer_step.py"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch("ddp_trainer_step.py", str(out), port=free_port)
     assert_same_change(padded_reference, torch.load(out))
 
 

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import packcollate  # noqa: E402,F401
-from packcollate import PackedCollator, PaddedCollator  # noqa: E402
+from packcollate import PaddedCollator  # noqa: E402
 from packcollate.compat import assert_packing_safe, check_model  # noqa: E402
 from packcollate.compat.unwrap import unwrap_model, unwrapped_class  # noqa: E402
 from packcollate.integrations import PackedTrainer  # noqa: E402
