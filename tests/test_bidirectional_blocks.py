@@ -281,22 +281,35 @@ def test_compiled_entry_equals_eager_with_blocks():
 # --- 4: where blocks do not apply ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["module", "kwarg"])
-def test_non_causal_layers_ignore_blocks(how):
-    """An encoder layer (`is_causal` False on the module, or `is_causal=False` passed) attends both
-    ways already: blocks change nothing, eager or traceable."""
-    module = ENCODER if how == "module" else CAUSAL
-    extra = {"is_causal": False} if how == "kwarg" else {}
-    kwargs = {**layout_kwargs([5, 4], "cu_seq_lens"), **extra}
+def test_a_call_declared_bidirectional_ignores_blocks():
+    """`is_causal=False` passed by the caller (bidirectional by intent) attends both ways already:
+    blocks change nothing, eager or traceable."""
+    kwargs = {**layout_kwargs([5, 4], "cu_seq_lens"), "is_causal": False}
     blocks = torch.tensor([[0, 0, -1, 1, 1, 0, 0, 1, -1]])
     q, k, v = (t.detach() for t in qkv(1, 9, 2))
     for window in (None, 2):
-        plain = packcollate_attention(module, q, k, v, None, sliding_window=window, **kwargs)[0]
-        got = packcollate_attention(module, q, k, v, None, sliding_window=window, **kwargs, **{BLOCK_IDS: blocks})[0]
+        plain = packcollate_attention(CAUSAL, q, k, v, None, sliding_window=window, **kwargs)[0]
+        got = packcollate_attention(CAUSAL, q, k, v, None, sliding_window=window, **kwargs, **{BLOCK_IDS: blocks})[0]
         assert torch.equal(got, plain)
     opts = AttentionOptions(causal=False)
-    plain = traceable_attention(module, q, k, v, None, opts, None, kwargs)
-    assert torch.equal(traceable_attention(module, q, k, v, None, opts, None, kwargs, None), plain)
+    plain = traceable_attention(CAUSAL, q, k, v, None, opts, None, kwargs)
+    assert torch.equal(traceable_attention(CAUSAL, q, k, v, None, opts, None, kwargs, None), plain)
+
+
+@pytest.mark.parametrize("blocks", [[[0, 0, -1, 1, 1, 0, 0, 1, -1]], [[-1] * 9]])
+def test_blocks_make_a_layer_flagged_non_causal_causal(blocks):
+    """A layer whose module says `is_causal=False` (PaliGemma's text layers: the flag only keeps sdpa
+    from adding causality to the model's own prefix mask) follows the blocks like a causal layer,
+    all -1 included (plain causal); without blocks it stays bidirectional."""
+    kwargs = layout_kwargs([5, 4], "cu_seq_lens")
+    blocks = torch.tensor(blocks)
+    q, k, v = (t.detach() for t in qkv(1, 9, 2))
+    for window in (None, 2):
+        causal = packcollate_attention(CAUSAL, q, k, v, None, sliding_window=window, **kwargs, **{BLOCK_IDS: blocks})[0]
+        flagged = packcollate_attention(ENCODER, q, k, v, None, sliding_window=window, **kwargs, **{BLOCK_IDS: blocks})[0]
+        assert torch.equal(flagged, causal)
+    both_ways = packcollate_attention(ENCODER, q, k, v, None, **kwargs)[0]
+    assert not torch.allclose(both_ways, packcollate_attention(CAUSAL, q, k, v, None, **kwargs)[0])
 
 
 def test_decoding_call_ignores_blocks():
@@ -332,7 +345,7 @@ def test_blocks_dispatch_to_the_exact_kernel_even_with_fast_kernels(monkeypatch)
 
 def test_the_entry_tells_dispatch_about_blocks(monkeypatch):
     """`packcollate_attention` hands dispatch options with `bidirectional_blocks` set exactly when a
-    causal prefill call carries block ids, so on CUDA such a call cannot reach a varlen kernel."""
+    prefill call not declared bidirectional carries block ids, so on CUDA it cannot reach a varlen kernel."""
     seen = []
     real_decide = attention._decide
 
@@ -346,8 +359,9 @@ def test_the_entry_tells_dispatch_about_blocks(monkeypatch):
     blocks = torch.tensor([[0, 0, -1, 1, 1, -1, -1]])
     packcollate_attention(CAUSAL, q, k, v, None, **kwargs, **{BLOCK_IDS: blocks})
     packcollate_attention(CAUSAL, q, k, v, None, **kwargs)
-    packcollate_attention(ENCODER, q, k, v, None, **kwargs, **{BLOCK_IDS: blocks})
-    assert [opts.bidirectional_blocks for opts in seen] == [True, False, False]
+    packcollate_attention(ENCODER, q, k, v, None, **kwargs, **{BLOCK_IDS: blocks})  # flagged non-causal: blocks
+    packcollate_attention(CAUSAL, q, k, v, None, **kwargs, is_causal=False, **{BLOCK_IDS: blocks})
+    assert [opts.bidirectional_blocks for opts in seen] == [True, False, True, False]
     dummy = lambda *args, **kwargs: None  # noqa: E731
     monkeypatch.setattr(attention, "_flash_attn_varlen_func", lambda: dummy)
     assert attention.choose_kernel("cuda", torch.bfloat16, seen[0], True)[0] == attention.EXACT

@@ -18,10 +18,13 @@ the model or cache does:
    makes exact). A feature a fast kernel lacks (softcap, attention sinks, dropout, fp32, …) falls
    back to the exact path with a one-time warning naming why.
 3. Bidirectional blocks: `bidirectional_block_ids` `(B|1, S)` (the vision collator emits it for
-   families whose image tokens attend to each other in both directions, Gemma 3) lets tokens of
+   families whose image tokens attend to each other in both directions, Gemma 3, PaliGemma) lets tokens of
    one block id (>= 0) in one sequence see each other, future ones included; everything else stays
    causal, and a sliding window still bounds how far back a query looks (transformers' rule:
    `window & (causal | same block)`). Only the exact path takes them (on CUDA too, with a warning).
+   Blocks make the call causal even in a layer whose `is_causal` is False (PaliGemma's text layers
+   are flagged so that sdpa adds no causal flag to the model's own prefix mask; their mask is causal
+   outside the prefix); a caller passing `is_causal=False` (bidirectional by intent) ignores them.
 
 Shapes (transformers' convention): `query` `(B, H, S, D)`, `key`/`value` `(B, H_kv, S_kv, D)`; the
 output is `(B, S, H, D_v)`. Packed batches have `B = 1`, `S = N`.
@@ -789,10 +792,12 @@ def packcollate_attention(
             f"train this architecture with padding and its own attention backend"
         )
     causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     batch, heads, seq, _ = query.shape
-    # blocks shape a causal prefill/training call only (decoding gets transformers' 4-D mask)
-    blocks = checked_block_ids(kwargs.get(BLOCK_IDS), batch, seq) if causal and key.shape[2] == seq else None
+    # blocks shape a prefill/training call that is not declared bidirectional by its caller (decoding
+    # gets transformers' 4-D mask); they define a causal attention, also in a layer flagged non-causal
+    # only so that sdpa adds no causal flag to its model's own mask (PaliGemma's text layers)
+    blocks = checked_block_ids(kwargs.get(BLOCK_IDS), batch, seq) if causal is not False and key.shape[2] == seq else None
+    causal = (blocks is not None or getattr(module, "is_causal", True)) if causal is None else bool(causal)
     opts = AttentionOptions(
         causal=causal,
         scaling=scaling,

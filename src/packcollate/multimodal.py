@@ -15,15 +15,19 @@ Output, for `k` examples packed into `N` tokens (everything `PackedCollator` emi
 
 | key | shape | value |
 | --- | --- | --- |
-| `position_ids` | `(1, N)` int64 (1-D rotary), or `(1 + S, 1, N)` int64 (multi-section) | row 0: text positions `0 … l_i-1` per example (what the attention and mask read); rows 1…S: the model's rotary positions per example |
-| vision keys | each example's value concatenated on the image axis | e.g. `pixel_values` `(P, D)` and `image_grid_thw` `(I, 3)` for Qwen2-VL; `pixel_values` `(I, C, H, W)` for LLaVA and Gemma 3; `(1, I, C, H, W)` for Idefics3 / SmolVLM |
+| `position_ids` | `(1, N)` int64 (1-D rotary), or `(1 + S, 1, N)` int64 (multi-section) | row 0: text positions `0 … l_i-1` per example (`1 … l_i` for PaliGemma, whose positions are 1-indexed: `POSITION_OFFSETS`) (what the attention and mask read); rows 1…S: the model's rotary positions per example |
+| vision keys | each example's value concatenated on the image axis | e.g. `pixel_values` `(P, D)` and `image_grid_thw` `(I, 3)` for Qwen2-VL; `pixel_values` `(I, C, H, W)` for LLaVA and Gemma 3; `(1, I, C, H, W)` for Idefics3 / SmolVLM; for Pixtral-tower families (Mistral 3) `(I, C, H_max, W_max)`, zero-padded bottom/right, with `image_sizes` `(I, 2)` |
 
 For families whose image tokens attend to each other in both directions (Gemma 3: the processor's
-`token_type_ids`), the batch also holds `bidirectional_block_ids` `(1, N)` int64: the family's own
-block ids (transformers' `get_block_sequence_ids_for_mask`) over the packed row, -1 on ordinary
-tokens. The `packcollate` backend lets a block's tokens see each other inside their own example
-only; transformers' kernels do not read it (their packed masks are not exact there), so the collator
-refuses such batches for a model on another backend.
+`token_type_ids` mark image tokens; PaliGemma: they mark the prefix, image and prompt), the batch
+also holds `bidirectional_block_ids` `(1, N)` int64: the family's own block ids (transformers'
+`get_block_sequence_ids_for_mask` for Gemma 3, PaliGemma's `where(token_type_ids == 0, 0, -1)`)
+over the packed row, -1 on ordinary tokens. The `packcollate` backend lets a block's tokens see
+each other inside their own example only. transformers' kernels do not read it; their packed masks
+are exact for PaliGemma's prefix blocks but not for Gemma 3's image blocks, so the collator refuses
+Gemma 3 batches with marks for a model on another backend. PaliGemma flags its text layers
+non-causal (so that sdpa adds no causal flag to its prefix mask): its batches always carry block ids
+(all -1 without marks), which the backend reads as causal outside the blocks.
 
 Qwen-style text models read a `(4, 1, N)` `position_ids` as "text positions, then the three rotary
 sections" (transformers documents this layout for packed inputs); the text row keeps the examples
@@ -65,9 +69,23 @@ def _gemma3_blocks(type_ids: torch.Tensor) -> torch.Tensor:
     return get_block_sequence_ids_for_mask(type_ids)
 
 
+def _paligemma_blocks(type_ids: torch.Tensor) -> torch.Tensor:
+    # PaliGemma's rule, in its forward (transformers exposes no function): the prefix is one block
+    return torch.where(type_ids == 0, 0, -1)
+
+
 #: Families whose image tokens attend to each other bidirectionally: model_type -> (the per-token key
 #: that marks them, the family's own `(1, N)` marks -> `(1, N)` block ids, -1 outside blocks).
-BIDIRECTIONAL_BLOCKS = {"gemma3": ("token_type_ids", _gemma3_blocks)}
+BIDIRECTIONAL_BLOCKS = {"gemma3": ("token_type_ids", _gemma3_blocks), "paligemma": ("token_type_ids", _paligemma_blocks)}
+#: Families whose blocks transformers' own packed masks keep apart too (PaliGemma: one prefix block per
+#: sequence, found by the packed-sequence mask; eager and sdpa measured exact in the VLM matrix).
+BLOCKS_EXACT_ON_ANY_BACKEND = ("paligemma",)
+#: Families whose text positions do not start at 0: model_type -> the first position of every example
+#: (PaliGemma computes `arange(L) + 1` when given none).
+POSITION_OFFSETS = {"paligemma": 1}
+#: Vision towers that cut each image back to its `image_sizes` (Pixtral): images of different sizes are
+#: zero-padded bottom/right to the batch's largest, as their processor pads the images of one batch.
+SIZE_CROPPED_TOWERS = ("pixtral",)
 # Vision inputs given per image or video to `get_rope_index` (the rest are pixels, not needed for positions).
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
@@ -174,12 +192,13 @@ class PackedVisionCollator(PackedCollator):
             Building the collator calls `shield_vision_tower(model)`: the text's packing kwargs
             never reach the vision tower.
         causal_image_tokens: for families whose processors mark image tokens with `token_type_ids`
-            so that they attend to each other bidirectionally (Gemma 3, `BIDIRECTIONAL_BLOCKS`):
-            False (default) keeps the blocks (`bidirectional_block_ids`), exact with the
-            `packcollate` backend; a batch of several such examples for a model on another backend
-            (transformers' packed sliding-window mask looks the blocks up by in-sequence position),
-            or of a family without a known block rule, is refused. True drops `token_type_ids`, so
-            image tokens are causal like text (a different model than the one pre-trained).
+            so that they attend to each other bidirectionally (Gemma 3's images, PaliGemma's
+            prefix: `BIDIRECTIONAL_BLOCKS`): False (default) keeps the blocks
+            (`bidirectional_block_ids`), exact with the `packcollate` backend; a Gemma 3 batch of
+            several such examples for a model on another backend (transformers' packed
+            sliding-window mask looks the blocks up by in-sequence position), or a batch of a
+            family without a known block rule, is refused. True drops `token_type_ids`, so those
+            tokens are causal like text (a different model than the one pre-trained).
         mask_vision_tokens: label the image / video placeholder tokens -100 (they are replaced by
             image features). Default False: labels stay as given, like TRL's and transformers'
             padded batches (TRL trains on them), so packed and padded losses match.
@@ -218,6 +237,13 @@ class PackedVisionCollator(PackedCollator):
             shield_vision_tower(self.model)
         self._model_type = getattr(self._config, "model_type", None)
         self._image_axis = 1 if self._model_type in BATCHED_IMAGE_FAMILIES else 0
+        tower = getattr(getattr(self._config, "vision_config", None), "model_type", None)
+        self._pad_images = tower in SIZE_CROPPED_TOWERS
+        # PaliGemma flags its text attention non-causal (use_bidirectional_attention) so that sdpa adds no
+        # causal flag to its prefix mask; the packcollate backend reads block ids as "causal outside blocks"
+        text_config = self._config.get_text_config() if hasattr(self._config, "get_text_config") else self._config
+        self._blocks_always = (self._model_type in BIDIRECTIONAL_BLOCKS
+                               and bool(getattr(text_config, "use_bidirectional_attention", False)))
 
     # -- splitting examples into text and vision ------------------------------------------------
 
@@ -257,8 +283,10 @@ class PackedVisionCollator(PackedCollator):
         the batch has none; raises when they cannot be kept exact (see `causal_image_tokens`)."""
         rule = BIDIRECTIONAL_BLOCKS.get(self._model_type)
         key = rule[0] if rule is not None else "token_type_ids"
+        # a text side flagged non-causal (PaliGemma) is causal outside its blocks: always give blocks
+        none = np.full_like(batch["input_ids"], -1) if self._blocks_always else None
         if key not in batch or self.causal_image_tokens:
-            return None
+            return none
         if rule is None:
             if examples > 1 and (np.asarray(batch[key]) != 0).any():
                 raise ValueError(
@@ -271,9 +299,9 @@ class PackedVisionCollator(PackedCollator):
             return None
         blocks = rule[1](torch.as_tensor(batch[key], dtype=torch.long)).numpy().astype(np.int64)
         if not (blocks >= 0).any():
-            return None
+            return none
         backend = self._attention_backend()
-        if examples > 1 and backend != BACKEND_NAME:
+        if examples > 1 and backend != BACKEND_NAME and self._model_type not in BLOCKS_EXACT_ON_ANY_BACKEND:
             raise ValueError(
                 f"key {key!r}: bidirectional image blocks of {examples} packed examples are exact only with "
                 f"attn_implementation={BACKEND_NAME!r}, got a model on {backend!r} (transformers' packed masks look "
@@ -295,6 +323,8 @@ class PackedVisionCollator(PackedCollator):
         keys = [key for key in self.vision_keys if any(key in visions[i] for i in kept)]
         for key in keys:
             parts = [(int(i), visions[i][key]) for i in kept if key in visions[i]]
+            if key == "pixel_values" and self._pad_images:
+                parts = self._padded_images(parts, visions)
             axis = self._image_axis if key in ("pixel_values", "pixel_attention_mask") else 0
             reference = parts[0][1]
             for i, part in parts[1:]:
@@ -305,6 +335,24 @@ class PackedVisionCollator(PackedCollator):
                     )
             out[key] = torch.cat([part for _, part in parts], dim=axis)
         return out
+
+    def _padded_images(self, parts: list[tuple[int, torch.Tensor]], visions: list[dict]) -> list[tuple[int, torch.Tensor]]:
+        """`(I_i, C, H_i, W_i)` images of each example zero-padded bottom/right to the largest `(H, W)`
+        (a Pixtral-tower family: the model cuts every image back to its `image_sizes`)."""
+        height = max(part.shape[-2] for _, part in parts)
+        width = max(part.shape[-1] for _, part in parts)
+        padded = []
+        for i, part in parts:
+            if part.shape[-2:] != (height, width):
+                if "image_sizes" not in visions[i]:
+                    raise ValueError(
+                        f"example {i}, key 'image_sizes': expected each image's (height, width) next to "
+                        f"'pixel_values' {tuple(part.shape)}, which must be padded to ({height}, {width}) for "
+                        f"{self._model_type}, got none (the model would read the padding as image)"
+                    )
+                part = torch.nn.functional.pad(part, (0, width - part.shape[-1], 0, height - part.shape[-2]))
+            padded.append((i, part))
+        return padded
 
     # -- positions ------------------------------------------------------------------------------
 
@@ -366,6 +414,9 @@ class PackedVisionCollator(PackedCollator):
             placeholders = [t for t in (self._image_token, self._video_token) if t is not None]
             if placeholders:
                 batch["labels"][np.isin(batch["input_ids"], placeholders)] = IGNORE_INDEX
+        offset = POSITION_OFFSETS.get(self._model_type, 0)
+        if offset:
+            batch["position_ids"] = batch["position_ids"] + offset
         blocks = self._block_ids(batch, len(kept))
         if blocks is not None:
             batch[BLOCK_IDS] = blocks

@@ -23,8 +23,10 @@ from .report import CONTAMINATED, EXACT, UNSUPPORTED, _one_line
 from .tiny import tiny_config
 
 #: Families with a tiny copy here, the task they serve (`packcollate check --task image-text-to-text`).
-VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "gemma3",
-                   "llava", "idefics3", "smolvlm")
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe",
+                   "glm46v", "glm_ocr", "gemma3",
+                   "paligemma", "llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "internvl", "idefics2",
+                   "idefics3", "smolvlm")
 TASK = "image-text-to-text"
 #: Token ids of the tiny copies (inside the tiny 256-token vocabulary).
 IMAGE_TOKEN, VIDEO_TOKEN, START_TOKEN, END_TOKEN = 250, 251, 252, 253
@@ -44,15 +46,21 @@ _VISION_OVERRIDES = {
     "glm4v": dict(_QWEN_TOWER, hidden_size=32, intermediate_size=64, out_hidden_size=64, image_size=16),
 }
 _VISION_OVERRIDES["qwen3_vl_moe"] = _VISION_OVERRIDES["qwen3_vl"]
+# GLM-4.5V (MoE text, partial rotary), GLM-4.6V, GLM-OCR: the GLM-4V tower
+_VISION_OVERRIDES["glm4v_moe"] = _VISION_OVERRIDES["glm46v"] = _VISION_OVERRIDES["glm_ocr"] = _VISION_OVERRIDES["glm4v"]
 # Qwen3.5: the Qwen3-VL tower without deepstack, a hybrid text side (Gated DeltaNet + attention layers)
 _VISION_OVERRIDES["qwen3_5"] = _VISION_OVERRIDES["qwen3_5_moe"] = dict(
     _QWEN_TOWER, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=64)
 # head_dim 16: 8 rotary pairs
 _MROPE_SECTIONS = {"qwen2_vl": [2, 3, 3], "qwen2_5_vl": [2, 3, 3], "qwen3_vl": [4, 2, 2], "qwen3_vl_moe": [4, 2, 2],
                    "qwen3_5": [4, 2, 2], "qwen3_5_moe": [4, 2, 2],
-                   "glm4v": [2, 3, 3]}
+                   "glm4v": [2, 3, 3], "glm46v": [2, 3, 3], "glm_ocr": [2, 3, 3],
+                   "glm4v_moe": [2, 1, 1]}  # partial rotary 0.5: 4 rotary pairs
 _SIGLIP_TOWER = dict(image_size=IMAGE_SIDE_OTHER, patch_size=PATCH_OTHER, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4)
+#: Pixtral-tower families (Mistral 3): images keep their own sizes (multiples of 16 px: 8 px patches,
+#: 2x2 merged), up to this side; the proof's sizes are scaled by `PIXTRAL_SCALE`.
+PIXTRAL_MAX_SIDE, PIXTRAL_SCALE = 64, 4
 
 
 def tiny_vision_config(model_type: str):
@@ -71,7 +79,7 @@ def tiny_vision_config(model_type: str):
         config.image_start_token_id, config.image_end_token_id = START_TOKEN, END_TOKEN  # GLM-4V's names
     else:
         for key, value in _SIGLIP_TOWER.items():
-            setattr(vision, key, value)
+            setattr(vision, key, [value, value] if isinstance(getattr(vision, key, None), list) else value)
     if model_type == "gemma3":
         config.mm_tokens_per_image = 4  # 4x4 patches pooled to 2x2
         config.image_token_index, config.boi_token_index, config.eoi_token_index = IMAGE_TOKEN, START_TOKEN, END_TOKEN
@@ -79,8 +87,22 @@ def tiny_vision_config(model_type: str):
         config.image_token_index = IMAGE_TOKEN
         config.image_seq_length = (IMAGE_SIDE_OTHER // PATCH_OTHER) ** 2
         vision.projection_dim = 32
-    elif model_type in ("idefics3", "smolvlm"):
+    elif model_type in ("idefics2", "idefics3", "smolvlm", "aya_vision", "cohere2_vision"):
         config.image_token_id = IMAGE_TOKEN
+        if model_type == "idefics2":
+            config.perceiver_config.resampler_n_latents = 4  # the resampler's tokens per image
+    elif model_type == "vipllava":
+        config.image_token_index = IMAGE_TOKEN
+        config.vision_feature_layers = [-3, -2, -1]  # every hidden state of the 2-layer tower
+    elif model_type == "paligemma":
+        config.image_token_id = IMAGE_TOKEN
+        vision.projection_dim = config.get_text_config().hidden_size
+    elif model_type == "mistral3":
+        config.image_token_id = IMAGE_TOKEN
+        vision.image_size, vision.head_dim = PIXTRAL_MAX_SIDE, vision.hidden_size // vision.num_attention_heads
+    elif model_type == "internvl":
+        config.image_token_id = IMAGE_TOKEN
+        config.image_seq_length = int(IMAGE_SIDE_OTHER // PATCH_OTHER * config.downsample_ratio) ** 2
     return config
 
 
@@ -96,17 +118,28 @@ def tiny_vision_model(model_type: str, attn_implementation: str = "packcollate",
     return model.float().eval()
 
 
-def image_tokens(config, grid_thw: torch.Tensor | None = None) -> int:
-    """Placeholder tokens one image takes in the text (`grid_thw` `(3,)` for grid families)."""
+def image_tokens(config, grid_thw: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> int:
+    """Placeholder tokens one image takes in the text (`grid_thw` `(3,)` for grid families, the image's
+    `size` (height, width) in pixels for Pixtral-tower families)."""
     model_type = config.model_type
+    vision = config.vision_config
     if model_type in _VISION_OVERRIDES:
-        return int(grid_thw.prod()) // config.vision_config.spatial_merge_size ** 2
+        return int(grid_thw.prod()) // vision.spatial_merge_size ** 2
     if model_type == "gemma3":
         return config.mm_tokens_per_image
-    if model_type == "llava":
+    if model_type in ("llava", "internvl"):
         return config.image_seq_length
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    return side * side // config.scale_factor ** 2
+    if model_type == "mistral3":
+        unit = vision.patch_size * config.spatial_merge_size
+        return (size[0] // unit) * (size[1] // unit)
+    side = IMAGE_SIDE_OTHER // PATCH_OTHER  # patches per side of the fixed-size families
+    if model_type in ("aya_vision", "cohere2_vision"):
+        return (side // config.downsample_factor) ** 2
+    if model_type in ("idefics3", "smolvlm"):
+        return side * side // config.scale_factor ** 2
+    if model_type == "idefics2":
+        return config.perceiver_config.resampler_n_latents
+    return side * side  # vipllava, paligemma
 
 
 def qwen_image_processor(config):
@@ -132,7 +165,7 @@ def _image_example(config, rng, sizes: Sequence[tuple[int, int]], prompt: int, a
     image_token = getattr(config, "image_token_id", None) or config.image_token_index
     ids = list(rng.integers(*TEXT_TOKENS, prompt))
     example: dict = {}
-    pixels, grids = [], []
+    pixels, grids, image_sizes = [], [], []
     for height, width in sizes:
         if processor is not None:
             image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -140,28 +173,42 @@ def _image_example(config, rng, sizes: Sequence[tuple[int, int]], prompt: int, a
             pixels.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])
             n = image_tokens(config, out["image_grid_thw"][0])
+        elif config.model_type == "mistral3":
+            size = (height * PIXTRAL_SCALE, width * PIXTRAL_SCALE)
+            pixels.append(torch.from_numpy(rng.standard_normal((3, *size)).astype(np.float32)))
+            image_sizes.append(size)
+            n = image_tokens(config, size=size)
         else:
-            side = config.vision_config.image_size
+            side = IMAGE_SIDE_OTHER
             pixels.append(torch.from_numpy(rng.standard_normal((1, 3, side, side)).astype(np.float32)))
             n = image_tokens(config)
         ids += [START_TOKEN] + [image_token] * n + [END_TOKEN]
+    prefix = len(ids)
     ids += list(rng.integers(*TEXT_TOKENS, answer))
     example["input_ids"] = [int(t) for t in ids]
-    if pixels:
+    if image_sizes:  # the images of one example padded to its largest, as Pixtral's processor pads a batch
+        height, width = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
+        example["pixel_values"] = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1], 0, height - p.shape[-2]))
+                                               for p in pixels])
+        example["image_sizes"] = torch.tensor(image_sizes)
+    elif pixels:
         example["pixel_values"] = torch.cat(pixels)
         if grids:
             example["image_grid_thw"] = torch.cat(grids)
-        elif config.model_type in ("idefics3", "smolvlm"):
+        elif config.model_type in ("idefics2", "idefics3", "smolvlm"):
             example["pixel_values"] = example["pixel_values"][None]  # (1, I, C, H, W), as the processor gives
     if config.model_type == "gemma3" and token_type_ids:
         example["token_type_ids"] = [int(t == image_token) for t in example["input_ids"]]
+    elif config.model_type == "paligemma" and token_type_ids:  # 0: the prefix (prompt and images), 1: the answer
+        example["token_type_ids"] = [0] * prefix + [1] * answer
     return example
 
 
 def vision_proof_features(config, seed: int = 0, token_type_ids: bool = False) -> list[dict]:
     """Four examples: one image, none (text only), two images of different sizes, one image; uneven text.
 
-    `token_type_ids`: give Gemma 3 examples the processor's image-token marks (bidirectional image blocks)."""
+    `token_type_ids`: give Gemma 3 examples the processor's image-token marks (bidirectional image blocks),
+    PaliGemma examples its prefix marks (0 on prompt and images, 1 on the answer)."""
     rng = np.random.default_rng(seed)
     processor = qwen_image_processor(config) if config.model_type in _VISION_OVERRIDES else None
     plans = [([(8, 12)], 3, 6), ([], 5, 9), ([(16, 8), (8, 8)], 2, 4), ([(12, 12)], 7, 2)]
@@ -329,11 +376,15 @@ def format_vision_matrix(document: dict) -> str:
         "- Columns: verdict with `use_cache=False` / `use_cache=True`.",
         f"- transformers {versions['transformers']}, torch {versions['torch']}, Python {versions['python']}; "
         f"{document['seconds']:.0f} s wall time",
-        "- `gemma3` has two rows: without `token_type_ids` (image tokens causal, like text) and with the processor's "
-        "`token_type_ids` (image tokens of one image see each other in both directions; the reference sees the same "
-        "marks). With them, `PackedVisionCollator` emits the family's block ids (`bidirectional_block_ids`), which only "
-        "the `packcollate` backend reads; it refuses such batches for a model on another backend (the other columns "
-        "measure what that backend would do with them).",
+        "- `gemma3` and `paligemma` have two rows: without `token_type_ids` (causal, like text) and with the "
+        "processor's `token_type_ids` (Gemma 3: the tokens of one image see each other in both directions; PaliGemma: "
+        "the prefix, image and prompt, does; the reference sees the same marks). With them, `PackedVisionCollator` "
+        "emits the family's block ids (`bidirectional_block_ids`), which only the `packcollate` backend reads; it "
+        "refuses such batches for a model on another backend (the other columns measure what that backend would do "
+        "with them). PaliGemma's text layers are flagged non-causal, so its batches always carry block ids (all -1 "
+        "without marks): the backend reads them as causal outside the blocks.",
+        "- `mistral3` (Pixtral tower): images of different sizes in different examples, zero-padded to the largest "
+        "by the collator (the tower cuts each back to its `image_sizes`).",
         "",
         "| family | model class | rotary | " + " | ".join(backends) + " | max diff (packcollate) | notes |",
         "| --- | --- | --- | " + " | ".join("---" for _ in backends) + " | --- | --- |",
