@@ -1,4 +1,4 @@
-"""What PaliGemma and the Pixtral-tower families (Mistral 3) need beyond the generic vision proof.
+"""What PaliGemma, the Pixtral-tower families (Mistral 3) and LLaVA-NeXT / OneVision need beyond the generic vision proof.
 
 (`test_multimodal.test_packed_equals_unpacked` proves every family of `VISION_FAMILIES` packed ==
 one example at a time; these tests pin down what makes PaliGemma and Mistral 3 exact.)
@@ -8,8 +8,9 @@ one example at a time; these tests pin down what makes PaliGemma and Mistral 3 e
   flagged `is_causal=False` (`use_bidirectional_attention`) so that sdpa adds no causal flag to the
   model's own prefix mask: the collator always gives the packcollate backend block ids (all -1
   without marks), which it reads as "causal outside the blocks". Its positions are 1-indexed.
-- Mistral 3's Pixtral tower cuts every image back to its `image_sizes`: images of different sizes
-  in different examples are zero-padded bottom/right to the largest, as its processor pads a batch.
+- Mistral 3's Pixtral tower cuts every image back to its `image_sizes`, LLaVA-NeXT / OneVision keep
+  each image's own tiles: images of different sizes (tile counts) in different examples are
+  zero-padded to the largest, as their processors pad a batch.
 """
 
 import copy
@@ -107,23 +108,24 @@ def test_paligemma_prefix_blocks_pack_exactly_on_transformers_backends(backend):
 # --- Mistral 3 (Pixtral tower) -----------------------------------------------------------------
 
 
-def test_mistral3_images_of_other_sizes_are_padded_to_the_largest():
-    model = model_of("mistral3")
+@pytest.mark.parametrize("family", ["mistral3", "llava_next", "llava_onevision"])
+def test_images_of_other_sizes_are_zero_padded_to_the_largest(family):
+    """Pixtral `(I, C, H, W)` images, LLaVA-NeXT / OneVision `(I, tiles, C, H, W)`: each example's images at
+    the start of every axis of the packed tensor, zeros after; `image_sizes` concatenated; inputs unchanged."""
+    model = model_of(family)
     features = vision_proof_features(model.config)
     before = copy.deepcopy(features)
     batch = PackedVisionCollator(model=model)(features)
-    images = [(f["pixel_values"][j], f["image_sizes"][j]) for f in features if "pixel_values" in f
-              for j in range(len(f["image_sizes"]))]
-    height = max(int(size[0]) for _, size in images)
-    width = max(int(size[1]) for _, size in images)
-    assert batch["pixel_values"].shape == (len(images), 3, height, width)
-    assert torch.equal(batch["image_sizes"], torch.stack([size for _, size in images]))
-    assert len({f["pixel_values"].shape[-2:] for f in features if "pixel_values" in f}) > 1  # padding was needed
-    for packed, (image, size) in zip(batch["pixel_values"], images):
-        h, w = int(size[0]), int(size[1])
-        assert torch.equal(packed[:, :h, :w], image[:, :h, :w])
-        assert not packed[:, h:].any() and not packed[:, :, w:].any()
-    for f, g in zip(features, before):  # inputs not mutated
+    images = [image for f in features if "pixel_values" in f for image in f["pixel_values"]]
+    assert len({f["pixel_values"].shape[1:] for f in features if "pixel_values" in f}) > 1  # padding was needed
+    target = [max(sizes) for sizes in zip(*(f["pixel_values"].shape[1:] for f in features if "pixel_values" in f))]
+    assert list(batch["pixel_values"].shape) == [len(images), *target]
+    assert torch.equal(batch["image_sizes"], torch.cat([f["image_sizes"] for f in features if "image_sizes" in f]))
+    for packed, image in zip(batch["pixel_values"], images):
+        own = tuple(slice(0, n) for n in image.shape)
+        assert torch.equal(packed[own], image)
+        assert float(packed.abs().sum()) == pytest.approx(float(image.abs().sum()), rel=1e-6)  # zeros elsewhere
+    for f, g in zip(features, before):
         assert all(torch.equal(torch.as_tensor(f[k]), torch.as_tensor(g[k])) for k in f)
 
 
@@ -132,7 +134,7 @@ def test_mistral3_padding_needs_image_sizes():
     features = vision_proof_features(model.config)
     unsized = {k: v for k, v in features[0].items() if k != "image_sizes"}
     with pytest.raises(ValueError, match=r"example 0, key 'image_sizes': expected each image's \(height, width\).*"
-                                         r"must be padded to \(\d+, \d+\) for mistral3, got none"):
+                                         r"must be padded to \(…, 3, \d+, \d+\) for mistral3, got none"):
         PackedVisionCollator(model=model)([unsized, features[2]])
 
 

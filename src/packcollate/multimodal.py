@@ -16,7 +16,7 @@ Output, for `k` examples packed into `N` tokens (everything `PackedCollator` emi
 | key | shape | value |
 | --- | --- | --- |
 | `position_ids` | `(1, N)` int64 (1-D rotary), or `(1 + S, 1, N)` int64 (multi-section) | row 0: text positions `0 … l_i-1` per example (`1 … l_i` for PaliGemma, whose positions are 1-indexed: `POSITION_OFFSETS`) (what the attention and mask read); rows 1…S: the model's rotary positions per example |
-| vision keys | each example's value concatenated on the image axis | e.g. `pixel_values` `(P, D)` and `image_grid_thw` `(I, 3)` for Qwen2-VL; `pixel_values` `(I, C, H, W)` for LLaVA and Gemma 3; `(1, I, C, H, W)` for Idefics3 / SmolVLM; for Pixtral-tower families (Mistral 3) `(I, C, H_max, W_max)`, zero-padded bottom/right, with `image_sizes` `(I, 2)` |
+| vision keys | each example's value concatenated on the image axis | e.g. `pixel_values` `(P, D)` and `image_grid_thw` `(I, 3)` for Qwen2-VL; `pixel_values` `(I, C, H, W)` for LLaVA and Gemma 3; `(1, I, C, H, W)` for Idefics3 / SmolVLM; for Pixtral-tower families (Mistral 3) `(I, C, H_max, W_max)`, zero-padded bottom/right, and LLaVA-NeXT `(I, P_max, C, H, W)`, zero-padded tiles, with `image_sizes` `(I, 2)` |
 
 For families whose image tokens attend to each other in both directions (Gemma 3: the processor's
 `token_type_ids` mark image tokens; PaliGemma: they mark the prefix, image and prompt), the batch
@@ -52,6 +52,7 @@ from .masking import IGNORE_INDEX
 VISION_KEYS = (
     "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
     "image_sizes", "pixel_attention_mask", "image_attention_mask", "spatial_shapes", "pixel_position_ids",
+    "batch_num_images",
 )
 #: Families whose processors return the images of one example as one batch row: `(1, I, C, H, W)`;
 #: their images are concatenated on axis 1.
@@ -83,9 +84,12 @@ BLOCKS_EXACT_ON_ANY_BACKEND = ("paligemma",)
 #: Families whose text positions do not start at 0: model_type -> the first position of every example
 #: (PaliGemma computes `arange(L) + 1` when given none).
 POSITION_OFFSETS = {"paligemma": 1}
-#: Vision towers that cut each image back to its `image_sizes` (Pixtral): images of different sizes are
-#: zero-padded bottom/right to the batch's largest, as their processor pads the images of one batch.
+#: Models that cut each image back to its `image_sizes`: the images of different examples are zero-padded
+#: at the end of every axis to the batch's largest, as their processors pad the images of one batch.
+#: By vision tower (Pixtral: `(I, C, H, W)`, padded bottom/right) and by family (LLaVA-NeXT: `(I, P, C, H, W)`,
+#: padded on the tile axis P; the model keeps each image's own tiles).
 SIZE_CROPPED_TOWERS = ("pixtral",)
+SIZE_CROPPED_FAMILIES = ("llava_next", "llava_onevision")
 # Vision inputs given per image or video to `get_rope_index` (the rest are pixels, not needed for positions).
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
@@ -238,7 +242,7 @@ class PackedVisionCollator(PackedCollator):
         self._model_type = getattr(self._config, "model_type", None)
         self._image_axis = 1 if self._model_type in BATCHED_IMAGE_FAMILIES else 0
         tower = getattr(getattr(self._config, "vision_config", None), "model_type", None)
-        self._pad_images = tower in SIZE_CROPPED_TOWERS
+        self._pad_images = tower in SIZE_CROPPED_TOWERS or self._model_type in SIZE_CROPPED_FAMILIES
         # PaliGemma flags its text attention non-causal (use_bidirectional_attention) so that sdpa adds no
         # causal flag to its prefix mask; the packcollate backend reads block ids as "causal outside blocks"
         text_config = self._config.get_text_config() if hasattr(self._config, "get_text_config") else self._config
@@ -337,20 +341,22 @@ class PackedVisionCollator(PackedCollator):
         return out
 
     def _padded_images(self, parts: list[tuple[int, torch.Tensor]], visions: list[dict]) -> list[tuple[int, torch.Tensor]]:
-        """`(I_i, C, H_i, W_i)` images of each example zero-padded bottom/right to the largest `(H, W)`
-        (a Pixtral-tower family: the model cuts every image back to its `image_sizes`)."""
-        height = max(part.shape[-2] for _, part in parts)
-        width = max(part.shape[-1] for _, part in parts)
+        """The images of each example (`(I_i, …)`) zero-padded at the end of every axis after the image
+        axis to the largest (a family whose model cuts every image back to its `image_sizes`)."""
+        if any(part.dim() != parts[0][1].dim() for _, part in parts):
+            return parts  # the shape check names the example
+        target = [max(sizes) for sizes in zip(*(part.shape[1:] for _, part in parts))]
         padded = []
         for i, part in parts:
-            if part.shape[-2:] != (height, width):
+            if list(part.shape[1:]) != target:
                 if "image_sizes" not in visions[i]:
                     raise ValueError(
                         f"example {i}, key 'image_sizes': expected each image's (height, width) next to "
-                        f"'pixel_values' {tuple(part.shape)}, which must be padded to ({height}, {width}) for "
-                        f"{self._model_type}, got none (the model would read the padding as image)"
+                        f"'pixel_values' {tuple(part.shape)}, which must be padded to (…, {', '.join(map(str, target))}) "
+                        f"for {self._model_type}, got none (the model would read the padding as image)"
                     )
-                part = torch.nn.functional.pad(part, (0, width - part.shape[-1], 0, height - part.shape[-2]))
+                pad = [amount for size, goal in zip(reversed(part.shape[1:]), reversed(target)) for amount in (0, goal - size)]
+                part = torch.nn.functional.pad(part, pad)
             padded.append((i, part))
         return padded
 

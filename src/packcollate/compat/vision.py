@@ -25,7 +25,7 @@ from .tiny import tiny_config
 #: Families with a tiny copy here, the task they serve (`packcollate check --task image-text-to-text`).
 VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe",
                    "glm46v", "glm_ocr", "gemma3",
-                   "paligemma", "llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "internvl", "idefics2",
+                   "paligemma", "llava", "llava_next", "llava_onevision", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "internvl", "idefics2",
                    "idefics3", "smolvlm")
 TASK = "image-text-to-text"
 #: Token ids of the tiny copies (inside the tiny 256-token vocabulary).
@@ -58,6 +58,9 @@ _MROPE_SECTIONS = {"qwen2_vl": [2, 3, 3], "qwen2_5_vl": [2, 3, 3], "qwen3_vl": [
                    "glm4v_moe": [2, 1, 1]}  # partial rotary 0.5: 4 rotary pairs
 _SIGLIP_TOWER = dict(image_size=IMAGE_SIDE_OTHER, patch_size=PATCH_OTHER, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4)
+#: LLaVA-NeXT's tiles (any-resolution): a base tile plus a grid of 32-px tiles, one pinpoint per grid.
+LLAVA_NEXT_PINPOINTS = [[IMAGE_SIDE_OTHER, IMAGE_SIDE_OTHER], [IMAGE_SIDE_OTHER, 2 * IMAGE_SIDE_OTHER],
+                        [2 * IMAGE_SIDE_OTHER, IMAGE_SIDE_OTHER]]
 #: Pixtral-tower families (Mistral 3): images keep their own sizes (multiples of 16 px: 8 px patches,
 #: 2x2 merged), up to this side; the proof's sizes are scaled by `PIXTRAL_SCALE`.
 PIXTRAL_MAX_SIDE, PIXTRAL_SCALE = 64, 4
@@ -91,6 +94,9 @@ def tiny_vision_config(model_type: str):
         config.image_token_id = IMAGE_TOKEN
         if model_type == "idefics2":
             config.perceiver_config.resampler_n_latents = 4  # the resampler's tokens per image
+    elif model_type in ("llava_next", "llava_onevision"):
+        config.image_token_index = IMAGE_TOKEN
+        config.image_grid_pinpoints = LLAVA_NEXT_PINPOINTS
     elif model_type == "vipllava":
         config.image_token_index = IMAGE_TOKEN
         config.vision_feature_layers = [-3, -2, -1]  # every hidden state of the 2-layer tower
@@ -120,7 +126,7 @@ def tiny_vision_model(model_type: str, attn_implementation: str = "packcollate",
 
 def image_tokens(config, grid_thw: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> int:
     """Placeholder tokens one image takes in the text (`grid_thw` `(3,)` for grid families, the image's
-    `size` (height, width) in pixels for Pixtral-tower families)."""
+    `size` (height, width) in pixels for Pixtral-tower families and LLaVA-NeXT)."""
     model_type = config.model_type
     vision = config.vision_config
     if model_type in _VISION_OVERRIDES:
@@ -133,6 +139,13 @@ def image_tokens(config, grid_thw: torch.Tensor | None = None, size: tuple[int, 
         unit = vision.patch_size * config.spatial_merge_size
         return (size[0] // unit) * (size[1] // unit)
     side = IMAGE_SIDE_OTHER // PATCH_OTHER  # patches per side of the fixed-size families
+    if model_type in ("llava_next", "llava_onevision"):
+        # an image of a pinpoint's size: the base tile, then each row of the grid and a newline; OneVision
+        # gives an image of a several-image example its base tile only, and one newline (`size` None)
+        if size is None:
+            return side * side + 1
+        rows, columns = size[0] // IMAGE_SIDE_OTHER * side, size[1] // IMAGE_SIDE_OTHER * side
+        return side * side + rows * (columns + 1)
     if model_type in ("aya_vision", "cohere2_vision"):
         return (side // config.downsample_factor) ** 2
     if model_type in ("idefics3", "smolvlm"):
@@ -178,6 +191,15 @@ def _image_example(config, rng, sizes: Sequence[tuple[int, int]], prompt: int, a
             pixels.append(torch.from_numpy(rng.standard_normal((3, *size)).astype(np.float32)))
             image_sizes.append(size)
             n = image_tokens(config, size=size)
+        elif config.model_type in ("llava_next", "llava_onevision"):
+            # the pinpoint of the image's orientation; base tile + grid tiles
+            size = (IMAGE_SIDE_OTHER * (1 + (height > width)), IMAGE_SIDE_OTHER * (1 + (width > height)))
+            tiles = 1 + (size[0] // IMAGE_SIDE_OTHER) * (size[1] // IMAGE_SIDE_OTHER)
+            side = IMAGE_SIDE_OTHER
+            pixels.append(torch.from_numpy(rng.standard_normal((tiles, 3, side, side)).astype(np.float32)))
+            image_sizes.append(size)
+            several = config.model_type == "llava_onevision" and len(sizes) > 1
+            n = image_tokens(config, size=None if several else size)
         else:
             side = IMAGE_SIDE_OTHER
             pixels.append(torch.from_numpy(rng.standard_normal((1, 3, side, side)).astype(np.float32)))
@@ -186,11 +208,14 @@ def _image_example(config, rng, sizes: Sequence[tuple[int, int]], prompt: int, a
     prefix = len(ids)
     ids += list(rng.integers(*TEXT_TOKENS, answer))
     example["input_ids"] = [int(t) for t in ids]
-    if image_sizes:  # the images of one example padded to its largest, as Pixtral's processor pads a batch
-        height, width = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
-        example["pixel_values"] = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1], 0, height - p.shape[-2]))
-                                               for p in pixels])
+    if image_sizes:  # the images of one example padded to its largest, as the processor pads a batch
+        target = [max(sizes) for sizes in zip(*(p.shape for p in pixels))]
+        example["pixel_values"] = torch.stack([
+            torch.nn.functional.pad(p, [a for n, t in zip(reversed(p.shape), reversed(target)) for a in (0, t - n)])
+            for p in pixels])
         example["image_sizes"] = torch.tensor(image_sizes)
+        if config.model_type == "llava_onevision":
+            example["batch_num_images"] = torch.tensor([len(image_sizes)])
     elif pixels:
         example["pixel_values"] = torch.cat(pixels)
         if grids:
@@ -383,8 +408,9 @@ def format_vision_matrix(document: dict) -> str:
         "refuses such batches for a model on another backend (the other columns measure what that backend would do "
         "with them). PaliGemma's text layers are flagged non-causal, so its batches always carry block ids (all -1 "
         "without marks): the backend reads them as causal outside the blocks.",
-        "- `mistral3` (Pixtral tower): images of different sizes in different examples, zero-padded to the largest "
-        "by the collator (the tower cuts each back to its `image_sizes`).",
+        "- `mistral3` (Pixtral tower), `llava_next`, `llava_onevision` (any-resolution tiles): images of different "
+        "sizes (tile counts) in different examples, zero-padded to the largest by the collator (the model cuts each "
+        "back to its `image_sizes`).",
         "",
         "| family | model class | rotary | " + " | ".join(backends) + " | max diff (packcollate) | notes |",
         "| --- | --- | --- | " + " | ".join("---" for _ in backends) + " | --- | --- |",
