@@ -281,35 +281,24 @@ def test_compiled_entry_equals_eager_with_blocks():
 # --- 4: where blocks do not apply ------------------------------------------------------------
 
 
-def test_a_call_declared_bidirectional_ignores_blocks():
-    """`is_causal=False` passed by the caller (bidirectional by intent) attends both ways already:
-    blocks change nothing, eager or traceable."""
-    kwargs = {**layout_kwargs([5, 4], "cu_seq_lens"), "is_causal": False}
+@pytest.mark.parametrize("declared", [True, False], ids=["is_causal=False", "non-causal layer"])
+def test_a_bidirectional_call_ignores_blocks(declared):
+    """`is_causal=False` passed by the caller, or a layer whose module says `is_causal=False`, attends both
+    ways already: blocks change nothing, eager or traceable; the same blocks do change a causal call."""
+    kwargs = {**layout_kwargs([5, 4], "cu_seq_lens"), **({"is_causal": False} if declared else {})}
+    module = CAUSAL if declared else ENCODER
     blocks = torch.tensor([[0, 0, -1, 1, 1, 0, 0, 1, -1]])
     q, k, v = (t.detach() for t in qkv(1, 9, 2))
     for window in (None, 2):
-        plain = packcollate_attention(CAUSAL, q, k, v, None, sliding_window=window, **kwargs)[0]
-        got = packcollate_attention(CAUSAL, q, k, v, None, sliding_window=window, **kwargs, **{BLOCK_IDS: blocks})[0]
+        plain = packcollate_attention(module, q, k, v, None, sliding_window=window, **kwargs)[0]
+        got = packcollate_attention(module, q, k, v, None, sliding_window=window, **kwargs, **{BLOCK_IDS: blocks})[0]
         assert torch.equal(got, plain)
     opts = AttentionOptions(causal=False)
-    plain = traceable_attention(CAUSAL, q, k, v, None, opts, None, kwargs)
-    assert torch.equal(traceable_attention(CAUSAL, q, k, v, None, opts, None, kwargs, None), plain)
-
-
-@pytest.mark.parametrize("blocks", [[[0, 0, -1, 1, 1, 0, 0, 1, -1]], [[-1] * 9]])
-def test_blocks_make_a_layer_flagged_non_causal_causal(blocks):
-    """A layer whose module says `is_causal=False` (PaliGemma's text layers: the flag only keeps sdpa
-    from adding causality to the model's own prefix mask) follows the blocks like a causal layer,
-    all -1 included (plain causal); without blocks it stays bidirectional."""
-    kwargs = layout_kwargs([5, 4], "cu_seq_lens")
-    blocks = torch.tensor(blocks)
-    q, k, v = (t.detach() for t in qkv(1, 9, 2))
-    for window in (None, 2):
-        causal = packcollate_attention(CAUSAL, q, k, v, None, sliding_window=window, **kwargs, **{BLOCK_IDS: blocks})[0]
-        flagged = packcollate_attention(ENCODER, q, k, v, None, sliding_window=window, **kwargs, **{BLOCK_IDS: blocks})[0]
-        assert torch.equal(flagged, causal)
-    both_ways = packcollate_attention(ENCODER, q, k, v, None, **kwargs)[0]
-    assert not torch.allclose(both_ways, packcollate_attention(CAUSAL, q, k, v, None, **kwargs)[0])
+    plain = traceable_attention(module, q, k, v, None, opts, None, kwargs)
+    assert torch.equal(traceable_attention(module, q, k, v, None, opts, None, kwargs, blocks[0:1]), plain)
+    causal_kwargs = layout_kwargs([5, 4], "cu_seq_lens")
+    causal = packcollate_attention(CAUSAL, q, k, v, None, **causal_kwargs)[0]
+    assert not torch.allclose(packcollate_attention(CAUSAL, q, k, v, None, **causal_kwargs, **{BLOCK_IDS: blocks})[0], causal)
 
 
 def test_decoding_call_ignores_blocks():
@@ -359,9 +348,9 @@ def test_the_entry_tells_dispatch_about_blocks(monkeypatch):
     blocks = torch.tensor([[0, 0, -1, 1, 1, -1, -1]])
     packcollate_attention(CAUSAL, q, k, v, None, **kwargs, **{BLOCK_IDS: blocks})
     packcollate_attention(CAUSAL, q, k, v, None, **kwargs)
-    packcollate_attention(ENCODER, q, k, v, None, **kwargs, **{BLOCK_IDS: blocks})  # flagged non-causal: blocks
+    packcollate_attention(ENCODER, q, k, v, None, **kwargs, **{BLOCK_IDS: blocks})
     packcollate_attention(CAUSAL, q, k, v, None, **kwargs, is_causal=False, **{BLOCK_IDS: blocks})
-    assert [opts.bidirectional_blocks for opts in seen] == [True, False, True, False]
+    assert [opts.bidirectional_blocks for opts in seen] == [True, False, False, False]
     dummy = lambda *args, **kwargs: None  # noqa: E731
     monkeypatch.setattr(attention, "_flash_attn_varlen_func", lambda: dummy)
     assert attention.choose_kernel("cuda", torch.bfloat16, seen[0], True)[0] == attention.EXACT

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_output import own_lines
 
 #: one forked child per case: argv -> (exit status, stderr)
 FORK_RUNNER = r'''
@@ -123,7 +124,7 @@ def _env() -> dict:
 
 
 def _assert_one_line_error(case: str, code: int, stderr: str, expected: list[str]) -> None:
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = own_lines(stderr)
     assert "Traceback" not in stderr, f"{case}: {stderr}"
     assert code == 2, f"{case}: exit {code}: {stderr}"
     assert len(lines) == 1, f"{case}: {stderr}"

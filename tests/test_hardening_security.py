@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_output import own_lines
 
 from packcollate.toy import char_tokenizer
 
@@ -155,6 +156,6 @@ def test_bench_load_weights_refuses_a_malicious_pickle_in_one_line(tmp_path, mon
     )
     assert not marker.exists()
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = own_lines(result.stderr)
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("packcollate bench: error: --load-weights: refused") and str(folder) in lines[0]

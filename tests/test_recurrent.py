@@ -176,7 +176,7 @@ def stand_in_kernels(monkeypatch, modeling, calls: list):
     package = types.ModuleType("packcollate_stand_in_kernels")
     monkeypatch.setitem(sys.modules, package.__name__, package)
     for function in recurrent.kernel_functions(modeling.Mamba2Mixer):
-        fallback = inspect.getclosurevars(getattr(modeling, function.name)).nonlocals["torch_function"]
+        fallback = inspect.getclosurevars(recurrent.kernel_wrapper(getattr(modeling, function.name))).nonlocals["torch_function"]
 
         def kernel(*args, seq_idx=None, cu_seqlens=None, _fallback=fallback, _name=function.name, **kwargs):
             calls.append((_name, seq_idx))

@@ -4,10 +4,12 @@
 one example at a time; these tests pin down what makes PaliGemma and Mistral 3 exact.)
 
 - PaliGemma is a prefix LM: its processor's `token_type_ids` mark the prefix (image and prompt, 0)
-  against the answer (1); the prefix attends both ways, the answer causally. Its text layers are
-  flagged `is_causal=False` (`use_bidirectional_attention`) so that sdpa adds no causal flag to the
-  model's own prefix mask: the collator always gives the packcollate backend block ids (all -1
-  without marks), which it reads as "causal outside the blocks". Its positions are 1-indexed.
+  against the answer (1); the prefix attends both ways, the answer causally. The model builds that
+  mask itself from the marks, which stay in the batch. Its text layers are flagged `is_causal=False`
+  (`use_bidirectional_attention`) so that sdpa adds no causal flag to it: the packcollate backend sees
+  the flag under a mask that is causal somewhere and hands the layers transformers' own mask. PaliGemma 2
+  (Gemma 2 text) adds sliding windows, which the prefix escapes: `(window & causal) | prefix`. Its
+  positions are 1-indexed.
 - Mistral 3's Pixtral tower cuts every image back to its `image_sizes`, LLaVA-NeXT / OneVision keep
   each image's own tiles: images of different sizes (tile counts) in different examples are
   zero-padded to the largest, as their processors pad a batch.
@@ -18,14 +20,17 @@ import copy
 import pytest
 import torch
 
+from packcollate import attention
 from packcollate.attention import BLOCK_IDS
 from packcollate.compat.vision import (
     GRAD_TOLERANCE,
     LOGIT_TOLERANCE,
     compare_vision_packed_unpacked,
+    tiny_vision_config,
     tiny_vision_model,
     vision_proof_features,
 )
+from packcollate.compat.tiny import tiny_config
 from packcollate.multimodal import PackedVisionCollator
 
 torch.set_num_threads(1)
@@ -46,34 +51,80 @@ def exact(result) -> bool:
 # --- PaliGemma -------------------------------------------------------------------------------
 
 
+def paligemma2(window: int = 3, seed: int = 0):
+    """A tiny PaliGemma 2: Gemma 2 text (sliding and full layers, softcapping), sliding window `window`."""
+    from transformers import AutoModelForImageTextToText
+
+    config = tiny_vision_config("paligemma")
+    text = tiny_config("gemma2")
+    text.sliding_window, text.use_bidirectional_attention, text.vocab_size = window, True, config.text_config.vocab_size
+    config.text_config = text
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config, attn_implementation="packcollate").float().eval()
+
+
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_paligemma_prefix_blocks_pack_exactly(use_cache):
-    """With the processor's marks: packed == each example alone through eager with its marks; the
-    blocks matter (causal prefix tokens against the same reference are far off)."""
+    """With the processor's marks: packed == each example alone through eager with its marks; the marks
+    travel as `token_type_ids` (the model masks its own prefix), and they matter (causal prefix tokens
+    against the same reference are far off)."""
     model = model_of("paligemma")
     marked = vision_proof_features(model.config, token_type_ids=True)
     batch = PackedVisionCollator(model=model)(marked)
-    marks = torch.cat([torch.tensor(f["token_type_ids"]) for f in marked])
-    assert torch.equal(batch[BLOCK_IDS][0], torch.where(marks == 0, 0, -1))
+    assert BLOCK_IDS not in batch
+    assert torch.equal(batch["token_type_ids"][0], torch.cat([torch.tensor(f["token_type_ids"]) for f in marked]))
     assert exact(result := compare_vision_packed_unpacked(model, marked, use_cache=use_cache)), result
     causal = PackedVisionCollator(model=model, causal_image_tokens=True)
     assert compare_vision_packed_unpacked(model, marked, collator=causal).max_logit_diff > 1e-2
 
 
-def test_paligemma_without_marks_is_causal():
-    """No marks: the batch still carries block ids (all -1), so the backend attends causally like eager;
-    without them it would follow the layers' `is_causal=False` and let tokens see the future."""
+def test_paligemma_without_marks_is_causal(monkeypatch):
+    """No marks: the backend attends causally like eager, because its mask function sees layers flagged
+    bidirectional under a causal mask and hands them transformers' mask; without that they would follow
+    `is_causal=False` and let tokens see the future."""
     model = model_of("paligemma")
     features = vision_proof_features(model.config)
-    batch = PackedVisionCollator(model=model)(features)
-    assert (batch[BLOCK_IDS] == -1).all()
     assert exact(result := compare_vision_packed_unpacked(model, features)), result
+    monkeypatch.setattr(attention, "_flagged_layers_under_causal_mask", lambda *args: False)
+    assert compare_vision_packed_unpacked(model, features).max_logit_diff > 1e-2
 
-    class Unblocked(PackedVisionCollator):
-        def __call__(self, features, return_tensors=None):
-            return {k: v for k, v in super().__call__(features, return_tensors).items() if k != BLOCK_IDS}
 
-    assert compare_vision_packed_unpacked(model, features, collator=Unblocked(model=model)).max_logit_diff > 1e-2
+@pytest.mark.parametrize("marks", [False, True])
+def test_paligemma_without_the_collator_matches_eager(marks):
+    """A padded batch straight from the examples (no collator, no packing: an eval loop, generation's
+    prefill) on the packcollate backend == eager, with and without the prefix marks."""
+    model = model_of("paligemma")
+    features = [f for f in vision_proof_features(model.config, seed=4, token_type_ids=marks) if "pixel_values" in f][:2]
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {
+        "input_ids": torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features]),
+        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]),
+        "pixel_values": torch.cat([f["pixel_values"] for f in features]),
+    }
+    if marks:  # padding is marked as answer (1), as the processor does
+        batch["token_type_ids"] = torch.tensor([f["token_type_ids"] + [1] * (width - len(f["input_ids"])) for f in features])
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ours = model(**batch).logits
+        model.set_attn_implementation("eager")
+        try:
+            theirs = model(**batch).logits
+        finally:
+            model.set_attn_implementation("packcollate")
+    assert (ours[real] - theirs[real]).abs().max() < LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("marks", [False, True])
+@pytest.mark.parametrize("backend", ["packcollate", "eager"])
+def test_paligemma2_prefix_escapes_the_sliding_window(marks, backend):
+    """PaliGemma 2's sliding layers: `(window & causal) | same prefix` (its forward ORs the prefix in after
+    the window). Prefixes longer than the window (3) pack exactly, forward and backward."""
+    model = paligemma2()
+    model.set_attn_implementation(backend)
+    features = vision_proof_features(model.config, token_type_ids=marks)
+    if marks:
+        assert max(f["token_type_ids"].count(0) for f in features) > 3 * model.config.text_config.sliding_window
+    assert exact(result := compare_vision_packed_unpacked(model, features)), result
 
 
 def test_paligemma_positions_are_one_indexed_per_example():
@@ -82,6 +133,10 @@ def test_paligemma_positions_are_one_indexed_per_example():
     positions = PackedVisionCollator(model=model)(features)["position_ids"][0]
     expected = torch.cat([torch.arange(1, len(f["input_ids"]) + 1) for f in features])
     assert torch.equal(positions, expected)
+    assert PackedVisionCollator(model=model).position_ids_start == 1
+    chosen = PackedVisionCollator(model=model, position_ids_start=3)(features)["position_ids"][0]  # the user's, once
+    assert torch.equal(chosen, expected + 2)
+    assert PackedVisionCollator(model=model_of("llava")).position_ids_start == 0
 
 
 def test_paligemma_lora_wrapped_packs_prefix_blocks_exactly():
@@ -129,13 +184,25 @@ def test_images_of_other_sizes_are_zero_padded_to_the_largest(family):
         assert all(torch.equal(torch.as_tensor(f[k]), torch.as_tensor(g[k])) for k in f)
 
 
-def test_mistral3_padding_needs_image_sizes():
-    model = model_of("mistral3")
-    features = vision_proof_features(model.config)
-    unsized = {k: v for k, v in features[0].items() if k != "image_sizes"}
-    with pytest.raises(ValueError, match=r"example 0, key 'image_sizes': expected each image's \(height, width\).*"
-                                         r"must be padded to \(…, 3, \d+, \d+\) for mistral3, got none"):
-        PackedVisionCollator(model=model)([unsized, features[2]])
+@pytest.mark.parametrize("family", ["mistral3", "llava_next", "llava_onevision"])
+def test_every_example_with_images_needs_its_image_sizes(family):
+    """The model cuts each image back to its `image_sizes`: an example without them (or with the wrong
+    number) is named, whether its own images need padding or are the largest (nothing to pad)."""
+    model = model_of(family)
+    features = [f for f in vision_proof_features(model.config) if "pixel_values" in f]
+    for i in range(len(features)):
+        unsized = [{k: v for k, v in f.items() if not (j == i and k == "image_sizes")} for j, f in enumerate(features)]
+        images = features[i]["pixel_values"].shape[0]
+        with pytest.raises(ValueError, match=rf"example {i}, key 'image_sizes': expected each image's \(height, width\), "
+                                             rf"shape \({images}, 2\) for 'pixel_values' .* of {family} .*got none"):
+            PackedVisionCollator(model=model)(unsized)
+    same = {k: v for k, v in features[0].items() if k != "image_sizes"}  # images of one size: nothing to pad
+    with pytest.raises(ValueError, match=r"example 1, key 'image_sizes': .*got none"):
+        PackedVisionCollator(model=model)([features[0], same])
+    short = [dict(f) for f in features]
+    short[0]["image_sizes"] = short[0]["image_sizes"][:0]
+    with pytest.raises(ValueError, match=r"example 0, key 'image_sizes': .*got shape \(0, 2\)"):
+        PackedVisionCollator(model=model)(short)
 
 
 def test_mistral3_images_of_one_size_are_not_padded():

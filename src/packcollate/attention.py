@@ -20,11 +20,16 @@ the model or cache does:
 3. Bidirectional blocks: `bidirectional_block_ids` `(B|1, S)` (the vision collator emits it for
    families whose image tokens attend to each other in both directions, Gemma 3, PaliGemma) lets tokens of
    one block id (>= 0) in one sequence see each other, future ones included; everything else stays
-   causal, and a sliding window still bounds how far back a query looks (transformers' rule:
+   causal, and a sliding window still bounds how far back a query looks (Gemma 3's rule:
    `window & (causal | same block)`). Only the exact path takes them (on CUDA too, with a warning).
-   Blocks make the call causal even in a layer whose `is_causal` is False (PaliGemma's text layers
-   are flagged so that sdpa adds no causal flag to the model's own prefix mask; their mask is causal
-   outside the prefix); a caller passing `is_causal=False` (bidirectional by intent) ignores them.
+   Blocks shape causal calls only: a layer whose `is_causal` is False, or a caller passing
+   `is_causal=False`, attends both ways and ignores them.
+4. Layers flagged bidirectional under a causal mask: a model whose text config sets
+   `use_bidirectional_attention` (its layers say `is_causal=False`) while its own mask function is
+   causal somewhere (PaliGemma: a bidirectional prefix, a causal answer; the flag only keeps sdpa
+   from adding a causal flag to that mask) gets transformers' own `(B, 1, S, S_kv)` bool mask from
+   this backend's mask function, which every call honours: exact by construction (sliding windows,
+   packed sequences, the prefix rule), with memory quadratic in `S` like sdpa.
 
 Shapes (transformers' convention): `query` `(B, H, S, D)`, `key`/`value` `(B, H_kv, S_kv, D)`; the
 output is `(B, S, H, D_v)`. Packed batches have `B = 1`, `S = N`.
@@ -330,8 +335,9 @@ def resolve_layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwarg
 # ---------------------------------------------------------------------------------------------
 
 
-def _adjacent_allowed(mask_function, batch: int, length: int, device) -> torch.Tensor | None:
-    """`(B, S-1)` bool: may token t attend token t-1? False marks the start of a packed sequence.
+def _adjacent_allowed(mask_function, batch: int, length: int, device, ahead: bool = False) -> torch.Tensor | None:
+    """`(B, S-1)` bool: may token t attend token t-1 (`ahead`: may token t-1 attend token t)?
+    Without `ahead`, False marks the start of a packed sequence.
 
     Evaluates transformers' index-based mask function on the S-1 adjacent pairs only (O(S), not the
     S x S mask). None when the function cannot be evaluated on index tensors.
@@ -340,10 +346,33 @@ def _adjacent_allowed(mask_function, batch: int, length: int, device) -> torch.T
     h = torch.zeros((), dtype=torch.long, device=device)
     q = torch.arange(1, length, device=device)[None, :]
     try:
-        allowed = mask_function(b, h, q, q - 1)
+        allowed = mask_function(b, h, q - 1, q) if ahead else mask_function(b, h, q, q - 1)
     except Exception:  # a non index-based custom mask function: rely on kwargs instead
         return None
     return torch.as_tensor(allowed, device=device).to(torch.bool).expand(batch, length - 1)
+
+
+def _flagged_layers_under_causal_mask(config, mask_function, batch: int, length: int, device) -> bool:
+    """Does a model whose layers are flagged bidirectional (`use_bidirectional_attention`: they say
+    `is_causal=False`) build a mask that is causal somewhere, a token seeing the one before it but not
+    the one after (PaliGemma's answer)? Then only the model's own mask says where its layers are causal.
+    Under `torch.compile`, or when the mask function cannot be evaluated on index tensors: True."""
+    if not getattr(config, "use_bidirectional_attention", False) or mask_function is None or length < 2:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    back = _adjacent_allowed(mask_function, batch, length, device)
+    ahead = _adjacent_allowed(mask_function, batch, length, device, ahead=True)
+    return back is None or ahead is None or bool((back & ~ahead).any())
+
+
+def _transformers_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, kwargs):
+    """transformers' own `(B, 1, S, S_kv)` bool mask (never None), which every attention call honours."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs = {key: value for key, value in kwargs.items() if key != "allow_is_causal_skip"}
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                     allow_is_causal_skip=False, **kwargs)
 
 
 # set by recurrent.py: the width of the causal mask for a model whose attention is written inside it
@@ -361,7 +390,7 @@ def packcollate_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor | None:
-    """The mask transformers hands to every `packcollate` attention call; never an `S x S` matrix.
+    """The mask transformers hands to every `packcollate` attention call; `S x S` only where noted.
 
     Returns:
         - prefill / training (`q_length == kv_length`): a `(B, S)` int32 sequence map, 0 on padding
@@ -369,7 +398,9 @@ def packcollate_mask(
           None when each row is one unpadded sequence;
         - with a cache (`q_length != kv_length`, or offsets: decoding, a static cache whose keys
           include unfilled slots, chunked prefill): transformers' own `(B, 1, S, S_kv)` bool mask,
-          which knows where the queries sit among the keys.
+          which knows where the queries sit among the keys;
+        - for a model whose layers are flagged bidirectional under a mask that is causal somewhere
+          (PaliGemma; see the module docstring, point 4): transformers' own mask too.
     """
     width = internal_attention_mask_width() if internal_attention_mask_width is not None else None
     if width is not None:
@@ -383,19 +414,17 @@ def packcollate_mask(
             return eager_mask(batch_size, width, width, mask_function=causal_mask_function, **dense)
         return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
                           attention_mask=attention_mask, **dense)
-    if q_length != kv_length or q_offset or kv_offset:
-        from transformers.masking_utils import sdpa_mask
-
-        kwargs.pop("allow_is_causal_skip", None)
-        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                         allow_is_causal_skip=False, **kwargs)
+    device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
+    if (q_length != kv_length or q_offset or kv_offset
+            or _flagged_layers_under_causal_mask(kwargs.get("config"), mask_function, batch_size, q_length, device)):
+        return _transformers_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                                  kwargs)
     padding = None
     if attention_mask is not None:
         padding = attention_mask[:, -kv_length:].to(torch.bool)
         if padding.shape[-1] != kv_length:
             padding = F.pad(padding, (0, kv_length - padding.shape[-1]), value=False)
 
-    device = padding.device if padding is not None else kwargs.get("device", "cpu")
     starts = torch.zeros(batch_size, q_length, dtype=torch.bool, device=device)
     packed = False
     compiling = torch.compiler.is_compiling()  # no data-dependent branch: always the map (it may say "one sequence")
@@ -494,7 +523,7 @@ def block_allowed(blocks: torch.Tensor, window: int | None, lengths: torch.Tenso
     """`(G, 1, L, L)` bool allowed-mask of causal rows `(G, L)` with bidirectional blocks.
 
     A query sees the earlier keys and every key of its own block (`blocks` >= 0, the same id), within
-    `window` keys back when given (`window & (causal | same block)`, as transformers' masks);
+    `window` keys back when given (`window & (causal | same block)`, Gemma 3's rule);
     `lengths` `(G,)`: keys at or after a row's length are padding and never seen.
     """
     width = blocks.shape[-1]
@@ -792,12 +821,10 @@ def packcollate_attention(
             f"train this architecture with padding and its own attention backend"
         )
     causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     batch, heads, seq, _ = query.shape
-    # blocks shape a prefill/training call that is not declared bidirectional by its caller (decoding
-    # gets transformers' 4-D mask); they define a causal attention, also in a layer flagged non-causal
-    # only so that sdpa adds no causal flag to its model's own mask (PaliGemma's text layers)
-    blocks = checked_block_ids(kwargs.get(BLOCK_IDS), batch, seq) if causal is not False and key.shape[2] == seq else None
-    causal = (blocks is not None or getattr(module, "is_causal", True)) if causal is None else bool(causal)
+    # blocks shape a causal prefill/training call only (decoding gets transformers' 4-D mask)
+    blocks = checked_block_ids(kwargs.get(BLOCK_IDS), batch, seq) if causal and key.shape[2] == seq else None
     opts = AttentionOptions(
         causal=causal,
         scaling=scaling,

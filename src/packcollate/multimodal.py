@@ -19,15 +19,15 @@ Output, for `k` examples packed into `N` tokens (everything `PackedCollator` emi
 | vision keys | each example's value concatenated on the image axis | e.g. `pixel_values` `(P, D)` and `image_grid_thw` `(I, 3)` for Qwen2-VL; `pixel_values` `(I, C, H, W)` for LLaVA and Gemma 3; `(1, I, C, H, W)` for Idefics3 / SmolVLM; for Pixtral-tower families (Mistral 3) `(I, C, H_max, W_max)`, zero-padded bottom/right, and LLaVA-NeXT `(I, P_max, C, H, W)`, zero-padded tiles, with `image_sizes` `(I, 2)` |
 
 For families whose image tokens attend to each other in both directions (Gemma 3: the processor's
-`token_type_ids` mark image tokens; PaliGemma: they mark the prefix, image and prompt), the batch
-also holds `bidirectional_block_ids` `(1, N)` int64: the family's own block ids (transformers'
-`get_block_sequence_ids_for_mask` for Gemma 3, PaliGemma's `where(token_type_ids == 0, 0, -1)`)
-over the packed row, -1 on ordinary tokens. The `packcollate` backend lets a block's tokens see
-each other inside their own example only. transformers' kernels do not read it; their packed masks
-are exact for PaliGemma's prefix blocks but not for Gemma 3's image blocks, so the collator refuses
-Gemma 3 batches with marks for a model on another backend. PaliGemma flags its text layers
-non-causal (so that sdpa adds no causal flag to its prefix mask): its batches always carry block ids
-(all -1 without marks), which the backend reads as causal outside the blocks.
+`token_type_ids` mark image tokens), the batch also holds `bidirectional_block_ids` `(1, N)` int64:
+the family's own block ids (transformers' `get_block_sequence_ids_for_mask`) over the packed row, -1
+on ordinary tokens. The `packcollate` backend lets a block's tokens see each other inside their own
+example only. transformers' kernels do not read it, and their packed masks look Gemma 3's blocks up
+by in-sequence position, so the collator refuses Gemma 3 batches with marks for a model on another
+backend. PaliGemma's `token_type_ids` (the prefix, image and prompt, attends both ways) stay in the
+batch: the model builds its own prefix mask from them, which keeps packed examples apart on every
+backend (`MODEL_MASKED_BLOCKS`; the `packcollate` backend hands its layers, flagged bidirectional,
+that mask itself).
 
 Qwen-style text models read a `(4, 1, N)` `position_ids` as "text positions, then the three rotary
 sections" (transformers documents this layout for packed inputs); the text row keeps the examples
@@ -70,18 +70,14 @@ def _gemma3_blocks(type_ids: torch.Tensor) -> torch.Tensor:
     return get_block_sequence_ids_for_mask(type_ids)
 
 
-def _paligemma_blocks(type_ids: torch.Tensor) -> torch.Tensor:
-    # PaliGemma's rule, in its forward (transformers exposes no function): the prefix is one block
-    return torch.where(type_ids == 0, 0, -1)
-
-
 #: Families whose image tokens attend to each other bidirectionally: model_type -> (the per-token key
 #: that marks them, the family's own `(1, N)` marks -> `(1, N)` block ids, -1 outside blocks).
-BIDIRECTIONAL_BLOCKS = {"gemma3": ("token_type_ids", _gemma3_blocks), "paligemma": ("token_type_ids", _paligemma_blocks)}
-#: Families whose blocks transformers' own packed masks keep apart too (PaliGemma: one prefix block per
-#: sequence, found by the packed-sequence mask; eager and sdpa measured exact in the VLM matrix).
-BLOCKS_EXACT_ON_ANY_BACKEND = ("paligemma",)
-#: Families whose text positions do not start at 0: model_type -> the first position of every example
+BIDIRECTIONAL_BLOCKS = {"gemma3": ("token_type_ids", _gemma3_blocks)}
+#: Families whose model masks its own bidirectional blocks from the marks, exactly when packed (PaliGemma:
+#: one prefix block per sequence, cut by transformers' packed-sequence mask; measured exact on eager, sdpa
+#: and packcollate in the VLM matrix): their `token_type_ids` pass through, no block ids.
+MODEL_MASKED_BLOCKS = ("paligemma",)
+#: Families whose text positions do not start at 0: model_type -> the default `position_ids_start`
 #: (PaliGemma computes `arange(L) + 1` when given none).
 POSITION_OFFSETS = {"paligemma": 1}
 #: Models that cut each image back to its `image_sizes`: the images of different examples are zero-padded
@@ -195,18 +191,21 @@ class PackedVisionCollator(PackedCollator):
             config also names the image / video placeholder tokens. None: 1-D positions only.
             Building the collator calls `shield_vision_tower(model)`: the text's packing kwargs
             never reach the vision tower.
-        causal_image_tokens: for families whose processors mark image tokens with `token_type_ids`
-            so that they attend to each other bidirectionally (Gemma 3's images, PaliGemma's
-            prefix: `BIDIRECTIONAL_BLOCKS`): False (default) keeps the blocks
-            (`bidirectional_block_ids`), exact with the `packcollate` backend; a Gemma 3 batch of
-            several such examples for a model on another backend (transformers' packed
-            sliding-window mask looks the blocks up by in-sequence position), or a batch of a
-            family without a known block rule, is refused. True drops `token_type_ids`, so those
-            tokens are causal like text (a different model than the one pre-trained).
+        causal_image_tokens: for families whose processors mark tokens with `token_type_ids` so
+            that they attend to each other bidirectionally (Gemma 3's images: `BIDIRECTIONAL_BLOCKS`;
+            PaliGemma's prefix: `MODEL_MASKED_BLOCKS`): False (default) keeps them (Gemma 3:
+            `bidirectional_block_ids`, exact with the `packcollate` backend; PaliGemma: the marks,
+            exact on every backend); a Gemma 3 batch of several such examples for a model on another
+            backend (transformers' packed sliding-window mask looks the blocks up by in-sequence
+            position), or a batch of a family without a known block rule, is refused. True drops
+            `token_type_ids`, so those tokens are causal like text (a different model than the one
+            pre-trained).
         mask_vision_tokens: label the image / video placeholder tokens -100 (they are replaced by
             image features). Default False: labels stay as given, like TRL's and transformers'
             padded batches (TRL trains on them), so packed and padded losses match.
         vision_keys: the per-example vision keys (default `VISION_KEYS`).
+        position_ids_start: first text position of every example; None (default): the family's own
+            (`POSITION_OFFSETS`: 1 for PaliGemma, else 0).
 
     Limits: `overflow="truncate"` / `"split"` with a `max_seq_length` are refused (a cut through
     an image's tokens would separate them from its pixels); use `"drop"` or `"error"`. Pre-packed
@@ -214,11 +213,21 @@ class PackedVisionCollator(PackedCollator):
     """
 
     model: object = field(default=None, repr=False, compare=False)
+    position_ids_start: int | None = None
     causal_image_tokens: bool = False
     mask_vision_tokens: bool = False
     vision_keys: Sequence[str] = VISION_KEYS
 
     def __post_init__(self) -> None:
+        self._rope_owner = _unwrap(self.model)
+        self._rope_parameters: set[str] = set()
+        self._config = _model_config(self.model) if self.model is not None else None
+        if self._rope_owner is not None:
+            self._config = self._rope_owner.config
+            self._rope_parameters = set(inspect.signature(self._rope_owner.get_rope_index).parameters)
+        self._model_type = getattr(self._config, "model_type", None)
+        if self.position_ids_start is None:
+            self.position_ids_start = POSITION_OFFSETS.get(self._model_type, 0)
         super().__post_init__()
         if self.max_seq_length is not None and self.overflow in ("truncate", "split"):
             raise ValueError(
@@ -227,27 +236,15 @@ class PackedVisionCollator(PackedCollator):
                 f"{self.overflow!r}"
             )
         self.vision_keys = tuple(self.vision_keys)
-        self._rope_owner = _unwrap(self.model)
-        self._rope_parameters: set[str] = set()
-        self._config = _model_config(self.model) if self.model is not None else None
-        if self._rope_owner is not None:
-            self._config = self._rope_owner.config
-            self._rope_parameters = set(inspect.signature(self._rope_owner.get_rope_index).parameters)
         self._image_token = _token_id(self._config, "image_token_id") if self._config is not None else None
         if self._image_token is None and self._config is not None:
             self._image_token = _token_id(self._config, "image_token_index")
         self._video_token = _token_id(self._config, "video_token_id") if self._config is not None else None
         if isinstance(self.model, torch.nn.Module):
             shield_vision_tower(self.model)
-        self._model_type = getattr(self._config, "model_type", None)
         self._image_axis = 1 if self._model_type in BATCHED_IMAGE_FAMILIES else 0
         tower = getattr(getattr(self._config, "vision_config", None), "model_type", None)
         self._pad_images = tower in SIZE_CROPPED_TOWERS or self._model_type in SIZE_CROPPED_FAMILIES
-        # PaliGemma flags its text attention non-causal (use_bidirectional_attention) so that sdpa adds no
-        # causal flag to its prefix mask; the packcollate backend reads block ids as "causal outside blocks"
-        text_config = self._config.get_text_config() if hasattr(self._config, "get_text_config") else self._config
-        self._blocks_always = (self._model_type in BIDIRECTIONAL_BLOCKS
-                               and bool(getattr(text_config, "use_bidirectional_attention", False)))
 
     # -- splitting examples into text and vision ------------------------------------------------
 
@@ -287,25 +284,23 @@ class PackedVisionCollator(PackedCollator):
         the batch has none; raises when they cannot be kept exact (see `causal_image_tokens`)."""
         rule = BIDIRECTIONAL_BLOCKS.get(self._model_type)
         key = rule[0] if rule is not None else "token_type_ids"
-        # a text side flagged non-causal (PaliGemma) is causal outside its blocks: always give blocks
-        none = np.full_like(batch["input_ids"], -1) if self._blocks_always else None
-        if key not in batch or self.causal_image_tokens:
-            return none
+        if key not in batch or self.causal_image_tokens or self._model_type in MODEL_MASKED_BLOCKS:
+            return None
         if rule is None:
             if examples > 1 and (np.asarray(batch[key]) != 0).any():
                 raise ValueError(
                     f"key 'token_type_ids': expected no bidirectional token blocks for model_type {self._model_type!r} "
-                    f"(no block rule is known for it here: {sorted(BIDIRECTIONAL_BLOCKS)}), got them in {examples} "
-                    f"packed examples; "
+                    f"(no block rule is known for it here: {sorted([*BIDIRECTIONAL_BLOCKS, *MODEL_MASKED_BLOCKS])}), got "
+                    f"them in {examples} packed examples; "
                     + ("pass model= (its family's rule keeps the blocks), " if self._config is None else "")
                     + "pass causal_image_tokens=True (tokens attend causally) or batch one example at a time"
                 )
             return None
         blocks = rule[1](torch.as_tensor(batch[key], dtype=torch.long)).numpy().astype(np.int64)
         if not (blocks >= 0).any():
-            return none
+            return None
         backend = self._attention_backend()
-        if examples > 1 and backend != BACKEND_NAME and self._model_type not in BLOCKS_EXACT_ON_ANY_BACKEND:
+        if examples > 1 and backend != BACKEND_NAME:
             raise ValueError(
                 f"key {key!r}: bidirectional image blocks of {examples} packed examples are exact only with "
                 f"attn_implementation={BACKEND_NAME!r}, got a model on {backend!r} (transformers' packed masks look "
@@ -342,19 +337,23 @@ class PackedVisionCollator(PackedCollator):
 
     def _padded_images(self, parts: list[tuple[int, torch.Tensor]], visions: list[dict]) -> list[tuple[int, torch.Tensor]]:
         """The images of each example (`(I_i, …)`) zero-padded at the end of every axis after the image
-        axis to the largest (a family whose model cuts every image back to its `image_sizes`)."""
+        axis to the largest (a family whose model cuts every image back to its `image_sizes`, which every
+        example with images must give: `(I_i, 2)`)."""
+        for i, part in parts:
+            sizes = visions[i].get("image_sizes")
+            if sizes is None or tuple(sizes.shape) != (part.shape[0], 2):
+                raise ValueError(
+                    f"example {i}, key 'image_sizes': expected each image's (height, width), shape ({part.shape[0]}, 2) "
+                    f"for 'pixel_values' {tuple(part.shape)} of {self._model_type} (the model cuts every image back "
+                    f"to its size; images of different sizes are zero-padded to the largest), got "
+                    f"{'none' if sizes is None else f'shape {tuple(sizes.shape)}'}"
+                )
         if any(part.dim() != parts[0][1].dim() for _, part in parts):
             return parts  # the shape check names the example
         target = [max(sizes) for sizes in zip(*(part.shape[1:] for _, part in parts))]
         padded = []
         for i, part in parts:
             if list(part.shape[1:]) != target:
-                if "image_sizes" not in visions[i]:
-                    raise ValueError(
-                        f"example {i}, key 'image_sizes': expected each image's (height, width) next to "
-                        f"'pixel_values' {tuple(part.shape)}, which must be padded to (…, {', '.join(map(str, target))}) "
-                        f"for {self._model_type}, got none (the model would read the padding as image)"
-                    )
                 pad = [amount for size, goal in zip(reversed(part.shape[1:]), reversed(target)) for amount in (0, goal - size)]
                 part = torch.nn.functional.pad(part, pad)
             padded.append((i, part))
@@ -420,9 +419,6 @@ class PackedVisionCollator(PackedCollator):
             placeholders = [t for t in (self._image_token, self._video_token) if t is not None]
             if placeholders:
                 batch["labels"][np.isin(batch["input_ids"], placeholders)] = IGNORE_INDEX
-        offset = POSITION_OFFSETS.get(self._model_type, 0)
-        if offset:
-            batch["position_ids"] = batch["position_ids"] + offset
         blocks = self._block_ids(batch, len(kept))
         if blocks is not None:
             batch[BLOCK_IDS] = blocks

@@ -232,9 +232,22 @@ class KernelFunction:
         return self.installed and any(p in self.parameters for p in _PACKING_PARAMETERS)
 
 
-def _is_kernel_wrapper(value) -> bool:
+def _unwrapped(value):
+    """`value`, or the function that a `kernels` (>= 0.19) function module wraps (its forward calls it)."""
+    if isinstance(value, torch.nn.Module):
+        forward = getattr(type(value), "forward", None)
+        return inspect.getclosurevars(forward).nonlocals.get("func") if inspect.isfunction(forward) else None
+    return value
+
+
+def kernel_wrapper(value):
+    """The function transformers wrapped with a kernel fallback (`use_kernel_func_from_hub_with_fallback`),
+    also inside a `kernels` function module, or None."""
+    value = _unwrapped(value)
+    if not inspect.isfunction(value):
+        return None
     closure = inspect.getclosurevars(value).nonlocals
-    return "is_new_implementation" in closure and "applicable_params" in closure
+    return value if "is_new_implementation" in closure and "applicable_params" in closure else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,7 +255,8 @@ def kernel_functions(cls: type) -> tuple[KernelFunction, ...]:
     """The kernel functions `cls`'s forward calls: functions of its modeling file that transformers
     wrapped with a kernel fallback, named in the class's source or in the source of the file's own
     helpers it calls (transformers 5.25 moved Mamba-2's `causal_conv1d_fn` call into
-    `causal_conv1d_forward`); read from the wrappers at run time."""
+    `causal_conv1d_forward`), also where the `kernels` package wraps them in function modules; read
+    from the wrappers at run time."""
     try:
         sources = [inspect.getsource(cls)]
         namespace = vars(sys.modules[cls.__module__])
@@ -252,10 +266,11 @@ def kernel_functions(cls: type) -> tuple[KernelFunction, ...]:
     while sources:
         source = sources.pop()
         for name, value in namespace.items():
+            value = _unwrapped(value)
             if name in seen or not (inspect.isfunction(value) and re.search(rf"\b{re.escape(name)}\(", source)):
                 continue
             seen.add(name)
-            if _is_kernel_wrapper(value):
+            if kernel_wrapper(value) is not None:
                 closure = inspect.getclosurevars(value).nonlocals
                 found[name] = KernelFunction(name, bool(closure["is_new_implementation"]),
                                              tuple(closure["applicable_params"]))

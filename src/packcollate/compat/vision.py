@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..masking import IGNORE_INDEX
-from ..multimodal import BIDIRECTIONAL_BLOCKS, PackedVisionCollator
+from ..multimodal import BIDIRECTIONAL_BLOCKS, MODEL_MASKED_BLOCKS, PackedVisionCollator
 from .equivalence import Equivalence, _grads, _max_rel_grad_diff, _summed_token_loss
 from .report import CONTAMINATED, EXACT, UNSUPPORTED, _one_line
 from .tiny import tiny_config
@@ -332,7 +332,8 @@ def check_vision_architecture(model_type: str, backends: Sequence[str] | None = 
                               token_type_ids: bool = False) -> dict:
     """Matrix entry of one image-text-to-text family: per backend and `use_cache`, packed vs unpacked.
 
-    `token_type_ids`: the examples carry the processor's bidirectional image-token marks (Gemma 3)."""
+    `token_type_ids`: the examples carry the processor's bidirectional image-token marks (Gemma 3: image-token
+    marks; PaliGemma: prefix marks)."""
     from .model_check import available_backends
 
     start = time.perf_counter()
@@ -362,7 +363,8 @@ def vision_matrix(backends: Sequence[str] | None = None, command: str = "") -> d
     """Every family of `VISION_FAMILIES` checked, plus the families of transformers not covered."""
     start = time.perf_counter()
     entries = [check_vision_architecture(model_type, backends) for model_type in VISION_FAMILIES]
-    entries += [check_vision_architecture(model_type, backends, token_type_ids=True) for model_type in BIDIRECTIONAL_BLOCKS]
+    entries += [check_vision_architecture(model_type, backends, token_type_ids=True)
+                for model_type in (*BIDIRECTIONAL_BLOCKS, *MODEL_MASKED_BLOCKS)]
     backends = list(entries[0]["backends"]) if entries and entries[0]["backends"] else list(backends or [])
     return {
         "task": TASK, "command": command, "device": "cpu", "backends": backends,
@@ -404,10 +406,10 @@ def format_vision_matrix(document: dict) -> str:
         "- `gemma3` and `paligemma` have two rows: without `token_type_ids` (causal, like text) and with the "
         "processor's `token_type_ids` (Gemma 3: the tokens of one image see each other in both directions; PaliGemma: "
         "the prefix, image and prompt, does; the reference sees the same marks). With them, `PackedVisionCollator` "
-        "emits the family's block ids (`bidirectional_block_ids`), which only the `packcollate` backend reads; it "
+        "emits Gemma 3's block ids (`bidirectional_block_ids`), which only the `packcollate` backend reads; it "
         "refuses such batches for a model on another backend (the other columns measure what that backend would do "
-        "with them). PaliGemma's text layers are flagged non-causal, so its batches always carry block ids (all -1 "
-        "without marks): the backend reads them as causal outside the blocks.",
+        "with them). PaliGemma's marks stay `token_type_ids`: the model masks its own prefix, exact on every backend "
+        "(its text layers are flagged non-causal, so the `packcollate` backend hands them transformers' own mask).",
         "- `mistral3` (Pixtral tower), `llava_next`, `llava_onevision` (any-resolution tiles): images of different "
         "sizes (tile counts) in different examples, zero-padded to the largest by the collator (the model cuts each "
         "back to its `image_sizes`).",
@@ -458,7 +460,7 @@ def main(args) -> int:
                          f"here) or --all, got {args.model!r}")
     # a family with bidirectional image blocks is checked with and without its processor's marks
     entries = [check_vision_architecture(args.model, args.backends, token_type_ids=marks)
-               for marks in ((False, True) if args.model in BIDIRECTIONAL_BLOCKS else (False,))]
+               for marks in ((False, True) if args.model in (*BIDIRECTIONAL_BLOCKS, *MODEL_MASKED_BLOCKS) else (False,))]
     for entry in entries:
         name = args.model + (f" + {entry['variant']}" if entry["variant"] else "")
         if args.json:
