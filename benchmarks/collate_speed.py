@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from packcollate import PackedCollator
-from packcollate.benchmark import library_versions, save_result
+from packcollate.tools.bench import library_versions, save_result
 
 SHAPES = [(8, 256), (64, 512), (256, 256)]
 SIGMA = 0.8

@@ -11,12 +11,12 @@ the same batches from the same initial weights: `padded` pads every sequence to 
 (prompt + completion of both sequences of every pair), the same work in both modes.
 
 Pair lengths are FLAN-like and synthetic: prompts drawn from the `flan` distribution of
-`packcollate.benchmark` (lognormal, median 120 tokens, sigma 0.9, clipped to [8, 1024]); chosen and
+`packcollate.tools.bench` (lognormal, median 120 tokens, sigma 0.9, clipped to [8, 1024]); chosen and
 rejected completions are half of two more independent draws (median 60). The ideal speed-up is
 padded tokens / real tokens (what the padded step computes over what it needs).
 
 Peak memory: on CPU the peak anonymous-RSS increase of a forked child per mode that trains on the
-two batches with the most tokens (`packcollate.benchmark.measure.peak_rss_in_child`); on CUDA
+two batches with the most tokens (`packcollate.tools.bench.measure.peak_rss_in_child`); on CUDA
 `torch.cuda.max_memory_allocated` over those steps. Results: benchmarks/results/<device>/dpo_step_<preset>.json.
 """
 
@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 import packcollate
-from packcollate.benchmark.config import DTYPES, PRESETS
-from packcollate.benchmark.data import synthetic_lengths
-from packcollate.benchmark.measure import fork_memory_available, peak_rss_in_child
-from packcollate.benchmark.modes import build_model
-from packcollate.benchmark.report import device_name
-from packcollate.preference import PackedPreferenceCollator
+from packcollate.tools.bench.config import DTYPES, PRESETS
+from packcollate.tools.bench.data import synthetic_lengths
+from packcollate.tools.bench.measure import fork_memory_available, peak_rss_in_child
+from packcollate.tools.bench.modes import build_model
+from packcollate.tools.bench.report import device_name
+from packcollate.collate.preference import PackedPreferenceCollator
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("padded", "packed")
@@ -62,7 +62,7 @@ def trainers(preset: str, dtype: torch.dtype, device: torch.device, output_dir: 
     from trl import DPOConfig, DPOTrainer
 
     from packcollate.integrations.trl import PackedDPOTrainer
-    from packcollate.toy import char_tokenizer
+    from packcollate.tools.toy import char_tokenizer
 
     placeholder = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])  # batches are ours
     made = {}

@@ -57,7 +57,7 @@ def label_rule_numbers(tmp: Path) -> dict:
 
     from packcollate import PackedCollator
     from packcollate.integrations.trl import PackedSFTTrainer
-    from packcollate.toy import char_tokenizer
+    from packcollate.tools.toy import char_tokenizer
 
     dataset = labelled_dataset()
     options = dict(max_length=None, max_steps=1, per_device_train_batch_size=16)
@@ -83,7 +83,7 @@ def bf16_numbers(tmp: Path) -> dict:
     from trl import SFTTrainer
 
     from packcollate.integrations.trl import PackedSFTTrainer
-    from packcollate.toy import char_tokenizer
+    from packcollate.tools.toy import char_tokenizer
 
     options = dict(bf16=True, max_steps=1)
     theirs = SFTTrainer(model=tiny_model(), args=sft_config(tmp, "bf16-trl", **options),

@@ -54,7 +54,7 @@ mkdir -p "$RESULTS"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
     python3 -c "import torch, transformers; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}')"
-    python3 -c "import packcollate.attention as a; print(a.describe())"
+    python3 -c "import packcollate.backend.attention as a; print(a.describe())"
 } 2>&1 | tee "$RESULTS/gpu_info.txt"
 
 failed=0
@@ -72,7 +72,7 @@ for dataset in $DATASETS; do
     stem="train_throughput_${PRESET}_${dataset}"
     echo "== packcollate bench --preset $PRESET --dataset $dataset ($STEPS steps x $BATCH_SIZE examples)"
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-    timeout "$BENCH_TIMEOUT" python3 -m packcollate.cli bench --preset "$PRESET" --dataset "$dataset" \
+    timeout "$BENCH_TIMEOUT" python3 -m packcollate.tools.cli bench --preset "$PRESET" --dataset "$dataset" \
         --device cuda --dtype bf16 --batch-size "$BATCH_SIZE" --steps "$STEPS" --warmup "$WARMUP" \
         --repeats "$REPEATS" --out "$RESULTS" $BENCH_ARGS 2>&1 | tee "$RESULTS/$stem.log"
     status=${PIPESTATUS[0]}

@@ -34,7 +34,7 @@ import torch
 
 import packcollate  # noqa: F401  (registers the backend and the recurrent restart)
 from packcollate import PackedCollator, PaddedCollator
-from packcollate.benchmark import library_versions, round_robin_summary, save_result, time_round_robin
+from packcollate.tools.bench import library_versions, round_robin_summary, save_result, time_round_robin
 
 MEDIAN_LENGTH, SIGMA, MIN_LENGTH, MAX_LENGTH = 120, 0.9, 8, 1024
 VOCAB = 4096

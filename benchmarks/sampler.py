@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packcollate.benchmark import library_versions, save_result
-from packcollate.sampler import DEFAULT_WINDOW, STRATEGIES, TokenBudgetBatchSampler
+from packcollate.tools.bench import library_versions, save_result
+from packcollate.batching.sampler import DEFAULT_WINDOW, STRATEGIES, TokenBudgetBatchSampler
 
 # name -> (median, sigma, max) of a lognormal length distribution, rounded and clipped to [1, max].
 DISTRIBUTIONS = {

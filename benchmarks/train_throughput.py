@@ -5,7 +5,7 @@
     python benchmarks/train_throughput.py --help                           # every option
 
 The implementation, its modes, metrics and the way peak memory is measured are documented in
-`packcollate.benchmark` (src/packcollate/benchmark/). Results go to benchmarks/results/<device>/
+`packcollate.tools.bench` (src/packcollate/benchmark/). Results go to benchmarks/results/<device>/
 as train_throughput_<preset>_<dataset>.json and .png unless --out says otherwise.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from packcollate import benchmark
+from packcollate.tools import bench as benchmark
 
 
 def main(argv: list[str] | None = None) -> int:

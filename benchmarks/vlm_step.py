@@ -30,9 +30,9 @@ import torch
 
 import packcollate  # noqa: F401  (registers the backend)
 from packcollate import PaddedCollator
-from packcollate.attention import describe
-from packcollate.benchmark import library_versions, round_robin_summary, save_result, time_round_robin
-from packcollate.multimodal import PackedVisionCollator
+from packcollate.backend.attention import describe
+from packcollate.tools.bench import library_versions, round_robin_summary, save_result, time_round_robin
+from packcollate.collate.vision import PackedVisionCollator
 
 MEDIAN_TEXT, SIGMA, MAX_TEXT = 60, 0.8, 512
 IMAGE_SIDES = (56, 84, 112, 168, 224)

@@ -7,7 +7,7 @@ and the data by your own tokenized dataset to fine-tune for real.
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from packcollate.toy import char_tokenizer, load_arithmetic, tokenize_prompt_completion
+from packcollate.tools.toy import char_tokenizer, load_arithmetic, tokenize_prompt_completion
 
 
 def tiny_model(model_path: str | None = None, attn_implementation: str = "packcollate"):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 import packcollate  # noqa: F401
 from packcollate import PackedCollator, TokenBudgetBatchSampler
 from packcollate.integrations import count_label_tokens, micro_batches
-from packcollate.integrations.launch_check import assert_processes
+from packcollate.integrations.preflight import assert_processes
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=10, help="optimizer steps")

@@ -4,7 +4,7 @@
     python examples/sequence_weighted_loss.py --steps 10 --trainer  # PackedTrainer(loss_weighting="sequence")
 
 The loss of an optimizer step is the mean, over its examples (every micro-batch, every rank), of
-each example's mean token loss (`packcollate.losses`). In a loop: count the step's examples with
+each example's mean token loss (`packcollate.objectives.losses`). In a loop: count the step's examples with
 `count_loss_examples`, give that count to `sequence_weighted_loss` for every micro-batch, and
 multiply by the number of processes (DDP averages gradients over ranks).
 """
@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 import packcollate  # noqa: F401
 from packcollate import PackedCollator, TokenBudgetBatchSampler
 from packcollate.integrations import PackedTrainer, micro_batches
-from packcollate.losses import count_loss_examples, sequence_weighted_loss
+from packcollate.objectives.losses import count_loss_examples, sequence_weighted_loss
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=10, help="optimizer steps")

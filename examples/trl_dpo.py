@@ -18,7 +18,7 @@ from trl import DPOConfig
 
 import packcollate  # noqa: F401
 from packcollate.integrations.trl import PackedDPOTrainer
-from packcollate.toy import char_tokenizer
+from packcollate.tools.toy import char_tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=20)

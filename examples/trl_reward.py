@@ -5,7 +5,7 @@
 
 `AutoModelForSequenceClassification` (Llama here; Qwen2/3, Gemma, Mistral heads work the same way)
 applies its score head to every token; `PackedRewardTrainer` keeps each example's last non-pad
-token (`packcollate.sequence_scores.packed_sequence_logits`), the token the padded forward scores.
+token (`packcollate.objectives.scores.packed_sequence_logits`), the token the padded forward scores.
 """
 
 import argparse
@@ -18,7 +18,7 @@ from trl import RewardConfig
 
 import packcollate  # noqa: F401
 from packcollate.integrations.trl import PackedRewardTrainer
-from packcollate.toy import char_tokenizer
+from packcollate.tools.toy import char_tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=20)

@@ -15,7 +15,7 @@ from trl import SFTConfig
 
 import packcollate  # noqa: F401
 from packcollate.integrations.trl import PackedSFTTrainer
-from packcollate.toy import char_tokenizer, load_arithmetic
+from packcollate.tools.toy import char_tokenizer, load_arithmetic
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=20)

@@ -18,7 +18,7 @@ from test_trainer_integration import arguments, prompt_completion_dataset, tiny_
 from two_ranks import exit_now, watchdog  # noqa: E402
 
 from packcollate.integrations import PackedTrainer  # noqa: E402
-from packcollate.stream_packing import TokenBudgetStream  # noqa: E402
+from packcollate.batching.stream import TokenBudgetStream  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import packcollate  # noqa: F401  (registers the backend)
-from packcollate import PackedCollator, attention
-from packcollate.attention import AttentionOptions, SequenceLayout, exact_varlen
+from packcollate import PackedCollator
+from packcollate.backend import attention
+from packcollate.backend.attention import AttentionOptions, SequenceLayout, exact_varlen
 from packcollate.compat import compare_packed_unpacked, tiny_config
 
 ARCHITECTURES = [

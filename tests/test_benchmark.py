@@ -1,4 +1,4 @@
-"""`packcollate bench` (packcollate.benchmark): fast CPU runs on a micro model, a few steps each.
+"""`packcollate bench` (packcollate.tools.bench): fast CPU runs on a micro model, a few steps each.
 
 The numbers are not checked (they are noise at this size); the result's schema, the files it
 writes, the loss agreement between modes and the data paths are.
@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from packcollate import benchmark, cli
-from packcollate.benchmark import MODES, length_grouped_batches, run_benchmark, tokenize_rows
-from packcollate.toy import arithmetic_problems, char_tokenizer
+from packcollate.tools import bench as benchmark
+from packcollate.tools import cli
+from packcollate.tools.bench import MODES, length_grouped_batches, run_benchmark, tokenize_rows
+from packcollate.tools.toy import arithmetic_problems, char_tokenizer
 
 QUICK = dict(steps=2, batch_size=4, warmup=1, repeats=1, quiet=True)
 
@@ -171,7 +172,7 @@ def test_schedule_interleaves_modes_evenly():
 @pytest.mark.parametrize("budget, met", [(3.6, True), (3.5, False)])
 def test_budget_target_is_packcollates_own_speed(budget, met):
     """CPU tiny flan: packcollate >= 2.5x padded, and packcollate-budget at least as fast as packcollate."""
-    from packcollate.benchmark.report import _targets
+    from packcollate.tools.bench.report import _targets
 
     result = {"preset": "tiny", "dataset": "flan", "modes": {
         "packcollate": {"speedup_vs_padded": 3.56, "mem_vs_padded": 0.3},

@@ -16,9 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packcollate import attention
-from packcollate.attention import BLOCK_IDS, AttentionOptions, packcollate_attention
-from packcollate.compiled_attention import traceable_attention
+from packcollate.backend import attention
+from packcollate.backend.attention import BLOCK_IDS, AttentionOptions, packcollate_attention
+from packcollate.backend.traced import traceable_attention
 
 torch.set_num_threads(1)
 HEADS, DIM = 4, 4

@@ -1,6 +1,6 @@
 """PackedCollator and PaddedCollator, option by option.
 
-Each test states one rule of the packed-batch contract (docs: /DESIGN.md, `packcollate.collate`) on a
+Each test states one rule of the packed-batch contract (docs: /DESIGN.md, `packcollate.collate.text`) on a
 small hand-written batch whose expected output can be read off directly.
 """
 

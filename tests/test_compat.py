@@ -16,7 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, TrainerControl
 
 import packcollate  # registers the packcollate backend
-from packcollate import PackedCollator, cli
+from packcollate import PackedCollator
+from packcollate.tools import cli
 from packcollate.compat import (
     CONTAMINATED,
     ERROR,
@@ -25,8 +26,6 @@ from packcollate.compat import (
     UNSUPPORTED,
     WARNING,
     assert_packing_safe,
-    check_all,
-    check_architecture,
     check_context_length,
     check_layout_route,
     check_model,
@@ -39,6 +38,7 @@ from packcollate.compat import (
     tiny_config,
 )
 from packcollate.integrations.guard import PackingGuardCallback
+from packcollate.tools.matrix import check_all, check_architecture
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,7 +182,7 @@ def test_recurrent_layers_finding():
     for model_type in ("bamba", "zamba", "mamba2", "qwen3_5_text"):
         model = tiny_model(model_type)
         finding = check_recurrent_layers(model.config, model)
-        mixers = {type(module).__name__ for _, module in packcollate.recurrent.token_mixers(model)}
+        mixers = {type(module).__name__ for _, module in packcollate.backend.restart.token_mixers(model)}
         assert finding.status == WARNING and mixers and all(name in finding.message for name in mixers)
         assert finding.fix.startswith("attn_implementation='packcollate'") and "restart" in finding.message
     assert check_recurrent_layers(LlamaConfig(), tiny_model("llama")).status == OK

@@ -2,7 +2,7 @@
 
 import pytest
 
-from packcollate.demo import run_demo
+from packcollate.tools.demo import run_demo
 
 
 def test_demo_losses_match_and_packing_computes_fewer_tokens():

@@ -52,7 +52,7 @@ def test_fsdp_asked_on_cpu_is_refused_not_run_as_ddp(tmp_path, free_port):
 def test_accelerate_launch_check_names_the_command():
     from accelerate import Accelerator
 
-    from packcollate.integrations.launch_check import assert_processes
+    from packcollate.integrations.preflight import assert_processes
 
     accelerator = Accelerator(cpu=True)
     assert_processes(accelerator, 1)

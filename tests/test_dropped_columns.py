@@ -1,15 +1,16 @@
 """The plain `Trainer` removes `completion_mask` (`remove_unused_columns=True`, the default) before the
-collator sees a row: a completion-only run would train on the prompt. The collator refuses, in the main
-process and in DataLoader workers (forked or spawned), for training and evaluation; the setups that keep
-the mask, or say every token is trained on, pass (`packcollate.dropped_columns`)."""
+collator sees a row: a completion-only run would train on the prompt. `check_trainer_keeps_masks(trainer)`
+refuses such a trainer before its first step (PackedTrainer runs it at train and evaluation start; it is
+given the trainer, never finds one on the call stack); the setups that keep the mask, or say every token
+is trained on, pass (`packcollate.integrations.preflight`)."""
 
 import pytest
 from transformers import Trainer
 
 import packcollate  # noqa: F401
 from packcollate import PackedCollator, PaddedCollator
-from packcollate.dropped_columns import removed_masks
 from packcollate.integrations import PackedTrainer
+from packcollate.integrations.preflight import check_trainer_keeps_masks, removed_masks
 
 from test_trainer_integration import arguments, prompt_completion_dataset, tiny_model
 
@@ -25,19 +26,35 @@ def plain_trainer(tmp_path, collator=None, **options):
                    train_dataset=prompt_completion_dataset(), eval_dataset=prompt_completion_dataset(n=4, seed=1))
 
 
-@pytest.mark.parametrize("workers", [0, "fork", "spawn"])
-def test_plain_trainer_refuses_in_every_process(tmp_path, workers):
-    options = {} if workers == 0 else dict(dataloader_num_workers=1, dataloader_multiprocessing_context=workers)
-    trainer = plain_trainer(tmp_path, **options)
+@pytest.mark.parametrize("collator", [PackedCollator(), PaddedCollator()])
+def test_a_plain_trainer_that_removes_the_mask_is_refused(tmp_path, collator):
+    trainer = plain_trainer(tmp_path, collator=collator)
     assert removed_masks(trainer) == {"training": ["completion_mask"], "evaluation": ["completion_mask"]}
-    with pytest.raises(Exception, match=REFUSED):  # from a worker, the DataLoader re-raises the ValueError
+    with pytest.raises(ValueError, match=REFUSED):
+        check_trainer_keeps_masks(trainer)
+
+
+class MaskDroppingTrainer(PackedTrainer):
+    """A PackedTrainer subclass that goes back to the plain Trainer's kept columns."""
+
+    def _set_signature_columns_if_needed(self):
+        Trainer._set_signature_columns_if_needed(self)
+
+
+@pytest.mark.parametrize("workers", [0, "fork", "spawn"])
+def test_packed_trainer_runs_the_check_before_its_first_step(tmp_path, workers):
+    options = {} if workers == 0 else dict(dataloader_num_workers=1, dataloader_multiprocessing_context=workers)
+    def dropping(collator):
+        return MaskDroppingTrainer(model=tiny_model(), args=arguments(tmp_path, **options), data_collator=collator,
+                                   train_dataset=prompt_completion_dataset(),
+                                   eval_dataset=prompt_completion_dataset(n=4, seed=1), check_packing=False)
+
+    trainer = dropping(PackedCollator())
+    with pytest.raises(ValueError, match=REFUSED):
         trainer.train()
     assert trainer.state.global_step == 0
-
-
-def test_plain_trainer_refuses_evaluation_too(tmp_path):
     with pytest.raises(ValueError, match=REFUSED):
-        plain_trainer(tmp_path, collator=PaddedCollator()).evaluate()
+        dropping(PaddedCollator()).evaluate()
 
 
 def test_setups_that_keep_the_mask_or_mean_every_token_pass(tmp_path):

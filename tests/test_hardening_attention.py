@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packcollate import attention
-from packcollate.attention import packcollate_attention
+from packcollate.backend import attention
+from packcollate.backend.attention import packcollate_attention
 
 torch.set_num_threads(1)
 HEADS, DIM = 2, 8

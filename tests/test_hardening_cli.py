@@ -21,7 +21,7 @@ from cli_output import own_lines
 #: one forked child per case: argv -> (exit status, stderr)
 FORK_RUNNER = r'''
 import json, os, sys, tempfile, traceback
-from packcollate.cli import console_main
+from packcollate.tools.cli import console_main
 
 results = []
 for argv in json.loads(sys.argv[1]):
@@ -159,7 +159,7 @@ def test_the_installed_console_script_prints_one_line(tmp_path, case):
 
 
 def test_check_bert_says_is_decoder_false_is_bidirectional(capsys):
-    from packcollate.cli import console_main
+    from packcollate.tools.cli import console_main
 
     assert console_main(["check", "bert", "--backend", "packcollate"]) == 0
     out = capsys.readouterr().out

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from packcollate.integrations.loops import micro_batches
-from packcollate.sampler import STRATEGIES, TokenBudgetBatchSampler
+from packcollate.batching.sampler import STRATEGIES, TokenBudgetBatchSampler
 
 
 def all_ranks(lengths, max_tokens, num_replicas, epoch, **kwargs):

@@ -22,7 +22,7 @@ import pytest
 import torch
 from cli_output import own_lines
 
-from packcollate.toy import char_tokenizer
+from packcollate.tools.toy import char_tokenizer
 
 EVIL_MODULE = '''
 import os, pathlib
@@ -42,7 +42,7 @@ class EvilConfig(LlamaConfig):
 
 def _console_script() -> list[str]:
     script = shutil.which("packcollate")
-    return [script] if script else [sys.executable, "-m", "packcollate.cli"]
+    return [script] if script else [sys.executable, "-m", "packcollate.tools.cli"]
 
 
 def _env(marker: Path) -> dict:

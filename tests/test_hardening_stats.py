@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packcollate.cli import main
-from packcollate.lengths import length_stats, padded_tokens, token_counts
+from packcollate.tools.cli import main
+from packcollate.batching.lengths import length_stats, padded_tokens, token_counts
 
 BAD_IDS = [("hello world", "str"), ([[1, 2, 3], [4, 5]], "list"), ({"a": 1, "b": 2}, "dict"), (None, "NoneType"),
            (7, "int"), ([1, 2.5], "float"), ([1, True], "bool"), ([], "an empty list")]

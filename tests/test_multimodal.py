@@ -24,9 +24,9 @@ from packcollate.compat.vision import (
     tiny_vision_model,
     vision_proof_features,
 )
-from packcollate.attention import BLOCK_IDS
+from packcollate.backend.attention import BLOCK_IDS
 from packcollate.compat.equivalence import _max_rel_grad_diff
-from packcollate.multimodal import PACKING_KWARGS, PackedVisionCollator
+from packcollate.collate.vision import PACKING_KWARGS, PackedVisionCollator
 
 torch.set_num_threads(1)
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v")
@@ -278,7 +278,7 @@ def test_property_positions_and_vision_counts(plans, seed):
 
 
 def test_check_cli_image_text_to_text(capsys):
-    from packcollate.cli import main
+    from packcollate.tools.cli import main
 
     assert main(["check", "--task", "image-text-to-text", "qwen2_vl", "--backend", "packcollate"]) == 0
     out = capsys.readouterr().out

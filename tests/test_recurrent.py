@@ -20,7 +20,9 @@ from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import packcollate
-from packcollate import PackedCollator, attention, recurrent
+from packcollate import PackedCollator
+from packcollate.backend import attention
+from packcollate.backend import restart as recurrent
 from packcollate.compat import compare_packed_unpacked, proof_features, tiny_config
 
 LOGITS, GRADS = 1e-4, 1e-3

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from packcollate.cli import console_main
+from packcollate.tools.cli import console_main
 from packcollate.compat.remote_code import remote_code_files
-from packcollate.config_checks import read_config_json
-from packcollate.lengths import context_length_from_json
+from packcollate.compat.configs import read_config_json
+from packcollate.compat.configs import context_length_from_json
 
 CHATGLM2 = {  # the fields of THUDM/chatglm2-6b's config.json that matter here (written, not downloaded)
     "_name_or_path": "THUDM/chatglm2-6b",

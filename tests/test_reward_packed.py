@@ -11,9 +11,9 @@ from transformers import AutoModelForSequenceClassification
 
 import packcollate  # noqa: F401
 from packcollate.compat import tiny_config
-from packcollate.preference import PackedPairCollator
-from packcollate.segments import padding_mask, to_padded
-from packcollate.sequence_scores import assert_sequence_scores_safe, packed_sequence_logits, score_head
+from packcollate.collate.preference import PackedPairCollator
+from packcollate.objectives.segments import padding_mask, to_padded
+from packcollate.objectives.scores import assert_sequence_scores_safe, packed_sequence_logits, score_head
 
 torch.set_num_threads(1)
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral"]
@@ -102,7 +102,7 @@ def reward_trainers(tmp_path, **options):
     from trl import RewardConfig, RewardTrainer
 
     from packcollate.integrations.trl import PackedRewardTrainer
-    from packcollate.toy import arithmetic_problems, char_tokenizer
+    from packcollate.tools.toy import arithmetic_problems, char_tokenizer
 
     rows = [{"prompt": p["prompt"], "chosen": " " + p["completion"], "rejected": " The answer is 3." * (1 + i % 3),
              "margin": 0.1 * i} for i, p in enumerate(arithmetic_problems(6, seed=9))]

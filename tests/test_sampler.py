@@ -1,4 +1,4 @@
-"""TokenBudgetBatchSampler: the guarantees of `packcollate.sampler`, as properties and examples.
+"""TokenBudgetBatchSampler: the guarantees of `packcollate.batching.sampler`, as properties and examples.
 
 Every epoch, over all ranks together: each example exactly once (or counted as dropped), no batch
 over budget, the same number of steps on every rank; deterministic per (seed, epoch); resumable
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from packcollate import PackedCollator
-from packcollate.sampler import STRATEGIES, TokenBudgetBatchSampler
+from packcollate.batching.sampler import STRATEGIES, TokenBudgetBatchSampler
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -170,7 +170,7 @@ def test_equal_counts_by_repacking_not_duplicating():
 
 def test_split_fallback_when_even_dealing_exceeds_the_budget(monkeypatch):
     """Repacking the smallest bins evenly overflows here; halving the fullest bins still works."""
-    import packcollate.sampler as sampler_module
+    import packcollate.batching.sampler as sampler_module
 
     calls = []
     split = sampler_module._split_halves
@@ -187,7 +187,7 @@ def test_split_fallback_when_even_dealing_exceeds_the_budget(monkeypatch):
 def test_merge_fallback_when_too_few_examples_fit_to_split(monkeypatch):
     """Splitting cannot reach a multiple of the ranks here (window 1 leaves many tiny bins); merging
     bins within the budget does."""
-    import packcollate.sampler as sampler_module
+    import packcollate.batching.sampler as sampler_module
 
     calls = []
     merged = sampler_module._merged

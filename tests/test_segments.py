@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packcollate.segments import (
+from packcollate.objectives.segments import (
     from_padded,
     segment_ids,
     segment_last,

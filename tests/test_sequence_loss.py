@@ -11,7 +11,7 @@ import torch
 
 from packcollate import PackedCollator
 from packcollate.integrations import PackedTrainer
-from packcollate.losses import count_loss_examples, per_example_token_loss, sequence_weighted_loss
+from packcollate.objectives.losses import count_loss_examples, per_example_token_loss, sequence_weighted_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer_integration import arguments, prompt_completion_dataset, tiny_model  # noqa: E402
@@ -126,7 +126,7 @@ def test_sft_trainer_sequence_weighting(tmp_path):
     from test_trl_integration import tiny_model as tiny_causal_lm
 
     from packcollate.integrations.trl import PackedSFTTrainer
-    from packcollate.toy import char_tokenizer
+    from packcollate.tools.toy import char_tokenizer
 
     trainer = PackedSFTTrainer(model=tiny_causal_lm(),
                                args=config(tmp_path, per_device_train_batch_size=8, max_steps=1),

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
-from packcollate.cli import main
-from packcollate.lengths import context_length, length_stats, padded_tokens, recommend_max_seq_length
-from packcollate.toy import arithmetic_problems, char_tokenizer, tokenize_prompt_completion
+from packcollate.tools.cli import main
+from packcollate.batching.lengths import length_stats, padded_tokens, recommend_max_seq_length
+from packcollate.compat.configs import context_length
+from packcollate.tools.toy import arithmetic_problems, char_tokenizer, tokenize_prompt_completion
 
 
 def test_context_length_reads_every_known_key():
@@ -134,7 +135,7 @@ def test_an_empty_split_is_named(data_dir):
 
 
 def test_console_script_prints_input_errors_on_one_line(tmp_path, capsys):
-    from packcollate.cli import console_main
+    from packcollate.tools.cli import console_main
 
     assert console_main(["stats", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err

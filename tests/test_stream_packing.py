@@ -20,7 +20,7 @@ from transformers import Trainer
 
 from packcollate import PackedCollator
 from packcollate.integrations import PackedTrainer
-from packcollate.stream_packing import TokenBudgetStream
+from packcollate.batching.stream import TokenBudgetStream
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer_integration import (  # noqa: E402

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArg
 import packcollate  # noqa: F401
 from packcollate import PackedCollator, PaddedCollator
 from packcollate.integrations import PackedTrainer, count_label_tokens, micro_batches
-from packcollate.integrations.trainer import example_lengths
+from packcollate.batching.lengths import example_lengths
+from packcollate.integrations.preflight import check_trainer_keeps_masks
 from two_ranks import launch
 
 N_EXAMPLES = 16
@@ -83,14 +84,18 @@ def test_packed_trainer_equals_padded(padded_reference, tmp_path):
     assert_same_change(padded_reference, change)
 
 
-def test_plain_trainer_refuses_to_drop_the_completion_mask(tmp_path):
-    """The pitfall PackedTrainer fixes: the plain Trainer removes completion_mask before collation, which
-    would train on the prompt; the collator refuses before the first step (tests/test_dropped_columns.py)."""
-    trainer = Trainer(model=tiny_model(), args=arguments(tmp_path), data_collator=PackedCollator(),
-                      train_dataset=prompt_completion_dataset())
+def test_plain_trainer_drops_the_completion_mask_and_the_check_says_so(tmp_path):
+    """The pitfall PackedTrainer fixes: the plain Trainer removes completion_mask before collation and would
+    train on the prompt; `check_trainer_keeps_masks(trainer)` (run by PackedTrainer before its first step,
+    tests/test_dropped_columns.py) names it."""
+    dataset = prompt_completion_dataset()
+    plain = Trainer(model=tiny_model(), args=arguments(tmp_path), data_collator=PackedCollator(), train_dataset=dataset)
+    packed = PackedTrainer(model=tiny_model(), args=arguments(tmp_path), train_dataset=dataset, check_packing=False)
+    targets = [sum(int((b["labels"] != -100).sum()) for b in t.get_train_dataloader()) for t in (plain, packed)]
+    assert targets[0] > targets[1] == sum(sum(mask[1:]) for mask in dataset["completion_mask"])
     with pytest.raises(ValueError, match="expected the 'completion_mask' column of the training dataset to reach the collator"):
-        trainer.train()
-    assert trainer.state.global_step == 0
+        check_trainer_keeps_masks(plain)
+    check_trainer_keeps_masks(packed)
 
 
 def test_gradient_accumulation_keeps_the_token_mean(padded_reference, tmp_path):

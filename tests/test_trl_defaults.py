@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 import packcollate  # noqa: E402,F401
 from packcollate import PackedCollator  # noqa: E402
 from packcollate.integrations.trl import PackedSFTTrainer  # noqa: E402
-from packcollate.toy import arithmetic_problems, char_tokenizer, tokenize_prompt_completion  # noqa: E402
+from packcollate.tools.toy import arithmetic_problems, char_tokenizer, tokenize_prompt_completion  # noqa: E402
 
 from test_trl_integration import losses, prompt_completion, tiny_model  # noqa: E402
 

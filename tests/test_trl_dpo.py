@@ -21,8 +21,8 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 import packcollate  # noqa: E402,F401
 from packcollate.integrations.trl import PackedDPOTrainer  # noqa: E402
-from packcollate.preference import PackedPreferenceCollator  # noqa: E402
-from packcollate.toy import arithmetic_problems, char_tokenizer  # noqa: E402
+from packcollate.collate.preference import PackedPreferenceCollator  # noqa: E402
+from packcollate.tools.toy import arithmetic_problems, char_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 PAIRS = 6

@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 import packcollate  # noqa: E402,F401
 from packcollate import PackedCollator  # noqa: E402
 from packcollate.integrations.trl import PackedSFTTrainer  # noqa: E402
-from packcollate.toy import arithmetic_problems, char_tokenizer  # noqa: E402
+from packcollate.tools.toy import arithmetic_problems, char_tokenizer  # noqa: E402
 
 STEPS = 3
 

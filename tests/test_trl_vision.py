@@ -1,7 +1,7 @@
 """TRL's vision-language data path (chats with images + a processor), packed by `PackedSFTTrainer`:
 same per-step losses as TRL's own padded `SFTTrainer`; the token budget counts image tokens.
 
-Locally built Qwen2-VL and Gemma 3 processors (`packcollate.toy_vision`) and tiny random models: nothing
+Locally built Qwen2-VL and Gemma 3 processors (`packcollate.tools.toy_vision`) and tiny random models: nothing
 downloaded.
 """
 
@@ -15,12 +15,12 @@ from transformers import AutoModelForImageTextToText  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from packcollate import PackedCollator  # noqa: E402
-from packcollate.attention import BLOCK_IDS  # noqa: E402
+from packcollate.backend.attention import BLOCK_IDS  # noqa: E402
 from packcollate.compat.vision import tiny_vision_config  # noqa: E402
 from packcollate.integrations.trl import PackedSFTTrainer  # noqa: E402
 from packcollate.integrations.trl_vision import ProcessThenPack  # noqa: E402
-from packcollate.multimodal import PackedVisionCollator  # noqa: E402
-from packcollate.toy_vision import image_chats, vision_processor, vision_token_ids  # noqa: E402
+from packcollate.collate.vision import PackedVisionCollator  # noqa: E402
+from packcollate.tools.toy_vision import image_chats, vision_processor, vision_token_ids  # noqa: E402
 
 torch.set_num_threads(1)
 STEPS = 3
@@ -127,7 +127,7 @@ def test_given_packed_collator_is_upgraded_with_its_options(tmp_path, processor,
 def test_token_budget_counts_image_tokens(tmp_path, processor, chats):
     trainer = PackedSFTTrainer(model=tiny_vlm(processor, "packcollate"), args=sft_config(tmp_path),
                                train_dataset=chats, processing_class=processor, max_tokens_per_batch=160)
-    lengths = trainer._example_lengths(chats)
+    lengths = trainer.example_lengths(chats)
     image_id = vision_token_ids(processor)["image_token_id"]
     for example, length in zip(chats, lengths):
         processed = trainer.data_collator.process(example)

@@ -20,8 +20,8 @@ import copy
 import pytest
 import torch
 
-from packcollate import attention
-from packcollate.attention import BLOCK_IDS
+from packcollate.backend import attention
+from packcollate.backend.attention import BLOCK_IDS
 from packcollate.compat.vision import (
     GRAD_TOLERANCE,
     LOGIT_TOLERANCE,
@@ -31,7 +31,7 @@ from packcollate.compat.vision import (
     vision_proof_features,
 )
 from packcollate.compat.tiny import tiny_config
-from packcollate.multimodal import PackedVisionCollator
+from packcollate.collate.vision import PackedVisionCollator
 
 torch.set_num_threads(1)
 _MODELS: dict = {}

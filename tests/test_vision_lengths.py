@@ -6,9 +6,9 @@ import datasets
 import numpy as np
 import pytest
 
-from packcollate.cli import main
+from packcollate.tools.cli import main
 from packcollate.compat.vision import tiny_vision_config, vision_proof_features
-from packcollate.vision_lengths import placeholder_token_ids, processed_counts, raw_counts
+from packcollate.tools.vision_stats import placeholder_token_ids, processed_counts, raw_counts
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_stats_cli_needs_the_image_token(tmp_path, config):
 
 def test_raw_chats_counted_as_trl_processes_them():
     pytest.importorskip("trl")
-    from packcollate.toy_vision import image_chats, vision_processor
+    from packcollate.tools.toy_vision import image_chats, vision_processor
 
     processor = vision_processor()
     chats = image_chats(6, seed=2)

@@ -4,11 +4,12 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=PackedCollator())
 """
 
-from . import attention, recurrent
-from .collate import CollateStats, PackedCollator, PaddedCollator
+from .backend import attention
+from .backend import restart as recurrent
+from .collate.text import CollateStats, PackedCollator, PaddedCollator
 from .compat import assert_packing_safe, check_model
-from .sampler import TokenBudgetBatchSampler
-from .stream_packing import TokenBudgetStream
+from .batching.sampler import TokenBudgetBatchSampler
+from .batching.stream import TokenBudgetStream
 
 attention.register()
 recurrent.register()

@@ -14,7 +14,6 @@
 
 from .equivalence import BackendRefused, Equivalence, compare_packed_unpacked
 from .guard import assert_packing_safe
-from .matrix import add_arguments, check_all, check_architecture, main, run_isolated, summarize
 from .model_check import available_backends, backend_unavailable, check_model
 from .report import (
     CONTAMINATED,
@@ -42,8 +41,7 @@ from .tiny import proof_features, tiny_config
 __all__ = [
     "CONTAMINATED", "ERROR", "EXACT", "OK", "UNSUPPORTED", "WARNING",
     "BackendRefused", "BackendResult", "CompatReport", "Equivalence", "Finding", "Trial",
-    "add_arguments", "assert_packing_safe", "available_backends", "backend_unavailable", "check_all",
-    "check_architecture", "check_context_length", "check_layout_route", "check_model", "check_position_ids",
+    "assert_packing_safe", "available_backends", "backend_unavailable", "check_context_length", "check_layout_route", "check_model", "check_position_ids",
     "check_position_offset", "check_recurrent_layers", "check_rope_sections", "check_use_cache",
-    "compare_packed_unpacked", "main", "proof_features", "run_isolated", "summarize", "tiny_config",
+    "compare_packed_unpacked", "proof_features", "tiny_config",
 ]

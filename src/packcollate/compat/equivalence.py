@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..collate import PackedCollator, PaddedCollator
-from ..masking import IGNORE_INDEX
+from ..collate.text import PackedCollator, PaddedCollator
+from ..collate.labels import IGNORE_INDEX
 
 
 @dataclass

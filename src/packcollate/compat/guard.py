@@ -6,12 +6,12 @@ import logging
 
 import torch
 
-from ..collate import PackedCollator
+from ..collate.text import PackedCollator
 from .model_check import _collator_options, _one_thread, _prepare_proof, _proof_collator, _prove_backend, _tiny_model
 from .report import CONTAMINATED, LOGIT_TOLERANCE, UNSUPPORTED, BackendResult
 from .static_checks import _position_start, check_recurrent_layers
 from .tiny import proof_features
-from .unwrap import unwrap_model, unwrapped_class
+from ..backend.unwrap import unwrap_model, unwrapped_class
 
 logger = logging.getLogger("packcollate")
 
@@ -29,7 +29,7 @@ def assert_packing_safe(model: torch.nn.Module, *, collator: PackedCollator | No
 
     Args:
         model: the transformers causal LM about to be trained on packed batches, bare or wrapped
-            (PEFT, torch.compile, DDP, FSDP, accelerate: see `packcollate.compat.unwrap`).
+            (PEFT, torch.compile, DDP, FSDP, accelerate: see `packcollate.backend.unwrap`).
         collator: the `PackedCollator` in use; its layout options (position offset, seq_idx, flash
             kwargs) are used for the proof.
         use_cache: the `use_cache` the training forward passes (default: the config's).

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from .. import attention
-from ..collate import PackedCollator
-from ..config_checks import load_local_config
+from ..backend import attention
+from ..collate.text import PackedCollator
+from .configs import load_local_config
 from .equivalence import (
     BackendRefused,
     Equivalence,
@@ -56,7 +56,7 @@ from .static_checks import (
     check_use_cache,
 )
 from .tiny import _default_config, proof_features, tiny_config
-from .unwrap import unwrap_model, unwrapped_class
+from ..backend.unwrap import unwrap_model, unwrapped_class
 
 # --- the target --------------------------------------------------------------------------------
 

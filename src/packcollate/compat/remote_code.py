@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config_checks import read_config_json
+from .configs import read_config_json
 
 #: `auto_map` entries whose code `packcollate check` runs: the config class and the causal LM.
 CHECKED_AUTO_CLASSES = ("AutoConfig", "AutoModelForCausalLM")

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 import torch
 from transformers import PretrainedConfig
 
-from .. import attention, recurrent
-from ..lengths import context_length
+from ..backend import attention
+from ..backend import restart as recurrent
+from .configs import context_length
 from .equivalence import BackendRefused, _attn_implementation
 from .report import ERROR, OK, WARNING, Finding, _one_line
 from .tiny import _LAYER_TYPE_KEYS, PROOF_LENGTHS, _is_int, proof_features

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..masking import IGNORE_INDEX
-from ..multimodal import BIDIRECTIONAL_BLOCKS, MODEL_MASKED_BLOCKS, PackedVisionCollator
+from ..collate.labels import IGNORE_INDEX
+from ..collate.vision import BIDIRECTIONAL_BLOCKS, MODEL_MASKED_BLOCKS, PackedVisionCollator
 from .equivalence import Equivalence, _grads, _max_rel_grad_diff, _summed_token_loss
 from .report import CONTAMINATED, EXACT, UNSUPPORTED, _one_line
 from .tiny import tiny_config
@@ -308,7 +308,7 @@ class _MeasuringCollator(PackedVisionCollator):
     backend: the matrix measures what that backend does with them."""
 
     def _attention_backend(self) -> str:
-        from ..attention import BACKEND_NAME
+        from ..backend.attention import BACKEND_NAME
 
         return BACKEND_NAME
 

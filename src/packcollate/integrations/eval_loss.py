@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from ..masking import IGNORE_INDEX
+from ..collate.labels import IGNORE_INDEX
 
 logger = logging.getLogger("packcollate")
 

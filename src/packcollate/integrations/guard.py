@@ -14,7 +14,7 @@ import logging
 
 from transformers import TrainerCallback
 
-from ..collate import PackedCollator
+from ..collate.text import PackedCollator
 from ..compat import assert_packing_safe
 
 logger = logging.getLogger("packcollate")

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ..losses import sum_over_step
-from ..masking import IGNORE_INDEX
+from ..objectives.losses import sum_over_step
+from ..collate.labels import IGNORE_INDEX
 
 
 def count_label_tokens(batches: Iterable[dict], *, across_ranks: bool = True) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 The loss of an optimizer step is the mean over its examples (all micro-batches of gradient
 accumulation, all ranks; those with at least one target) of each example's mean token loss —
-`packcollate.losses` defines it exactly. `Trainer` already gathers a count over accumulation and
+`packcollate.objectives.losses` defines it exactly. `Trainer` already gathers a count over accumulation and
 ranks for its token-mean loss (`num_items_in_batch`, all-gathered when
 `average_tokens_across_devices`, the default); here that count is the number of *examples* with
 targets instead of tokens, and each micro-batch's loss is `sum_e mean_e / E`, times the number of
@@ -16,7 +16,7 @@ metrics (entropy, token accuracy) are not logged in this mode.
 
 from __future__ import annotations
 
-from ..losses import examples_with_targets, sequence_weighted_loss
+from ..objectives.losses import examples_with_targets, sequence_weighted_loss
 
 LOSS_WEIGHTINGS = ("token", "sequence")
 

@@ -15,7 +15,7 @@ import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
-from ..stream_packing import TokenBudgetStream
+from ..batching.stream import TokenBudgetStream
 
 
 def is_stream(dataset) -> bool:

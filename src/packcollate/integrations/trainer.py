@@ -21,7 +21,7 @@
   per-device batch size, every rank the same number of steps (`integrations.streams`);
 - measures every split before the first step and says once how many examples exceed
   `max_seq_length` or the model's context (an example longer than the model's positions is an
-  error there, not mid-run: `integrations.length_check`);
+  error there, not mid-run; and that no mask column was removed: `integrations.preflight`);
 - reports `eval_loss` as the token mean over the eval set's targets, whatever the batching
   (`integrations.eval_loss`).
 
@@ -39,13 +39,12 @@ import numpy as np
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from ..collate import PackedCollator, _Collator
-from ..features import MASK_KEYS
-from ..lengths import token_counts
-from ..sampler import TokenBudgetBatchSampler
+from ..collate.text import PackedCollator, _Collator
+from ..collate.features import MASK_KEYS
+from ..batching.lengths import example_lengths
+from ..batching.sampler import TokenBudgetBatchSampler
 from .eval_loss import TokenMeanEvalLoss
-from .launch_check import assert_fsdp_active
-from .length_check import check_trainer_splits
+from .preflight import assert_fsdp_active, check_trainer_keeps_masks, check_trainer_splits
 from .sequence_loss import SequenceWeightedLossMixin
 from .streams import is_stream, stream_dataloader
 
@@ -60,15 +59,6 @@ def collator_columns(collator) -> list[str]:
     if not isinstance(collator, _Collator):
         return []
     return [*COLLATOR_COLUMNS, *collator.passthrough_keys]
-
-
-def example_lengths(dataset, column: str = "input_ids") -> np.ndarray | list[int]:
-    """Tokens of each example `(n,)`: the `length` column when the dataset has one, else `len(input_ids)`.
-
-    A `datasets.Dataset` is measured in Arrow (`lengths.token_counts`), any other dataset row by row.
-    """
-    counts = token_counts(dataset, column) if hasattr(dataset, "column_names") else None
-    return counts if counts is not None else [len(example[column]) for example in dataset]
 
 
 class _SetEpoch(TrainerCallback):
@@ -94,7 +84,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         budget_strategy: `"bfd"` (default), `"ffd"` or `"greedy"` (see `TokenBudgetBatchSampler`).
         loss_weighting: `"token"` (default): the Trainer's token-mean loss; `"sequence"`: every example
             weighs the same (mean over the step's examples of each one's mean token loss, exact
-            across gradient accumulation and ranks; see `packcollate.losses`).
+            across gradient accumulation and ranks; see `packcollate.objectives.losses`).
         check_packing: prove at train start that the model's attention backend keeps packed
             examples apart (`packcollate.compat.assert_packing_safe`); default True.
         data_collator: default `PackedCollator()`. The trainer is built with its own default
@@ -121,7 +111,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
             max_tokens_per_batch if eval_max_tokens_per_batch is None else eval_max_tokens_per_batch or None
         )
         self.budget_strategy = budget_strategy
-        self._lengths_checked = False
+        self._preflight_done = False
         super().__init__(*args, **kwargs)
         assert_fsdp_active(self.args, self.accelerator)
         self.data_collator = data_collator if data_collator is not None else PackedCollator()
@@ -137,8 +127,8 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
-    def _example_lengths(self, dataset):
-        """Tokens of each example `(n,)`, what the token budget counts (see `example_lengths`)."""
+    def example_lengths(self, dataset):
+        """Tokens of each example `(n,)`, what the token budget counts (`batching.lengths.example_lengths`)."""
         return example_lengths(dataset)
 
     def _budget_dataloader(self, dataset, description: str, max_tokens: int, training: bool) -> DataLoader:
@@ -146,7 +136,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         import datasets
 
         collator = self.data_collator
-        lengths = self._example_lengths(dataset)  # before unused columns go: `length` is one of them
+        lengths = self.example_lengths(dataset)  # before unused columns go: `length` is one of them
         if isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description=description)
         else:
@@ -185,20 +175,22 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
             self.add_callback(_SetEpoch(sampler))
         return loader
 
-    def _check_lengths(self) -> None:
-        """Measure every split once, before the first training or evaluation step (`length_check`)."""
-        if not self._lengths_checked:
-            self._lengths_checked = True
-            message = check_trainer_splits(self.train_dataset, self.eval_dataset, self.data_collator, self.model)
+    def _preflight(self) -> None:
+        """Before the first training or evaluation step, once: the collator gets its mask columns, and
+        every split is measured against the length policy and the model's context (`preflight`)."""
+        if not self._preflight_done:
+            self._preflight_done = True
+            check_trainer_keeps_masks(self)
+            message = check_trainer_splits(self)
             if message:
                 logger.warning("%s", message)
 
     def train(self, *args, **kwargs):
-        self._check_lengths()
+        self._preflight()
         return super().train(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
-        self._check_lengths()
+        self._preflight()
         return super().evaluate(*args, **kwargs)
 
     def get_train_dataloader(self) -> DataLoader:

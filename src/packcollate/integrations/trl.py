@@ -42,8 +42,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "packcollate.integrations.trl needs TRL: pip install 'packcollate[trl]' (or pip install trl)"
     ) from error
 
-from ..collate import PackedCollator, _Collator
-from ..features import MASK_KEYS
+from ..collate.text import PackedCollator, _Collator
+from ..collate.features import MASK_KEYS
 from .trainer import PackingTrainerMixin
 from .trl_preference import PackedDPOTrainer, PackedRewardTrainer  # noqa: F401  (re-exported)
 from .trl_vision import ProcessThenPack, pack_trl_vision, processed_lengths
@@ -113,10 +113,10 @@ class PackedSFTTrainer(PackingTrainerMixin, SFTTrainer):
     def _prepare_dataset(self, dataset, *args, **kwargs):
         return labels_only(super()._prepare_dataset(dataset, *args, **kwargs))
 
-    def _example_lengths(self, dataset):
+    def example_lengths(self, dataset):
         if isinstance(self.data_collator, ProcessThenPack):  # raw chats: count text + image tokens once processed
             return processed_lengths(dataset, self.data_collator)
-        return super()._example_lengths(dataset)
+        return super().example_lengths(dataset)
 
 
 def _max_length_trl_refuses(args) -> int | None:

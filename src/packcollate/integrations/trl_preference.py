@@ -7,7 +7,7 @@
 
 TRL prepares the data as usual (prompt extraction, chat templates, EOS, tokenization, filtering).
 Batches are packed: chosen and rejected of every pair, `2B` sequences in one row without padding
-(`packcollate.preference`), and the policy and reference forwards run on that row.
+(`packcollate.collate.preference`), and the policy and reference forwards run on that row.
 
 **DPO.** The loss, every loss type, the rewards and the logged metrics are TRL's own code:
 `PackedDPOTrainer` hands TRL's `_compute_loss` (and `compute_ref_log_probs`) a *view* of the packed
@@ -20,7 +20,7 @@ outputs (a few floats per position, never logits) are laid out padded. With LoRA
 the policy with its adapters off (TRL's rule), on the same packed row.
 
 **Reward models.** `PackedRewardTrainer` scores each packed sequence at its last non-pad token
-(`packcollate.sequence_scores.packed_sequence_logits`) and hands TRL's `compute_loss` those
+(`packcollate.objectives.scores.packed_sequence_logits`) and hands TRL's `compute_loss` those
 `(2B, num_labels)` scores, so its loss (margins, `center_rewards_coefficient`) and metrics are
 TRL's. Both trainers take `PackingTrainerMixin`'s options (`max_tokens_per_batch`, `check_packing`).
 """
@@ -35,9 +35,9 @@ from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import DPOTrainer, RewardTrainer
 
-from ..preference import PackedPairCollator, PackedPreferenceCollator, pair_tokens
-from ..segments import IGNORE_INDEX, from_padded, padding_mask, segment_starts, to_padded
-from ..sequence_scores import assert_sequence_scores_safe, packed_sequence_logits
+from ..collate.preference import PackedPairCollator, PackedPreferenceCollator, pair_tokens
+from ..objectives.segments import IGNORE_INDEX, from_padded, padding_mask, segment_starts, to_padded
+from ..objectives.scores import assert_sequence_scores_safe, packed_sequence_logits
 from .trainer import PackingTrainerMixin
 
 #: Per-token fields of TRL's `FusedCausalLMOutput` that are laid out like `log_probs` `(rows, L-1)`.
@@ -184,7 +184,7 @@ class _PackedScorer:
 
 class SequenceScoreGuardCallback(TrainerCallback):
     """On `on_train_begin`, prove that packed scoring is exact for the classifier about to be trained
-    (`packcollate.sequence_scores.assert_sequence_scores_safe`); training stops before the first step
+    (`packcollate.objectives.scores.assert_sequence_scores_safe`); training stops before the first step
     otherwise. The reward trainer's `check_packing`: the causal-LM guard does not apply to a classifier."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

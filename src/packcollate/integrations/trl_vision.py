@@ -24,8 +24,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..collate import PackedCollator, _Collator
-from ..multimodal import PackedVisionCollator
+from ..collate.text import PackedCollator, _Collator
+from ..collate.vision import PackedVisionCollator
 
 
 @dataclass

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layout_checks import (
+from ..layout import (
     check_cu_seq_lens,
     check_cu_seq_lens_type,
     check_padding_mask,
@@ -843,7 +843,7 @@ def packcollate_attention(
         out = _attention_dense(query, key, value, opts, mask, s_aux, is_causal=False)
         return out.transpose(1, 2).contiguous(), None
     if key.shape[2] == seq and torch.compiler.is_compiling():  # one graph, no sync: see compiled_attention.py
-        from .compiled_attention import traceable_attention
+        from .traced import traceable_attention
 
         return traceable_attention(module, query, key, value, attention_mask, opts, s_aux, kwargs, blocks).contiguous(), None
     layout = _chunked_layout(module, query, key, kwargs) or resolve_layout(query, key, attention_mask, kwargs)

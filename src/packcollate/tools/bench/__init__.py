@@ -57,7 +57,7 @@ Length distributions (synthetic token ids; the parameters are modelled, not meas
   bytes, ~1,130 characters of question + worked answer each, ~280 Llama tokens at ~4 characters a
   token; answers of one generator in one style, hence a narrow spread.
 - `uniform`: uniform integers in [32, 512].
-- `arithmetic`: the shipped word problems (`packcollate.toy`), character tokenizer, completion-only.
+- `arithmetic`: the shipped word problems (`packcollate.tools.toy`), character tokenizer, completion-only.
 - a `.jsonl` file or a `datasets` directory (`save_to_disk`) with `--tokenizer DIR`: rows with a
   `text` field (every token trained), `prompt` + `completion` (completion-only), or `messages`
   (the tokenizer's chat template; assistant-only loss when the template marks generation).

@@ -1,15 +1,13 @@
-"""Length policy: what happens to a sequence longer than `max_seq_length`.
+"""Example lengths of a dataset: measured (from Arrow or row by row), checked, and summarised.
 
-With padding-free batches, `max_seq_length` bounds each *example* (each sequence the attention keeps
-apart), not the packed row: a row of many short examples may be far longer. The policy is applied
-to segments (the examples, or the sub-sequences of pre-packed rows), vectorised over the whole batch.
+The token budget (`TokenBudgetBatchSampler`, `PackedTrainer(max_tokens_per_batch=...)`) and
+`packcollate stats` both need the number of tokens of every example before any batch is made:
 
-| overflow | effect on a segment of length L > max_seq_length |
-| --- | --- |
-| `"truncate"` | keep its first `max_seq_length` tokens; counted and reported |
-| `"split"` | cut into pieces of `max_seq_length` (the tail is its own, shorter piece); every token kept, each piece trained as an independent example |
-| `"drop"` | remove it; counted and reported |
-| `"error"` | raise a ValueError naming the example and its length |
+- `token_counts(rows)`: a `datasets.Dataset`'s `length` or `input_ids` column read in Arrow (one
+  vectorised call), or a list of dicts checked row by row; `example_lengths(dataset)` for any dataset;
+- `as_lengths(values)`: lengths given by the caller (a list, array, tensor or column), checked;
+- `length_stats` / `padded_tokens`: what padding random batches would cost, the speed-up packing
+  can give; `recommend_max_seq_length`: a limit that covers every split.
 """
 
 from __future__ import annotations
@@ -19,99 +17,48 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-OVERFLOW_POLICIES = ("truncate", "split", "drop", "error")
-
-
-def check_length_policy(max_seq_length: int | None, overflow: str) -> None:
-    """Raise ValueError for an invalid `max_seq_length` / `overflow` pair."""
-    if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"overflow: expected one of {OVERFLOW_POLICIES}, got {overflow!r}")
-    if max_seq_length is not None and (
-        isinstance(max_seq_length, bool) or not isinstance(max_seq_length, (int, np.integer)) or max_seq_length < 1
-    ):
-        raise ValueError(f"max_seq_length: expected a positive int or None, got {max_seq_length!r}")
+PERCENTILES = (10, 50, 90, 99)
 
 
-@dataclass
-class LengthPlan:
-    """The result of applying the policy to `s` segments holding `N` tokens.
+def as_lengths(values) -> np.ndarray:
+    """`(n,)` int64 example lengths from a list, numpy array, torch tensor or `datasets` column.
 
-    Attributes:
-        keep: `(N,)` bool, the tokens that stay, or None when all stay.
-        lengths: `(s',)` int64, the segment lengths afterwards.
-        source: `(s',)` int64, the original segment each new segment comes from.
-        truncated_segments, truncated_tokens, dropped_segments, dropped_tokens, split_segments: counts.
+    Raises ValueError naming the first index that is not a positive int.
     """
-
-    keep: np.ndarray | None
-    lengths: np.ndarray
-    source: np.ndarray
-    truncated_segments: int = 0
-    truncated_tokens: int = 0
-    dropped_segments: int = 0
-    dropped_tokens: int = 0
-    split_segments: int = 0
-
-
-def plan_lengths(
-    lengths: np.ndarray,
-    max_seq_length: int | None,
-    overflow: str,
-    segment_example: np.ndarray | None = None,
-) -> LengthPlan:
-    """Apply the length policy to segment lengths `(s,)`; see the module docstring for the policies.
-
-    `segment_example` `(s,)` names the input example of each segment in error messages.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    identity = np.arange(len(lengths), dtype=np.int64)
-    if max_seq_length is None:
-        return LengthPlan(None, lengths, identity)
-    over = lengths > max_seq_length
-    if not over.any():
-        return LengthPlan(None, lengths, identity)
-    if overflow == "error":
-        s = int(np.flatnonzero(over)[0])
-        example = int(segment_example[s]) if segment_example is not None else s
-        where = f"example {example}"
-        if segment_example is not None and not np.array_equal(segment_example, identity):
-            # a pre-packed row: name the sub-sequence by its index inside the row, as `seq_lengths` lists it
-            where += f" (sub-sequence {s - int(np.searchsorted(segment_example, example))})"
-        raise ValueError(
-            f"{where}, key 'input_ids': expected at most max_seq_length={max_seq_length} tokens, got {int(lengths[s])}; "
-            f"choose overflow='truncate', 'split' or 'drop' to handle long examples"
-        )
-    excess = int((lengths[over] - max_seq_length).sum())
-    if overflow == "truncate":
-        starts = np.cumsum(lengths) - lengths
-        offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
-        return LengthPlan(
-            offsets < max_seq_length,
-            np.minimum(lengths, max_seq_length),
-            identity,
-            truncated_segments=int(over.sum()),
-            truncated_tokens=excess,
-        )
-    if overflow == "drop":
-        return LengthPlan(
-            np.repeat(~over, lengths),
-            lengths[~over],
-            identity[~over],
-            dropped_segments=int(over.sum()),
-            dropped_tokens=int(lengths[over].sum()),
-        )
-    # split: ceil(L / max) pieces, all of max_seq_length but the last
-    pieces = -(-lengths // max_seq_length)
-    new_lengths = np.full(int(pieces.sum()), max_seq_length, dtype=np.int64)
-    last = np.cumsum(pieces) - 1
-    new_lengths[last] = lengths - max_seq_length * (pieces - 1)
-    return LengthPlan(None, new_lengths, np.repeat(identity, pieces), split_segments=int(over.sum()))
-
-
-# ---------------------------------------------------------------------------------------------
-# Length statistics (`packcollate stats`)
-# ---------------------------------------------------------------------------------------------
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    elif not isinstance(values, (np.ndarray, list, tuple)) and hasattr(values, "__getitem__"):
+        values = values[:]  # a `datasets` Column: one Arrow read, not a Python loop over the rows
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+    if isinstance(values, (list, tuple)) and bool in set(map(type, values)):  # np.asarray turns True into 1
+        i = next(i for i, value in enumerate(values) if type(value) is bool)
+        raise ValueError(f"lengths[{i}]: expected a positive int, got {values[i]!r}")
+    try:
+        array = np.asarray(values)
+    except ValueError as error:  # ragged nested sequences
+        raise ValueError(f"lengths: expected a 1-D sequence of positive ints, got {type(values).__name__}") from error
+    if array.ndim != 1:
+        raise ValueError(f"lengths: expected a 1-D sequence of positive ints, got an array of shape {array.shape}")
+    if len(array) == 0:
+        raise ValueError("lengths: expected at least one example, got an empty sequence")
+    if array.dtype.kind in "iu":
+        pass
+    elif array.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(array) | (array != np.round(array)))
+        if len(bad):
+            raise ValueError(f"lengths[{bad[0]}]: expected a positive int, got {array[bad[0]].item()!r}")
+    else:  # bool, strings, objects: only Python ints pass
+        for i, value in enumerate(array.tolist()):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"lengths[{i}]: expected a positive int, got {value!r}")
+    array = array.astype(np.int64)
+    bad = np.flatnonzero(array < 1)
+    if len(bad):
+        raise ValueError(f"lengths[{bad[0]}]: expected a positive int, got {array[bad[0]]}")
+    return array
 
 
 def column_names(rows) -> list[str]:
@@ -197,39 +144,14 @@ def _row_counts(rows, key: str, where) -> np.ndarray:
         raise ValueError(f"{where(i)}: key {key!r}: expected {_EXPECTED[False]}, got {_describe(bad)} among them")
     return np.fromiter(map(len, values), dtype=np.int64, count=len(values))
 
-#: Config attributes that hold a model's context length, in the order they are read
-#: (`seq_length` is ChatGLM's name, `n_positions` / `n_ctx` GPT-2's).
-CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length", "max_seq_len", "n_ctx")
-PERCENTILES = (10, 50, 90, 99)
 
+def example_lengths(dataset, column: str = "input_ids") -> np.ndarray | list[int]:
+    """Tokens of each example `(n,)`: the `length` column when the dataset has one, else `len(input_ids)`.
 
-def _first_context_key(configs) -> tuple[int | None, str | None]:
-    """The first positive int under `CONTEXT_KEYS` in `configs` (mappings), in order."""
-    for cfg in configs:
-        for key in CONTEXT_KEYS:
-            value = cfg.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value, key
-    return None, None
-
-
-def context_length(config) -> tuple[int | None, str | None]:
-    """The model's context length and the config attribute it came from, or `(None, None)`.
-
-    Reads `CONTEXT_KEYS` on the config, then on its text sub-config (multimodal configs).
-    With padding-free batches, each example (not the packed row) must fit in it.
+    A `datasets.Dataset` is measured in Arrow (`lengths.token_counts`), any other dataset row by row.
     """
-    configs = [config]
-    if hasattr(config, "get_text_config"):
-        configs.append(config.get_text_config())
-    return _first_context_key([{key: getattr(cfg, key, None) for key in CONTEXT_KEYS} for cfg in configs])
-
-
-def context_length_from_json(data: dict) -> tuple[int | None, str | None]:
-    """`context_length` of a config.json's data (`config_checks.read_config_json`), its `text_config`
-    too, as plain values."""
-    text = data.get("text_config")
-    return _first_context_key([data, *([text] if isinstance(text, dict) else [])])
+    counts = token_counts(dataset, column) if hasattr(dataset, "column_names") else None
+    return counts if counts is not None else [len(example[column]) for example in dataset]
 
 
 @dataclass

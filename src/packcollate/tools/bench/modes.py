@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attention import BACKEND_NAME
-from ..collate import PackedCollator, PaddedCollator
-from ..config_checks import load_local_config
-from ..sampler import TokenBudgetBatchSampler
+from ...backend.attention import BACKEND_NAME
+from ...collate.text import PackedCollator, PaddedCollator
+from ...compat.configs import load_local_config
+from ...batching.sampler import TokenBudgetBatchSampler
 from .config import MODES, PRESETS
 from .data import Data
 

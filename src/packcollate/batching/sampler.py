@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .lengths import as_lengths
+
 STRATEGIES = ("bfd", "ffd", "greedy")
 OVERFLOW_POLICIES = ("error", "own_batch")
 DEFAULT_WINDOW = 4096
@@ -67,45 +69,6 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return int(value)
-
-
-def as_lengths(values) -> np.ndarray:
-    """`(n,)` int64 example lengths from a list, numpy array, torch tensor or `datasets` column.
-
-    Raises ValueError naming the first index that is not a positive int.
-    """
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    elif not isinstance(values, (np.ndarray, list, tuple)) and hasattr(values, "__getitem__"):
-        values = values[:]  # a `datasets` Column: one Arrow read, not a Python loop over the rows
-        if isinstance(values, torch.Tensor):
-            values = values.detach().cpu().numpy()
-    if isinstance(values, (list, tuple)) and bool in set(map(type, values)):  # np.asarray turns True into 1
-        i = next(i for i, value in enumerate(values) if type(value) is bool)
-        raise ValueError(f"lengths[{i}]: expected a positive int, got {values[i]!r}")
-    try:
-        array = np.asarray(values)
-    except ValueError as error:  # ragged nested sequences
-        raise ValueError(f"lengths: expected a 1-D sequence of positive ints, got {type(values).__name__}") from error
-    if array.ndim != 1:
-        raise ValueError(f"lengths: expected a 1-D sequence of positive ints, got an array of shape {array.shape}")
-    if len(array) == 0:
-        raise ValueError("lengths: expected at least one example, got an empty sequence")
-    if array.dtype.kind in "iu":
-        pass
-    elif array.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(array) | (array != np.round(array)))
-        if len(bad):
-            raise ValueError(f"lengths[{bad[0]}]: expected a positive int, got {array[bad[0]].item()!r}")
-    else:  # bool, strings, objects: only Python ints pass
-        for i, value in enumerate(array.tolist()):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"lengths[{i}]: expected a positive int, got {value!r}")
-    array = array.astype(np.int64)
-    bad = np.flatnonzero(array < 1)
-    if len(bad):
-        raise ValueError(f"lengths[{bad[0]}]: expected a positive int, got {array[bad[0]]}")
-    return array
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -78,9 +78,9 @@ def assert_sequence_scores_safe(model: nn.Module) -> float:
     model's own weights untouched): `packed_sequence_logits` on a packed row of uneven examples
     against each example's own forward, tolerance `compat.report.LOGIT_TOLERANCE`.
     """
-    from .compat.report import LOGIT_TOLERANCE
-    from .compat.tiny import proof_features, tiny_config
-    from .preference import _packing_keys
+    from ..compat.report import LOGIT_TOLERANCE
+    from ..compat.tiny import proof_features, tiny_config
+    from ..collate.preference import _packing_keys
 
     base = _unwrapped(model)
     backend = base.config._attn_implementation or "eager"

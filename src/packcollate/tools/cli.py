@@ -14,10 +14,10 @@ import sys
 
 # subcommand -> (module that implements it, one-line help)
 COMMANDS = {
-    "stats": ("packcollate.stats", "length distribution of every split, padding waste, recommended max_seq_length"),
-    "demo": ("packcollate.demo", "fine-tune a tiny model padded and packed on embedded data; compare speed and loss"),
-    "check": ("packcollate.compat", "prove packed == unpacked on a tiny copy of an architecture (or --all of them)"),
-    "bench": ("packcollate.benchmark", "training throughput and peak memory: padded vs padding-free modes, side by side"),
+    "stats": ("packcollate.tools.stats", "length distribution of every split, padding waste, recommended max_seq_length"),
+    "demo": ("packcollate.tools.demo", "fine-tune a tiny model padded and packed on embedded data; compare speed and loss"),
+    "check": ("packcollate.tools.matrix", "prove packed == unpacked on a tiny copy of an architecture (or --all of them)"),
+    "bench": ("packcollate.tools.bench", "training throughput and peak memory: padded vs padding-free modes, side by side"),
 }
 
 

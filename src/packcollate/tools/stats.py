@@ -27,16 +27,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .config_checks import config_file, load_local_config, read_config_json
-from .lengths import (
-    PERCENTILES,
-    column_names,
-    context_length,
-    context_length_from_json,
-    length_stats,
-    recommend_max_seq_length,
-    token_counts,
-)
+from ..batching.lengths import PERCENTILES, column_names, length_stats, recommend_max_seq_length, token_counts
+from ..compat.configs import config_file, context_length, context_length_from_json, load_local_config, read_config_json
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TEXT_FIELDS = ("text", "prompt", "completion", "messages")
@@ -194,7 +186,7 @@ def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000, where
 
 def _image_counts(splits: dict, args) -> dict:
     """`{split: ((n,) total, (n,) image tokens)}` for the image splits (empty when there are none)."""
-    from .vision_lengths import is_image_split, placeholder_token_ids, processed_counts, raw_counts
+    from .vision_stats import is_image_split, placeholder_token_ids, processed_counts, raw_counts
 
     image_splits = {name: split.rows for name, split in splits.items()
                     if len(split.rows) and is_image_split(column_names(split.rows))}
@@ -399,7 +391,7 @@ def main(args: argparse.Namespace) -> int:
     context_limit, context_text = _model_context(args.model, args.trust_remote_code)
     result = report(lengths, args.batch_size, args.max_seq_length, context_limit)
     if image_counts:
-        from .vision_lengths import format_image_report, image_report
+        from .vision_stats import format_image_report, image_report
 
         result["image_tokens"] = image_report(image_counts)
     print(json.dumps(result, indent=2) if args.json else format_report(result, context_text))

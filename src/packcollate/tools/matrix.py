@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .. import attention
-from .model_check import available_backends, check_model
-from .report import CONTAMINATED, EXACT, GRAD_TOLERANCE, LOGIT_TOLERANCE, OK, REFERENCE_BACKEND, UNSUPPORTED, _one_line
-from .tiny import PROOF_LENGTHS
+from ..backend import attention
+from ..compat.model_check import available_backends, check_model
+from ..compat.report import CONTAMINATED, EXACT, GRAD_TOLERANCE, LOGIT_TOLERANCE, OK, REFERENCE_BACKEND, UNSUPPORTED, _one_line
+from ..compat.tiny import PROOF_LENGTHS
 
 ALL_COMMAND = "packcollate check --all --jobs 2 --out docs/"
 
@@ -49,7 +49,7 @@ def main(args) -> int:
               + ("both" if args.all else "neither"), file=sys.stderr)
         return 2
     if args.task == "image-text-to-text":
-        from . import vision
+        from ..compat import vision
 
         return vision.main(args)
     if args.all:

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .attention import BACKEND_NAME, BLOCK_IDS
-from .collate import PackedCollator
-from .masking import IGNORE_INDEX
+from ..backend.attention import BACKEND_NAME, BLOCK_IDS
+from .text import PackedCollator
+from .labels import IGNORE_INDEX
 
 #: Per-example vision inputs, concatenated on the image axis. Any other non-token key is an error.
 VISION_KEYS = (

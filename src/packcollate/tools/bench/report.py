@@ -189,7 +189,7 @@ def library_versions(*names: str) -> dict[str, str]:
     """`{name: version}` of Python, packcollate and each of `names` that imports (the others are left out)."""
     import importlib
 
-    from .. import __version__
+    from ... import __version__
 
     found = {"python": platform.python_version(), "packcollate": __version__}
     for name in names:

@@ -84,13 +84,13 @@ def arithmetic_problems(n: int, seed: int = 0) -> list[dict]:
 
 
 def load_arithmetic() -> list[dict]:
-    """The shipped problems (`packcollate/data/arithmetic.jsonl`): `arithmetic_problems(2000, seed=0)`."""
-    text = resources.files("packcollate").joinpath("data", ARITHMETIC_FILE).read_text(encoding="utf-8")
+    """The shipped problems (`packcollate/tools/data/arithmetic.jsonl`): `arithmetic_problems(2000, seed=0)`."""
+    text = resources.files(__package__).joinpath("data", ARITHMETIC_FILE).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line]
 
 
 def write_arithmetic(path) -> None:
-    """Regenerate the shipped file: `python -c "from packcollate.toy import *; write_arithmetic('src/packcollate/data/arithmetic.jsonl')"`."""
+    """Regenerate the shipped file: `python -c "from packcollate.tools.toy import *; write_arithmetic('src/packcollate/tools/data/arithmetic.jsonl')"`."""
     with open(path, "w", encoding="utf-8") as f:
         for problem in arithmetic_problems(ARITHMETIC_SIZE, seed=0):
             f.write(json.dumps(problem) + "\n")

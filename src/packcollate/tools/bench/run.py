@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attention import describe
+from ...backend.attention import describe
 from .config import BUILTIN_DATASETS, DTYPES, MODES, NOISY_SPREAD, PRESETS
 from .data import load_data
 from .measure import (

@@ -34,10 +34,9 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from .dropped_columns import check_trainer_keeps_masks
 from .features import COMPUTED_KEYS, KNOWN_KEYS, MASK_KEYS, flatten_features
 from .lengths import check_length_policy, plan_lengths
-from .masking import IGNORE_INDEX, TEMPLATE_MISSING_POLICIES, as_template, template_label_mask
+from .labels import IGNORE_INDEX, TEMPLATE_MISSING_POLICIES, as_template, template_label_mask
 
 logger = logging.getLogger("packcollate")
 
@@ -179,17 +178,6 @@ class _Collator:
             )
         _check_non_negative_int("pad_token_id", getattr(self, "pad_token_id", 0))
         self._warned: set[str] = set()
-        self._trainer_checked = False
-
-    def _check_trainer_once(self) -> None:
-        """Under a `Trainer` that removes the mask columns, raise before the first batch (`dropped_columns`)."""
-        if not self._trainer_checked:
-            self._trainer_checked = True
-            check_trainer_keeps_masks(self)
-
-    def __getstate__(self) -> dict:
-        self._check_trainer_once()  # a spawned DataLoader worker gets a pickled copy: check in the parent
-        return self.__dict__.copy()
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -223,7 +211,6 @@ class _Collator:
 
     def prepare(self, features: Sequence[Mapping]) -> PreparedBatch:
         """Validate `features`, build labels, apply the length policy (shared by both layouts)."""
-        self._check_trainer_once()
         flat = flatten_features(features, self.passthrough_keys)
         tokens = flat.tokens
         labels = tokens["labels"].copy() if "labels" in tokens else tokens["input_ids"].copy()
@@ -291,7 +278,7 @@ class PackedCollator(_Collator):
         max_seq_length: longest sequence (example) allowed; None for no limit. Bounds each example,
             not the packed row.
         overflow: what to do with a longer sequence: `"truncate"` (default), `"split"`, `"drop"` or
-            `"error"` (see `packcollate.lengths`). Truncated and dropped tokens are counted in `stats`
+            `"error"` (see `packcollate.collate.lengths`). Truncated and dropped tokens are counted in `stats`
             and reported once in the log.
         completion_only_loss: apply `completion_mask` / `assistant_masks` and the templates to the
             labels (default True); when False, those keys are ignored and every token is trained on.

@@ -77,7 +77,7 @@ def vision_processor(config=None, family: str = "qwen2_vl"):
     processor is built without one (its class is checked against a registry that is empty without
     torchvision).
     """
-    from .compat.vision import qwen_image_processor, tiny_vision_config
+    from ..compat.vision import qwen_image_processor, tiny_vision_config
 
     if family not in VISION_TOKENS:
         raise ValueError(f"family: expected one of {sorted(VISION_TOKENS)}, got {family!r}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..masking import IGNORE_INDEX
+from ...collate.labels import IGNORE_INDEX
 from .config import BUILTIN_DATASETS, DISTRIBUTIONS
 
 
@@ -170,7 +170,7 @@ def load_data(
         examples = _truncate(examples, max_length)
         _require_targets(examples, dataset, chosen, max_length)
         return Data(dataset, examples, tok.pad_token_id, len(tok),
-                    "the shipped arithmetic word problems (packcollate.toy), character tokenizer, completion-only")
+                    "the shipped arithmetic word problems (packcollate.tools.toy), character tokenizer, completion-only")
     path = Path(dataset)
     if not path.exists():
         raise FileNotFoundError(f"--dataset: expected one of {BUILTIN_DATASETS}, a .jsonl file or a `datasets` "

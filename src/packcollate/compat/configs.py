@@ -93,3 +93,38 @@ def load_local_config(path, *, trust_remote_code: bool = False):
     except Exception as error:  # noqa: BLE001 - transformers raises many kinds for a bad file: one line
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"{file}: expected a config transformers can load, got {type(error).__name__}: {message}") from None
+
+
+#: Config attributes that hold a model's context length, in the order they are read
+#: (`seq_length` is ChatGLM's name, `n_positions` / `n_ctx` GPT-2's).
+CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length", "max_seq_len", "n_ctx")
+
+
+
+def _first_context_key(configs) -> tuple[int | None, str | None]:
+    """The first positive int under `CONTEXT_KEYS` in `configs` (mappings), in order."""
+    for cfg in configs:
+        for key in CONTEXT_KEYS:
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, key
+    return None, None
+
+
+def context_length(config) -> tuple[int | None, str | None]:
+    """The model's context length and the config attribute it came from, or `(None, None)`.
+
+    Reads `CONTEXT_KEYS` on the config, then on its text sub-config (multimodal configs).
+    With padding-free batches, each example (not the packed row) must fit in it.
+    """
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    return _first_context_key([{key: getattr(cfg, key, None) for key in CONTEXT_KEYS} for cfg in configs])
+
+
+def context_length_from_json(data: dict) -> tuple[int | None, str | None]:
+    """`context_length` of a config.json's data (`config_checks.read_config_json`), its `text_config`
+    too, as plain values."""
+    text = data.get("text_config")
+    return _first_context_key([data, *([text] if isinstance(text, dict) else [])])

@@ -1,6 +1,6 @@
 """`packcollate demo`: fine-tune a tiny model padded and packed, and show the speed-up and equal losses.
 
-Everything is embedded: the shipped arithmetic word problems (`packcollate.toy`), a character
+Everything is embedded: the shipped arithmetic word problems (`packcollate.tools.toy`), a character
 tokenizer, and a Llama-shaped model built from a config (random weights, CPU, fp32). Both runs see
 the same batches in the same order from the same initial weights, train on completions only, and
 must report the same loss at every step.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import describe
-from .collate import PackedCollator, PaddedCollator
+from ..backend.attention import describe
+from ..collate.text import PackedCollator, PaddedCollator
 from .toy import char_tokenizer, load_arithmetic, tokenize_prompt_completion
 
 LOSS_TOLERANCE = 1e-4
