@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+#: The label of a token that is not a target (the first token of every example, prompt tokens, padding).
+IGNORE_INDEX = -100
+
 
 def _shape(value) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

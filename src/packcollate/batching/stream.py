@@ -54,7 +54,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..collate.labels import IGNORE_INDEX
+from ..layout import IGNORE_INDEX
 from .sampler import (
     OVERFLOW_POLICIES,
     STRATEGIES,

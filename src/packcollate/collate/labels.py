@@ -16,8 +16,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100
-
 TEMPLATE_MISSING_POLICIES = ("mask", "error")
 
 

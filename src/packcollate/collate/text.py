@@ -36,7 +36,8 @@ import torch
 
 from .features import COMPUTED_KEYS, KNOWN_KEYS, MASK_KEYS, flatten_features
 from .lengths import check_length_policy, plan_lengths
-from .labels import IGNORE_INDEX, TEMPLATE_MISSING_POLICIES, as_template, template_label_mask
+from ..layout import IGNORE_INDEX
+from .labels import TEMPLATE_MISSING_POLICIES, as_template, template_label_mask
 
 logger = logging.getLogger("packcollate")
 

@@ -46,7 +46,7 @@ import torch
 
 from ..backend.attention import BACKEND_NAME, BLOCK_IDS
 from .text import PackedCollator
-from .labels import IGNORE_INDEX
+from ..layout import IGNORE_INDEX
 
 #: Per-example vision inputs, concatenated on the image axis. Any other non-token key is an error.
 VISION_KEYS = (

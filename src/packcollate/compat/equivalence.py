@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..collate.text import PackedCollator, PaddedCollator
-from ..collate.labels import IGNORE_INDEX
+from ..layout import IGNORE_INDEX
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..collate.labels import IGNORE_INDEX
+from ..layout import IGNORE_INDEX
 from ..collate.vision import BIDIRECTIONAL_BLOCKS, MODEL_MASKED_BLOCKS, PackedVisionCollator
 from .equivalence import Equivalence, _grads, _max_rel_grad_diff, _summed_token_loss
 from .report import CONTAMINATED, EXACT, UNSUPPORTED, _one_line

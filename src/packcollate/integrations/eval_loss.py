@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from ..collate.labels import IGNORE_INDEX
+from ..layout import IGNORE_INDEX
 
 logger = logging.getLogger("packcollate")
 

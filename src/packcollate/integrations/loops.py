@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from ..objectives.losses import sum_over_step
-from ..collate.labels import IGNORE_INDEX
+from ..layout import IGNORE_INDEX
 
 
 def count_label_tokens(batches: Iterable[dict], *, across_ranks: bool = True) -> torch.Tensor:

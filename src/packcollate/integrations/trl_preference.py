@@ -36,7 +36,8 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import DPOTrainer, RewardTrainer
 
 from ..collate.preference import PackedPairCollator, PackedPreferenceCollator, pair_tokens
-from ..objectives.segments import IGNORE_INDEX, from_padded, padding_mask, segment_starts, to_padded
+from ..layout import IGNORE_INDEX
+from ..objectives.segments import from_padded, padding_mask, segment_starts, to_padded
 from ..objectives.scores import assert_sequence_scores_safe, packed_sequence_logits
 from .trainer import PackingTrainerMixin
 

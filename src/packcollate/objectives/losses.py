@@ -31,7 +31,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .segments import IGNORE_INDEX, segment_starts, segment_sum, token_logprobs
+from ..layout import IGNORE_INDEX
+from .segments import segment_starts, segment_sum, token_logprobs
 
 
 def _targets(labels: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:

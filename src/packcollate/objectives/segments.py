@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from ..layout import IGNORE_INDEX
+
 
 __all__ = [
     "from_padded",

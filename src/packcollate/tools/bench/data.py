@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...collate.labels import IGNORE_INDEX
+from ...layout import IGNORE_INDEX
 from .config import BUILTIN_DATASETS, DISTRIBUTIONS
 
 

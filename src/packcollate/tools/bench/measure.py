@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ...collate.labels import IGNORE_INDEX
+from ...layout import IGNORE_INDEX
 from .config import EPOCH_LOSS_TOLERANCE
 from .modes import ModeRun
 
