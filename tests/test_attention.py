@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM
 
 import packcollate  # noqa: F401  (registers the backend)
 from packcollate import PackedCollator
-from packcollate.backend import attention
-from packcollate.backend.attention import AttentionOptions, SequenceLayout, exact_varlen
+from packcollate.backend import attention, buckets, kernels, restart
+from packcollate.backend import mask as backend_mask
+from packcollate.backend.kernels import AttentionOptions, exact_varlen
+from packcollate.layout import SequenceLayout
 from packcollate.compat import compare_packed_unpacked, tiny_config
 
 ARCHITECTURES = [
@@ -224,7 +226,7 @@ def test_registered_with_transformers():
     from transformers.masking_utils import AttentionMaskInterface
 
     assert AttentionInterface._global_mapping["packcollate"] is attention.packcollate_attention
-    assert AttentionMaskInterface._global_mapping["packcollate"] is attention.packcollate_mask
+    assert AttentionMaskInterface._global_mapping["packcollate"] is backend_mask.packcollate_mask
 
 
 def test_mismatched_cu_seq_lens_is_a_clear_error():
@@ -277,10 +279,10 @@ def test_layers_flagged_bidirectional_under_a_causal_mask_get_transformers_mask(
     assert create_bidirectional_mask(config, embeds, None) is None  # an encoder: linear, as before
     assert create_causal_mask(model.config, embeds, None, None, position_ids=position_ids).shape == (1, 9)
     both_ways = lambda b, h, q, kv: torch.ones_like(q + kv, dtype=torch.bool)  # noqa: E731
-    assert not attention._flagged_layers_under_causal_mask(config, both_ways, 1, 9, "cpu")
+    assert not backend_mask.flagged_layers_under_causal_mask(config, both_ways, 1, 9, "cpu")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # no data-dependent check while tracing
-    assert attention._flagged_layers_under_causal_mask(config, both_ways, 1, 9, "cpu")
-    assert not attention._flagged_layers_under_causal_mask(model.config, both_ways, 1, 9, "cpu")
+    assert backend_mask.flagged_layers_under_causal_mask(config, both_ways, 1, 9, "cpu")
+    assert not backend_mask.flagged_layers_under_causal_mask(model.config, both_ways, 1, 9, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def test_exact_path_equals_per_sequence_reference(lengths, kv_heads, causal, win
 
 
 def test_buckets_group_similar_lengths():
-    plans = attention._plan_buckets([100, 95, 90, 20, 3, 2])
+    plans = buckets.plan_buckets([100, 95, 90, 20, 3, 2], buckets.ATTENTION_COST)
     widths = [g.shape[1] for g, _ in plans]
     assert widths[0] == 100 and len(plans) < 6
     covered = np.sort(np.concatenate([gather[i, :n] for gather, ls in plans for i, n in enumerate(ls)]))
@@ -393,7 +395,7 @@ def test_torch_varlen_calling_convention(window_api, gqa, window, causal):
     q, k, v = torch.randn(27, 4, 8), torch.randn(27, 2, 8), torch.randn(27, 2, 8)
     layout = SequenceLayout(torch.tensor([0, 5, 17, 18, 27], dtype=torch.int32), 12)
     opts = AttentionOptions(causal=causal, sliding_window=window, scaling=0.3)
-    got = attention.torch_varlen(q, k, v, layout, opts, fn=fake_varlen(window_api, gqa))
+    got = kernels.torch_varlen(q, k, v, layout, opts, fn=fake_varlen(window_api, gqa))
     assert torch.allclose(got, reference_attention(q, k, v, lengths, opts), atol=1e-5)
 
 
@@ -408,9 +410,9 @@ def test_flash_calling_convention():
 
     layout = SequenceLayout(torch.tensor([0, 5, 17], dtype=torch.int32), 12)
     q = torch.randn(17, 4, 8)
-    attention.flash_varlen(q, q, q, layout, AttentionOptions(sliding_window=4, softcap=30.0), fn=fake_flash)
+    kernels.flash_varlen(q, q, q, layout, AttentionOptions(sliding_window=4, softcap=30.0), fn=fake_flash)
     assert calls == {"window_size": (3, 0), "softcap": 30.0, "causal": True, "max": 12}
-    attention.flash_varlen(q, q, q, layout, AttentionOptions(sliding_window=64), fn=fake_flash)
+    kernels.flash_varlen(q, q, q, layout, AttentionOptions(sliding_window=64), fn=fake_flash)
     assert calls["window_size"] == (-1, -1)  # a window longer than every sequence is no window
 
 
@@ -419,22 +421,22 @@ def on_cuda(monkeypatch):
     """Pretend flash-attn / varlen_attn availability; returns a setter."""
 
     def setup(flash=None, varlen=None):
-        monkeypatch.setattr(attention, "_flash_attn_varlen_func", lambda: flash)
-        monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: varlen)
+        monkeypatch.setattr(kernels, "find_flash_varlen", lambda: flash)
+        monkeypatch.setattr(kernels, "find_torch_varlen", lambda: varlen)
 
     return setup
 
 
 def test_dispatch_order(on_cuda):
     bf16, opts = torch.bfloat16, AttentionOptions()
-    assert attention.choose_kernel("cpu", torch.float32, opts, True)[0] == attention.EXACT
+    assert kernels.choose_kernel("cpu", torch.float32, opts, True)[0] == kernels.EXACT
     on_cuda(flash=lambda *a, softcap=0.0, **k: None, varlen=fake_varlen(True, True))
-    assert attention.choose_kernel("cuda", bf16, opts, True)[0] == attention.FLASH_VARLEN
+    assert kernels.choose_kernel("cuda", bf16, opts, True)[0] == kernels.FLASH_VARLEN
     on_cuda(flash=None, varlen=fake_varlen(True, True))
-    assert attention.choose_kernel("cuda", bf16, opts, True)[0] == attention.TORCH_VARLEN
+    assert kernels.choose_kernel("cuda", bf16, opts, True)[0] == kernels.TORCH_VARLEN
     on_cuda(flash=None, varlen=None)
-    kernel, reason = attention.choose_kernel("cuda", bf16, opts, True)
-    assert kernel == attention.EXACT and "no varlen_attn" in reason
+    kernel, reason = kernels.choose_kernel("cuda", bf16, opts, True)
+    assert kernel == kernels.EXACT and "no varlen_attn" in reason
 
 
 @pytest.mark.parametrize(
@@ -449,8 +451,8 @@ def test_dispatch_order(on_cuda):
 )
 def test_fallbacks_name_the_missing_feature(on_cuda, opts, dtype, why):
     on_cuda(flash=None, varlen=fake_varlen(window_api=False, gqa=True))  # an older torch: no window_size
-    kernel, reason = attention.choose_kernel("cuda", dtype, opts, True)
-    assert kernel == attention.EXACT and why in reason
+    kernel, reason = kernels.choose_kernel("cuda", dtype, opts, True)
+    assert kernel == kernels.EXACT and why in reason
 
 
 def test_describe_reports_call_sites():
@@ -473,9 +475,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernel", ["torch", "flash"])
 @pytest.mark.parametrize("window", [None, 16])
 def test_cuda_kernel_matches_exact_path(kernel, window):
-    fn = attention.torch_varlen if kernel == "torch" else attention.flash_varlen
-    if (kernel == "torch" and attention._torch_varlen_attn() is None) or (
-        kernel == "flash" and attention._flash_attn_varlen_func() is None
+    fn = kernels.torch_varlen if kernel == "torch" else kernels.flash_varlen
+    if (kernel == "torch" and kernels.find_torch_varlen() is None) or (
+        kernel == "flash" and kernels.find_flash_varlen() is None
     ):
         pytest.skip(f"{kernel} varlen kernel not available")
     lengths = [37, 200, 5, 128, 64]
@@ -508,19 +510,20 @@ def test_cuda_model_packed_equals_unpacked():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_falcon_is_exact_through_its_packcollate_attention_class():
+def test_falcon_is_exact_on_the_backend_in_every_release():
     """Falcon's mask ignores position_ids: sdpa mixes packed examples. Up to transformers 5.24 its
-    attention is written inside the model (a class per backend in FALCON_ATTENTION_CLASSES) and
-    `attn_implementation="packcollate"` picks packcollate's Falcon attention class; from 5.25 it calls
-    AttentionInterface and reaches the backend directly. Which one this release does is read here."""
+    attention is written inside the model (a class per backend name, picked when it is built): built
+    with its default attention and prepared for the backend, its attention layers run their examples
+    apart; from 5.25 it calls AttentionInterface and reaches the backend directly. Which one this
+    release does is read here."""
     from transformers.models.falcon import modeling_falcon
 
-    ours = tiny_model("falcon")
-    attention_class = type(ours.transformer.h[0].self_attention).__name__
+    ours = packcollate.prepare(tiny_model("falcon", attn_implementation="eager"), attn_implementation="packcollate")
+    internal = [type(layer).__name__ for _, layer in restart.internal_attention_layers(ours)]
     if hasattr(modeling_falcon, "FALCON_ATTENTION_CLASSES"):
-        assert attention_class == "PackcollateFalconAttention"
+        assert internal and set(internal) == {"FalconAttention"}
     else:
-        assert attention_class == "FalconAttention" and hasattr(modeling_falcon, "ALL_ATTENTION_FUNCTIONS")
+        assert not internal and hasattr(modeling_falcon, "ALL_ATTENTION_FUNCTIONS")
     eager = tiny_model("falcon", attn_implementation="eager")
     eager.load_state_dict(ours.state_dict())
     batch = PackedCollator()(features())
@@ -533,7 +536,7 @@ def test_falcon_is_exact_through_its_packcollate_attention_class():
         start += n
     sdpa = tiny_model("falcon", attn_implementation="sdpa")
     sdpa.load_state_dict(ours.state_dict())
-    assert not torch.allclose(sdpa(**batch).logits[0], packed, atol=1e-3)  # the failure this class avoids
+    assert not torch.allclose(sdpa(**batch).logits[0], packed, atol=1e-3)  # the failure the backend avoids
 
 
 @pytest.mark.parametrize("use_cache", [False, True])

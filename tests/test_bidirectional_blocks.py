@@ -16,8 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packcollate.backend import attention
-from packcollate.backend.attention import BLOCK_IDS, AttentionOptions, packcollate_attention
+from packcollate.backend import attention, kernels
+from packcollate.backend.attention import packcollate_attention
+from packcollate.backend.kernels import AttentionOptions
+from packcollate.layout import BLOCK_IDS
 from packcollate.backend.traced import traceable_attention
 
 torch.set_num_threads(1)
@@ -321,28 +323,28 @@ def test_blocks_dispatch_to_the_exact_kernel_even_with_fast_kernels(monkeypatch)
     """On CUDA with flash-attn and varlen_attn both present, a bf16 call with blocks takes the
     exact path and says why; the same call without blocks would take flash-attn."""
     dummy = lambda *args, **kwargs: None  # noqa: E731
-    monkeypatch.setattr(attention, "_flash_attn_varlen_func", lambda: dummy)
-    monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: dummy)
-    kernel, reason = attention.choose_kernel("cuda", torch.bfloat16, AttentionOptions(bidirectional_blocks=True), True)
-    assert kernel == attention.EXACT
+    monkeypatch.setattr(kernels, "find_flash_varlen", lambda: dummy)
+    monkeypatch.setattr(kernels, "find_torch_varlen", lambda: dummy)
+    kernel, reason = kernels.choose_kernel("cuda", torch.bfloat16, AttentionOptions(bidirectional_blocks=True), True)
+    assert kernel == kernels.EXACT
     assert "bidirectional blocks" in reason and BLOCK_IDS in reason
-    assert attention.choose_kernel("cuda", torch.bfloat16, AttentionOptions(), True)[0] == attention.FLASH_VARLEN
-    monkeypatch.setattr(attention, "_flash_attn_varlen_func", lambda: None)
+    assert kernels.choose_kernel("cuda", torch.bfloat16, AttentionOptions(), True)[0] == kernels.FLASH_VARLEN
+    monkeypatch.setattr(kernels, "find_flash_varlen", lambda: None)
     opts = AttentionOptions(bidirectional_blocks=True, sliding_window=4)
-    assert attention.choose_kernel("cuda", torch.float16, opts, True)[0] == attention.EXACT
+    assert kernels.choose_kernel("cuda", torch.float16, opts, True)[0] == kernels.EXACT
 
 
 def test_the_entry_tells_dispatch_about_blocks(monkeypatch):
     """`packcollate_attention` hands dispatch options with `bidirectional_blocks` set exactly when a
     prefill call not declared bidirectional carries block ids, so on CUDA it cannot reach a varlen kernel."""
     seen = []
-    real_decide = attention._decide
+    real_decide = attention.decide
 
     def recording_decide(device_type, dtype, opts, *rest):
         seen.append(opts)
         return real_decide(device_type, dtype, opts, *rest)
 
-    monkeypatch.setattr(attention, "_decide", recording_decide)
+    monkeypatch.setattr(attention, "decide", recording_decide)
     kwargs = layout_kwargs([3, 4], "cu_seq_lens")
     q, k, v = (t.detach() for t in qkv(1, 7, 2))
     blocks = torch.tensor([[0, 0, -1, 1, 1, -1, -1]])
@@ -352,8 +354,8 @@ def test_the_entry_tells_dispatch_about_blocks(monkeypatch):
     packcollate_attention(CAUSAL, q, k, v, None, **kwargs, is_causal=False, **{BLOCK_IDS: blocks})
     assert [opts.bidirectional_blocks for opts in seen] == [True, False, False, False]
     dummy = lambda *args, **kwargs: None  # noqa: E731
-    monkeypatch.setattr(attention, "_flash_attn_varlen_func", lambda: dummy)
-    assert attention.choose_kernel("cuda", torch.bfloat16, seen[0], True)[0] == attention.EXACT
+    monkeypatch.setattr(kernels, "find_flash_varlen", lambda: dummy)
+    assert kernels.choose_kernel("cuda", torch.bfloat16, seen[0], True)[0] == kernels.EXACT
 
 
 # --- 6: bad input ----------------------------------------------------------------------------

@@ -342,10 +342,10 @@ def test_half_precision_trial_leaves_the_shared_model_untouched():
 
     from packcollate.compat import model_check
 
-    model = model_check._tiny_model(LlamaForCausalLM, tiny_config("llama"), "cpu")
-    proof = model_check._prepare_proof(model, proof_features(), PackedCollator(), torch.device("cpu"))
+    model = model_check.tiny_model(LlamaForCausalLM, tiny_config("llama"), "cpu")
+    proof = model_check.prepare_proof(model, proof_features(), PackedCollator(), torch.device("cpu"))
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
     trial = model_check._half_precision_trial(model, proof, use_cache=False)  # on eager here: any backend will do
     assert trial.verdict == EXACT
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
-    assert model_check._prove_backend(model, proof, "packcollate").trial(False).verdict == EXACT
+    assert model_check.prove_backend(model, proof, "packcollate").trial(False).verdict == EXACT

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from packcollate import layout
 from packcollate.backend import attention
 from packcollate.backend.attention import packcollate_attention
 
@@ -172,8 +173,8 @@ def test_layout_cache_sees_edits_that_bypass_the_version_counter_cu(edit):
 def test_layout_cache_is_bounded_and_released(monkeypatch):
     """A batch over the bound is not kept (today a 20M-token batch keeps ~256 MiB for the process's
     life); the cache never holds more than `max_tokens`, and an entry goes with its tensor."""
-    cache = attention._LayoutCache(size=8, max_tokens=64)
-    monkeypatch.setattr(attention, "_LAYOUTS", cache)
+    cache = layout.LayoutCache(size=8, max_tokens=64)
+    monkeypatch.setattr(layout, "_CACHE", cache)
     q, k, v = qkv(1, 100)
     big = torch.tensor([0, 50, 100], dtype=torch.int32)
     call(q, k, v, cu_seq_lens_q=big)
@@ -190,4 +191,4 @@ def test_layout_cache_is_bounded_and_released(monkeypatch):
 
 
 def test_default_cache_bound_is_below_a_20m_token_batch():
-    assert attention._LAYOUTS.max_tokens < 20_000_000
+    assert layout.LayoutCache().max_tokens < 20_000_000

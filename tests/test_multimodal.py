@@ -24,8 +24,8 @@ from packcollate.compat.vision import (
     tiny_vision_model,
     vision_proof_features,
 )
-from packcollate.backend.attention import BLOCK_IDS
-from packcollate.compat.equivalence import _max_rel_grad_diff
+from packcollate.layout import BLOCK_IDS
+from packcollate.compat.equivalence import max_relative_grad_diff
 from packcollate.collate.vision import PACKING_KWARGS, PackedVisionCollator
 
 torch.set_num_threads(1)
@@ -340,7 +340,7 @@ def test_compiled_model_with_bidirectional_blocks_equals_eager(family):
         out.loss.backward()
         reference.loss.backward()
         # the proof's measure: a key bias's gradient is 0 up to rounding, so relative to the largest gradient
-        diff, worst = _max_rel_grad_diff({n: p.grad for n, p in model.named_parameters()},
+        diff, worst = max_relative_grad_diff({n: p.grad for n, p in model.named_parameters()},
                                          {n: p.grad for n, p in compiled._orig_mod.named_parameters()})
         assert diff < 1e-5, (worst, diff)
         compiled.zero_grad(set_to_none=True)

@@ -21,8 +21,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import packcollate
 from packcollate import PackedCollator
-from packcollate.backend import attention
+from packcollate.backend import buckets
 from packcollate.backend import restart as recurrent
+from packcollate.layout import from_cu_seq_lens
 from packcollate.compat import compare_packed_unpacked, proof_features, tiny_config
 
 LOGITS, GRADS = 1e-4, 1e-3
@@ -45,12 +46,19 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+# families that pick an attention class by backend name when built, and know only their own
+BUILT_WITH_THEIR_OWN_ATTENTION = ("gpt_neo",)
+
+
 def build(model_type: str, attn_implementation: str = "packcollate", **overrides) -> torch.nn.Module:
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"transformers {packcollate.__version__} has no {model_type!r}")
     torch.manual_seed(0)
     config = tiny_config(model_type, **overrides)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    if model_type in BUILT_WITH_THEIR_OWN_ATTENTION and attn_implementation == "packcollate":
+        model = AutoModelForCausalLM.from_config(config).eval()
+        return packcollate.prepare(model, attn_implementation="packcollate")
+    return packcollate.prepare(AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval())
 
 
 def assert_exact(result):
@@ -87,8 +95,8 @@ def test_several_buckets_padding_segment_and_default_cache(model_type):
     the config's default (True: a plain training loop)."""
     model = build(model_type)
     features = proof_features(lengths=LONG_LENGTHS)
-    layout = attention._layout_from_cu(PackedCollator()(features)["cu_seq_lens_q"], None, 1, sum(LONG_LENGTHS))
-    assert len(recurrent.scatter_plan(layout, "cpu")[0]) > 1  # really several buckets
+    layout = from_cu_seq_lens(PackedCollator()(features)["cu_seq_lens_q"], None, 1, sum(LONG_LENGTHS))
+    assert len(buckets.bucket_plan(layout, "cpu", buckets.RECURRENT_COST).buckets) > 1  # really several buckets
     for collator in (PackedCollator(pad_to_multiple_of=16, return_seq_idx=True), PackedCollator()):
         assert_exact(compare_packed_unpacked(model, features, collator=collator, use_cache=model.config.use_cache))
 
@@ -156,12 +164,12 @@ def test_run_per_example_is_each_example_alone(lengths, pad):
     """Property: buckets, right padding and the scatter back give each example's own output."""
     total = sum(lengths) + pad
     cu = torch.tensor([0, *torch.tensor(lengths + ([pad] if pad else [])).cumsum(0).tolist()], dtype=torch.int32)
-    layout = attention._layout_from_cu(cu, None, 1, total)
+    layout = from_cu_seq_lens(cu, None, 1, total)
     hidden = torch.randn(1, total, 3)
     mixer = CausalSum()
     summed, doubled = recurrent.run_per_example(mixer.forward, (hidden,), {"cache": object(), "seq_idx": 0}, layout,
                                                 (1, total))
-    plans = recurrent.plan_buckets(torch.diff(cu).tolist())
+    plans = buckets.plan_buckets(torch.diff(cu).tolist(), buckets.RECURRENT_COST)
     real = [gather[torch.arange(gather.shape[1])[None, :].numpy() < lengths[:, None]] for gather, lengths in plans]
     assert sorted(int(i) for r in real for i in r) == list(range(total))  # every token once, in some bucket
     expected = torch.cat([piece.cumsum(1) for piece in hidden.split(torch.diff(cu).tolist(), dim=1)], dim=1)

@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from packcollate import PackedCollator  # noqa: E402
-from packcollate.backend.attention import BLOCK_IDS  # noqa: E402
+from packcollate.layout import BLOCK_IDS  # noqa: E402
 from packcollate.compat.vision import tiny_vision_config  # noqa: E402
 from packcollate.integrations.trl import PackedSFTTrainer  # noqa: E402
 from packcollate.integrations.trl_vision import ProcessThenPack  # noqa: E402
@@ -45,17 +45,17 @@ def sft_config(tmp_path, **overrides):
 def first_batch_diffs(padded_model, padded, packed_model, packed) -> tuple[float, float]:
     """One forward + backward of TRL's padded batch and of our packed one: max |logit diff| over the real
     tokens and the max relative gradient difference. Gradients are left zeroed."""
-    from packcollate.compat.equivalence import _grads, _max_rel_grad_diff, _summed_token_loss
+    from packcollate.compat.equivalence import gradients, max_relative_grad_diff, summed_token_loss
 
     runs = []
     for model, batch in ((padded_model, dict(padded)), (packed_model, dict(packed))):
         labels = batch.pop("labels")
         out = model(**batch, use_cache=False)
-        (_summed_token_loss(out.logits, labels) / int((labels[:, 1:] != -100).sum())).backward()
+        (summed_token_loss(out.logits, labels) / int((labels[:, 1:] != -100).sum())).backward()
         real = out.logits[padded["attention_mask"].bool()] if model is padded_model else out.logits[0]
-        runs.append((real.detach(), _grads(model)))
+        runs.append((real.detach(), gradients(model)))
         model.zero_grad(set_to_none=True)
-    return float((runs[0][0] - runs[1][0]).abs().max()), _max_rel_grad_diff(runs[1][1], runs[0][1])[0]
+    return float((runs[0][0] - runs[1][0]).abs().max()), max_relative_grad_diff(runs[1][1], runs[0][1])[0]
 
 
 def losses(trainer):

@@ -20,8 +20,8 @@ import copy
 import pytest
 import torch
 
-from packcollate.backend import attention
-from packcollate.backend.attention import BLOCK_IDS
+from packcollate.backend import mask
+from packcollate.layout import BLOCK_IDS
 from packcollate.compat.vision import (
     GRAD_TOLERANCE,
     LOGIT_TOLERANCE,
@@ -85,7 +85,7 @@ def test_paligemma_without_marks_is_causal(monkeypatch):
     model = model_of("paligemma")
     features = vision_proof_features(model.config)
     assert exact(result := compare_vision_packed_unpacked(model, features)), result
-    monkeypatch.setattr(attention, "_flagged_layers_under_causal_mask", lambda *args: False)
+    monkeypatch.setattr(mask, "flagged_layers_under_causal_mask", lambda *args: False)
     assert compare_vision_packed_unpacked(model, features).max_logit_diff > 1e-2
 
 

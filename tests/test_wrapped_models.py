@@ -1,6 +1,6 @@
 """Models as users train them: LoRA (PEFT), torch.compile, DDP / DataParallel wrappers.
 
-The packing guard and `check_model` see through every wrapper (`packcollate.backend.unwrap`), and
+The packing guard and `check_model` see through every wrapper (`packcollate.unwrap`), and
 LoRA training through `PackedTrainer` / `PackedSFTTrainer` gives the padded adapter gradients
 (tiny random Llama, CPU, fp32; the gradients of the first optimizer step, read just before it).
 """
@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 import packcollate  # noqa: E402,F401
 from packcollate import PaddedCollator  # noqa: E402
 from packcollate.compat import assert_packing_safe, check_model  # noqa: E402
-from packcollate.backend.unwrap import unwrap_model, unwrapped_class  # noqa: E402
+from packcollate.unwrap import unwrap_model, unwrapped_class  # noqa: E402
 from packcollate.integrations import PackedTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))

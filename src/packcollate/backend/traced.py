@@ -9,7 +9,7 @@ branch, so a packed forward is one graph and stays one graph when the packed len
 number of examples `k` change (dynamic shapes; `torch.compile(model, dynamic=True)` or the default
 automatic dynamic shapes, which mark them dynamic at the first change).
 
-Each token gets the id of its sequence, `(B, S)`: a new id wherever `cu_seq_lens_q`, `position_ids`
+Each token gets the id of its sequence, `(B, S)` (`layout.traced_sequence_ids`): a new id wherever `cu_seq_lens_q`, `position_ids`
 (a position that does not continue the previous one) or this backend's mask (a change of id, padding
 0) says a sequence starts, as the eager layout does; chunked-attention layers (Llama 4) also start a
 new id every `attention_chunk_size` tokens of an example. Attention is then one SDPA call over the
@@ -22,34 +22,20 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionOptions, _attention_dense, _chunk_size, _is_sequence_map, same_block
+from ..layout import traced_sequence_ids
+from .kernels import AttentionOptions, dense_attention, same_block
 
 
-def sequence_ids(query: torch.Tensor, attention_mask, kwargs: dict, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`(B, S)` int64 sequence id of every token, and `(B, S)` bool real tokens (None: all are real)."""
-    batch, _, seq, _ = query.shape
-    device = query.device
-    starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)  # example starts (cu_seq_lens, position_ids)
-    starts[:, 0] = True
-    cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    examples = isinstance(cu_seq_lens, torch.Tensor) and cu_seq_lens.dim() == 1
-    if examples:
-        starts.view(-1)[cu_seq_lens[:-1].long()] = True
-    position_ids = kwargs.get("position_ids")
-    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq:
-        examples = True
-        positions = position_ids.expand(batch, -1)
-        starts[:, 1:] |= positions[:, 1:] != positions[:, :-1] + 1
-    real = None
-    if _is_sequence_map(attention_mask):
-        real = attention_mask != 0
-        if not (chunk and examples):  # a chunked layer counts chunks from the examples, not from the mask
-            starts[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
-    if chunk and examples:
-        index = torch.arange(seq, device=device).expand(batch, -1)
-        first = torch.cummax(torch.where(starts, index, 0), dim=1).values  # start of each token's example
-        starts = starts | ((index - first) % chunk == 0)
-    return torch.cumsum(starts, dim=1), real
+def chunk_size(module) -> int | None:
+    """The chunk length of a chunked-attention layer (Llama 4: `attention_chunk_size` on the layers
+    `layer_types` marks `"chunked_attention"`), else None."""
+    config = getattr(module, "config", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    types = getattr(config, "layer_types", None)
+    index = getattr(module, "layer_idx", None)
+    if chunk and types and isinstance(index, int) and index < len(types) and types[index] == "chunked_attention":
+        return int(chunk)
+    return None
 
 
 def traceable_attention(module, query, key, value, attention_mask, opts: AttentionOptions, sinks, kwargs: dict,
@@ -58,7 +44,7 @@ def traceable_attention(module, query, key, value, attention_mask, opts: Attenti
     -> `(B, S, H, D_v)`; padding tokens give 0, as on the eager path. `blocks` `(B, S)`: bidirectional
     block ids (-1 outside blocks) of a causal layer, or None."""
     seq = query.shape[2]
-    ids, real = sequence_ids(query, attention_mask, kwargs, _chunk_size(module))
+    ids, real = traced_sequence_ids(query.shape[0], seq, query.device, attention_mask, kwargs, chunk_size(module))
     allowed = ids[:, :, None] == ids[:, None, :]  # (B, S, S)
     index = torch.arange(seq, device=query.device)
     distance = index[:, None] - index[None, :]
@@ -73,5 +59,5 @@ def traceable_attention(module, query, key, value, attention_mask, opts: Attenti
             allowed = allowed & (distance > -opts.sliding_window)
     if real is not None:
         allowed = (allowed & real[:, None, :]) | (distance == 0)  # a padding query sees itself: finite, zeroed below
-    out = _attention_dense(query, key, value, opts, allowed[:, None], sinks, is_causal=False).transpose(1, 2)
+    out = dense_attention(query, key, value, opts, allowed[:, None], sinks, is_causal=False).transpose(1, 2)
     return out if real is None else out * real[:, :, None, None].to(out.dtype)

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..layout import PACKING_KEYS
+
 #: Per-token keys whose values are 0/1 masks over `input_ids`.
 MASK_KEYS = ("completion_mask", "assistant_masks")
 #: Keys the collators understand themselves; anything else is an extra per-token key or an error.
 KNOWN_KEYS = ("input_ids", "labels", "attention_mask", "seq_lengths", *MASK_KEYS)
-#: Keys the collators compute: an example carrying one would be overwritten, so it is refused.
-COMPUTED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -240,7 +240,7 @@ def flatten_features(features: Sequence[Mapping], passthrough_keys: Sequence[str
         if key in passthrough_keys:
             passthrough[key] = [f[key] for f in features]
             continue
-        if key in COMPUTED_KEYS:
+        if key in PACKING_KEYS:  # the collator computes it: it would be overwritten
             raise ValueError(
                 f"example 0, key {key!r}: expected no {key!r} in the examples (the collator computes it and would "
                 f"overwrite it), got one; remove or rename the key"

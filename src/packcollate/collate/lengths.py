@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 OVERFLOW_POLICIES = ("truncate", "split", "drop", "error")
 
 

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..layout import packing_keys, to_torch
+
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
@@ -45,21 +47,6 @@ def _ids(example: dict, index: int, key: str, allow_empty: bool = False) -> np.n
             f"{type(example[key]).__name__} of shape {ids.shape} and dtype {ids.dtype}"
         )
     return ids.astype(np.int64, copy=False)
-
-
-def _packing_keys(lengths: np.ndarray) -> dict:
-    """`position_ids`, `cu_seq_lens_*`, `max_length_*` for sequences of `lengths` `(k,)`."""
-    cu = np.concatenate([[0], np.cumsum(lengths)])
-    positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
-    cu_t = torch.from_numpy(cu.astype(np.int32))
-    longest = int(lengths.max())
-    return {
-        "position_ids": torch.from_numpy(positions).unsqueeze(0),
-        "cu_seq_lens_q": cu_t,
-        "cu_seq_lens_k": cu_t.clone(),
-        "max_length_q": longest,
-        "max_length_k": longest,
-    }
 
 
 def _floats(examples: Sequence[dict], key: str, dtype) -> torch.Tensor | None:
@@ -115,7 +102,7 @@ class PackedPreferenceCollator:
         batch = {
             "input_ids": torch.from_numpy(tokens[keep]).unsqueeze(0),
             "completion_mask": torch.from_numpy(completion[keep].astype(np.int64)).unsqueeze(0),
-            **_packing_keys(kept),
+            **to_torch(packing_keys(kept)),
         }
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             values = _floats(examples, key, torch.get_default_dtype())
@@ -135,7 +122,7 @@ class PackedPairCollator:
         sequences = [_ids(ex, i, "chosen_ids") for i, ex in enumerate(examples)]
         sequences += [_ids(ex, i, "rejected_ids") for i, ex in enumerate(examples)]
         lengths = np.fromiter((len(s) for s in sequences), np.int64, len(sequences))
-        batch = {"input_ids": torch.from_numpy(np.concatenate(sequences)).unsqueeze(0), **_packing_keys(lengths)}
+        batch = {"input_ids": torch.from_numpy(np.concatenate(sequences)).unsqueeze(0), **to_torch(packing_keys(lengths))}
         margin = _floats(examples, "margin", torch.float)
         if margin is not None:
             batch["margin"] = margin

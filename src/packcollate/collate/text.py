@@ -34,38 +34,22 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from .features import COMPUTED_KEYS, KNOWN_KEYS, MASK_KEYS, flatten_features
-from .lengths import check_length_policy, plan_lengths
-from ..layout import IGNORE_INDEX
+from ..errors import check_non_negative_int
+from ..layout import (
+    IGNORE_INDEX,
+    PACKING_KEYS,
+    cumulative,
+    packing_keys,
+    positions,
+    to_torch,
+)
+from .features import KNOWN_KEYS, MASK_KEYS, flatten_features
 from .labels import TEMPLATE_MISSING_POLICIES, as_template, template_label_mask
+from .lengths import check_length_policy, plan_lengths
 
 logger = logging.getLogger("packcollate")
 
 RETURN_TENSORS = ("pt", "np")
-
-
-_ARANGE = np.arange(1 << 16, dtype=np.int64)
-
-
-def _cumulative(lengths: np.ndarray) -> np.ndarray:
-    """`(k+1,)` int64 `[0, l_0, l_0+l_1, …]` from `(k,)` lengths."""
-    cu_seq_lens = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=cu_seq_lens[1:])
-    return cu_seq_lens
-
-
-def _positions(cu_seq_lens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """`(N,)` int64 position of each token in its sequence: `0 … l_i-1` for every sequence.
-
-    `arange(N) - repeat(starts, lengths)`, computed in place from a cached `arange` (one pass fewer).
-    """
-    global _ARANGE
-    total = int(cu_seq_lens[-1])
-    arange = _ARANGE  # one read: another thread may replace the cache meanwhile
-    if total > len(arange):
-        arange = _ARANGE = np.arange(1 << total.bit_length(), dtype=np.int64)
-    positions = np.repeat(cu_seq_lens[:-1], lengths)
-    return np.subtract(arange[:total], positions, out=positions)
 
 
 @dataclass
@@ -136,13 +120,8 @@ def _per_sequence(passthrough: dict[str, list], sequence_example: np.ndarray) ->
     return {key: [values[i] for i in sequence_example.tolist()] for key, values in passthrough.items()}
 
 
-def _check_non_negative_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-
-
 @dataclass(kw_only=True)
-class _Collator:
+class BaseCollator:
     """Options shared by both collators (documented on `PackedCollator`)."""
 
     max_seq_length: int | None = None
@@ -171,13 +150,13 @@ class _Collator:
         if isinstance(self.passthrough_keys, str):
             raise ValueError(f"passthrough_keys: expected a list of key names, got the string {self.passthrough_keys!r}")
         self.passthrough_keys = tuple(self.passthrough_keys)
-        reserved = [key for key in self.passthrough_keys if key in KNOWN_KEYS or key in COMPUTED_KEYS]
+        reserved = [key for key in self.passthrough_keys if key in KNOWN_KEYS or key in PACKING_KEYS]
         if reserved:
             raise ValueError(
                 f"passthrough_keys: expected keys the collator neither reads nor emits, got {reserved} (passed "
                 f"through, they would replace what the collator computes)"
             )
-        _check_non_negative_int("pad_token_id", getattr(self, "pad_token_id", 0))
+        check_non_negative_int("pad_token_id", getattr(self, "pad_token_id", 0))
         self._warned: set[str] = set()
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -240,7 +219,7 @@ class _Collator:
             fill = {"input_ids": getattr(self, "pad_token_id", 0), "labels": IGNORE_INDEX}
             out = {key: np.full(1, fill.get(key, 0), dtype=value.dtype) for key, value in out.items()}
             lengths, source, padding = np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64), 1
-        cu_seq_lens = _cumulative(lengths)
+        cu_seq_lens = cumulative(lengths)
         out["labels"][cu_seq_lens[:-1]] = self.separator_id
         self.stats.add(
             batches=1, examples=len(flat.example_lengths), sequences=len(plan.lengths), tokens=int(cu_seq_lens[-1]),
@@ -256,7 +235,7 @@ class _Collator:
         if return_tensors not in RETURN_TENSORS:
             raise ValueError(f"return_tensors: expected one of {RETURN_TENSORS}, got {return_tensors!r}")
         if return_tensors == "pt":
-            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+            batch = to_torch(batch)
         for key, values in passthrough.items():
             try:
                 batch[key] = torch.as_tensor(values) if return_tensors == "pt" else np.asarray(values)
@@ -269,7 +248,7 @@ class _Collator:
 
 
 @dataclass(kw_only=True)
-class PackedCollator(_Collator):
+class PackedCollator(BaseCollator):
     """Concatenate a batch of examples into one row for padding-free training.
 
     Use as `Trainer(data_collator=PackedCollator())` or `DataLoader(collate_fn=PackedCollator())`.
@@ -316,7 +295,7 @@ class PackedCollator(_Collator):
             not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
         ):
             raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
-        _check_non_negative_int("position_ids_start", self.position_ids_start)
+        check_non_negative_int("position_ids_start", self.position_ids_start)
 
     def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict:
         """Pack `features` (a list of `k` example dicts) into one row; see the class docstring."""
@@ -332,24 +311,14 @@ class PackedCollator(_Collator):
                 lengths = np.append(lengths, pad)
                 cu_seq_lens = np.append(cu_seq_lens, cu_seq_lens[-1] + pad)
                 self.stats.add(padding_tokens=pad)
-        position_ids = _positions(cu_seq_lens, lengths)
-        if self.position_ids_start:
-            position_ids += self.position_ids_start
-
         batch = {key: value[None] for key, value in tokens.items()}
-        batch["position_ids"] = position_ids[None]
-        if self.return_flash_attn_kwargs:
-            cu32 = cu_seq_lens.astype(np.int32)
-            batch["cu_seq_lens_q"] = cu32
-            batch["cu_seq_lens_k"] = cu32.copy()
-            batch["max_length_q"] = batch["max_length_k"] = int(lengths.max())
-        if self.return_seq_idx:
-            batch["seq_idx"] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)[None]
+        batch.update(packing_keys(lengths, cu_seq_lens, position_start=self.position_ids_start,
+                                  flash_kwargs=self.return_flash_attn_kwargs, seq_idx=self.return_seq_idx))
         return self._finish(batch, prepared.passthrough, return_tensors)
 
 
 @dataclass(kw_only=True)
-class PaddedCollator(_Collator):
+class PaddedCollator(BaseCollator):
     """The baseline: one right-padded row per sequence, with `PackedCollator`'s label semantics.
 
     Takes the same label and length options as `PackedCollator`. A pre-packed row (`seq_lengths`)
@@ -379,9 +348,9 @@ class PaddedCollator(_Collator):
             raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
 
     @classmethod
-    def like(cls, collator: _Collator, **overrides) -> PaddedCollator:
+    def like(cls, collator: BaseCollator, **overrides) -> PaddedCollator:
         """A padded collator with the label and length options of `collator` (e.g. a `PackedCollator`)."""
-        shared = {f.name: getattr(collator, f.name) for f in fields(_Collator) if f.init}
+        shared = {f.name: getattr(collator, f.name) for f in fields(BaseCollator) if f.init}
         if hasattr(collator, "pad_token_id"):
             shared["pad_token_id"] = collator.pad_token_id
         return cls(**{**shared, **overrides})
@@ -394,7 +363,7 @@ class PaddedCollator(_Collator):
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         rows = np.repeat(np.arange(len(lengths)), lengths)
-        cols = _positions(prepared.cu_seq_lens, lengths)
+        cols = positions(prepared.cu_seq_lens, lengths)
         fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
         batch = {}
         for key, value in prepared.tokens.items():

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..backend.attention import BACKEND_NAME, BLOCK_IDS
+from ..layout import BACKEND_NAME, BLOCK_IDS, FLASH_KWARGS, IGNORE_INDEX, to_torch
+from ..unwrap import unwrap_model
 from .text import PackedCollator
-from ..layout import IGNORE_INDEX
 
 #: Per-example vision inputs, concatenated on the image axis. Any other non-token key is an error.
 VISION_KEYS = (
@@ -61,11 +61,13 @@ BATCHED_IMAGE_FAMILIES = ("idefics2", "idefics3", "smolvlm")
 _TEXT_KEYS = ("input_ids", "labels", "attention_mask", "completion_mask", "assistant_masks", "mm_token_type_ids",
               "token_type_ids")
 #: The packing kwargs of the text row; a vision tower must not see them (see `shield_vision_tower`).
-PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", BLOCK_IDS)
+PACKING_KWARGS = (*FLASH_KWARGS, BLOCK_IDS)
 
 
 def _gemma3_blocks(type_ids: torch.Tensor) -> torch.Tensor:
-    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+    from transformers.models.gemma3.modeling_gemma3 import (
+        get_block_sequence_ids_for_mask,
+    )
 
     return get_block_sequence_ids_for_mask(type_ids)
 
@@ -90,22 +92,14 @@ SIZE_CROPPED_FAMILIES = ("llava_next", "llava_onevision")
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
-def _unwrap(model):
-    """The module that owns `get_rope_index` (the model, its `.model`, or a PEFT wrapper's), or None."""
-    seen = set()
-    stack = [model]
-    while stack:
-        candidate = stack.pop(0)
-        if candidate is None or id(candidate) in seen:
-            continue
-        seen.add(id(candidate))
-        if callable(getattr(candidate, "get_rope_index", None)):
-            return candidate
-        for name in ("model", "base_model"):
-            child = getattr(candidate, name, None)
-            if isinstance(child, torch.nn.Module):
-                stack.append(child)
-    return None
+def _rope_owner(model):
+    """The module that owns `get_rope_index`: the model under any wrapper (`unwrap.unwrap_model`), or the
+    inner model of a composite one (`.model`); None when neither has it."""
+    owner = unwrap_model(model) if isinstance(model, torch.nn.Module) else None
+    while owner is not None and not callable(getattr(owner, "get_rope_index", None)):
+        inner = getattr(owner, "model", None)
+        owner = inner if isinstance(inner, torch.nn.Module) else None
+    return owner
 
 
 def _drop_packing_kwargs(module, args, kwargs):
@@ -219,7 +213,7 @@ class PackedVisionCollator(PackedCollator):
     vision_keys: Sequence[str] = VISION_KEYS
 
     def __post_init__(self) -> None:
-        self._rope_owner = _unwrap(self.model)
+        self._rope_owner = _rope_owner(self.model)
         self._rope_parameters: set[str] = set()
         self._config = _model_config(self.model) if self.model is not None else None
         if self._rope_owner is not None:
@@ -428,7 +422,7 @@ class PackedVisionCollator(PackedCollator):
         vision = self._concat_vision(visions, kept)
         return_tensors = return_tensors or self.return_tensors
         if return_tensors == "pt":
-            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+            batch = to_torch(batch)
             batch.update(vision)
         else:
             batch.update({k: v.numpy() for k, v in vision.items()})

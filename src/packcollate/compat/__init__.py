@@ -12,9 +12,11 @@
   each in an isolated worker process.
 """
 
-from .equivalence import BackendRefused, Equivalence, compare_packed_unpacked
+from ..errors import BackendRefused
+from .equivalence import Equivalence, compare_packed_unpacked
 from .guard import assert_packing_safe
-from .model_check import available_backends, backend_unavailable, check_model
+from .model_check import check_model
+from .proof import available_backends, backend_unavailable
 from .report import (
     CONTAMINATED,
     ERROR,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..backend.preparation import use_backend
 from ..collate.text import PackedCollator, PaddedCollator
 from ..layout import IGNORE_INDEX
 
@@ -39,14 +40,14 @@ class Equivalence:
         return abs(self.loss - self.reference_loss)
 
 
-def _summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy. logits `(B, L, V)`, labels `(B, L)` (-100 ignored)."""
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 @dataclass
-class _Run:
+class Run:
     """One forward and backward: real-token logits `(N, V)`, mean loss, every parameter's gradient."""
 
     logits: torch.Tensor
@@ -54,35 +55,35 @@ class _Run:
     grads: dict[str, torch.Tensor | None]
 
 
-def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _on_device(batch: Mapping, device) -> dict:
+def on_device(batch: Mapping, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _packed_run(model, batch: Mapping, n_real: int, use_cache: bool) -> _Run:
+def packed_run(model, batch: Mapping, n_real: int, use_cache: bool) -> Run:
     """The model's own loss on a packed batch `(1, N)`, backward; gradients are left zeroed."""
     model.zero_grad(set_to_none=True)
     out = model(**batch, use_cache=use_cache)
     out.loss.backward()
-    run = _Run(out.logits[0, :n_real].detach(), float(out.loss.detach()), _grads(model))
+    run = Run(out.logits[0, :n_real].detach(), float(out.loss.detach()), gradients(model))
     model.zero_grad(set_to_none=True)
     return run
 
 
-def _reference_run(model, features, collator, reference: str, use_cache: bool, device) -> _Run:
+def reference_run(model, features, collator, reference: str, use_cache: bool, device) -> Run:
     """Forward and backward of the reference (`"unpacked"` or `"padded"`); gradients are left zeroed."""
     model.zero_grad(set_to_none=True)
     if reference == "padded":
-        padded = _on_device(PaddedCollator.like(collator)(features, return_tensors="pt"), device)
+        padded = on_device(PaddedCollator.like(collator)(features, return_tensors="pt"), device)
         ref_out = model(**padded, use_cache=use_cache)
         ref_out.loss.backward()
         logits, loss = ref_out.logits[padded["attention_mask"].bool()].detach(), float(ref_out.loss.detach())
     else:
         logits, loss = _unpacked_forward_backward(model, features, collator, use_cache, device)
-    run = _Run(logits, loss, _grads(model))
+    run = Run(logits, loss, gradients(model))
     model.zero_grad(set_to_none=True)
     return run
 
@@ -98,7 +99,7 @@ def _unpacked_forward_backward(model, features, collator, use_cache: bool, devic
     pieces, total = [], 0.0
     for seq_ids, seq_labels in sequences:
         seq_out = model(input_ids=seq_ids[None], use_cache=use_cache)
-        seq_loss = _summed_token_loss(seq_out.logits, seq_labels[None])
+        seq_loss = summed_token_loss(seq_out.logits, seq_labels[None])
         (seq_loss / n_targets).backward()
         total += float(seq_loss.detach())
         pieces.append(seq_out.logits[0].detach())
@@ -111,7 +112,7 @@ def _unpacked_forward_backward(model, features, collator, use_cache: bool, devic
 GRAD_SCALE_FLOOR = 1e-3
 
 
-def _max_rel_grad_diff(packed: dict, reference: dict) -> tuple[float, str]:
+def max_relative_grad_diff(packed: dict, reference: dict) -> tuple[float, str]:
     """max over parameters of max|g_packed - g_ref| / max(max|g_ref|, GRAD_SCALE_FLOOR * max over all |g_ref|)."""
     scales = {name: ref.abs().max() for name, ref in reference.items() if ref is not None}
     floor = GRAD_SCALE_FLOOR * max(scales.values(), default=torch.tensor(0.0))
@@ -129,8 +130,8 @@ def _max_rel_grad_diff(packed: dict, reference: dict) -> tuple[float, str]:
     return worst, worst_name
 
 
-def _equivalence(packed: _Run, reference: _Run) -> Equivalence:
-    grad_diff, worst = _max_rel_grad_diff(packed.grads, reference.grads)
+def compare_runs(packed: Run, reference: Run) -> Equivalence:
+    grad_diff, worst = max_relative_grad_diff(packed.grads, reference.grads)
     return Equivalence(
         max_logit_diff=float((packed.logits.float() - reference.logits.float()).abs().max()),
         loss=packed.loss,
@@ -140,29 +141,19 @@ def _equivalence(packed: _Run, reference: _Run) -> Equivalence:
     )
 
 
-class BackendRefused(ValueError):
-    """A model kept its attention backend when asked to switch (its attention is written inside the model)."""
-
-
 @contextmanager
-def _attn_implementation(model, name: str | None):
-    """Temporarily switch `model` to attention backend `name` (None: leave as is)."""
+def switched_backend(model, name: str | None):
+    """Temporarily switch `model` to attention backend `name` (None: leave as is; `backend.preparation.use_backend`);
+    raises `BackendRefused` when the model keeps its own."""
     previous = model.config._attn_implementation
     if name is None or name == previous:
         yield
         return
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:  # some models refuse the switch with a mere warning
-        kept = model.config._attn_implementation
-        model.set_attn_implementation(previous)
-        raise BackendRefused(
-            f"{type(model).__name__} kept attn_implementation={kept!r} when asked for {name!r}: it does not "
-            f"switch attention backends after loading; pass attn_implementation={name!r} when building it"
-        )
+    use_backend(model, name)
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        use_backend(model, previous)
 
 
 def compare_packed_unpacked(
@@ -192,9 +183,9 @@ def compare_packed_unpacked(
         raise ValueError(f"reference: expected 'unpacked' or 'padded', got {reference!r}")
     collator = collator or PackedCollator()
     device = next(model.parameters()).device
-    batch = _on_device(collator(features, return_tensors="pt"), device)
+    batch = on_device(collator(features, return_tensors="pt"), device)
     n_real = int(collator.prepare(features).lengths.sum())
-    packed = _packed_run(model, batch, n_real, use_cache)
-    with _attn_implementation(model, reference_attn_implementation):
-        ref = _reference_run(model, features, collator, reference, use_cache, device)
-    return _equivalence(packed, ref)
+    packed = packed_run(model, batch, n_real, use_cache)
+    with switched_backend(model, reference_attn_implementation):
+        ref = reference_run(model, features, collator, reference, use_cache, device)
+    return compare_runs(packed, ref)

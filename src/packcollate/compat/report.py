@@ -172,9 +172,3 @@ def _trial_cell(trial: Trial) -> str:
     if trial.verdict == UNSUPPORTED:
         return UNSUPPORTED
     return f"{trial.verdict} ({trial.max_logit_diff:.1e}, {trial.max_grad_rel_diff:.1e})"
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or repr(error)
-    text = f"{type(error).__name__}: {text}"
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -9,15 +9,16 @@ from collections.abc import Mapping
 import torch
 from transformers import PretrainedConfig
 
-from ..backend import attention
-from ..backend import restart as recurrent
+from ..backend import packcollate_attention, packcollate_mask, restart
+from ..errors import BackendRefused, is_int, one_line
+from ..layout import is_sequence_map
 from .configs import context_length
-from .equivalence import BackendRefused, _attn_implementation
-from .report import ERROR, OK, WARNING, Finding, _one_line
-from .tiny import _LAYER_TYPE_KEYS, PROOF_LENGTHS, _is_int, proof_features
+from .equivalence import switched_backend
+from .report import ERROR, OK, WARNING, Finding
+from .tiny import LAYER_TYPE_KEYS, PROOF_LENGTHS, proof_features
 
 
-def _forward_parameters(model_class: type) -> tuple[set[str], bool]:
+def forward_parameters(model_class: type) -> tuple[set[str], bool]:
     """Names of `model_class.forward`'s parameters, and whether it takes `**kwargs`."""
     parameters = inspect.signature(model_class.forward).parameters
     var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
@@ -26,7 +27,7 @@ def _forward_parameters(model_class: type) -> tuple[set[str], bool]:
 
 def check_position_ids(model_class: type) -> Finding:
     """The causal LM's forward must take `position_ids`: they restart at every packed example."""
-    names, var_keyword = _forward_parameters(model_class)
+    names, var_keyword = forward_parameters(model_class)
     forward = f"{model_class.__name__}.forward"
     if "position_ids" in names:
         return Finding("position_ids", OK, f"{forward} takes position_ids")
@@ -130,16 +131,16 @@ PADDING_OFFSET_MODEL_TYPES = frozenset({
 })
 
 
-def _position_start(config: PretrainedConfig, model: torch.nn.Module | None) -> int:
+def position_start(config: PretrainedConfig, model: torch.nn.Module | None) -> int:
     """First position id of a sequence: `padding_idx + 1` for RoBERTa-style embeddings, else 0."""
     if model is not None:
         for module in model.modules():
             padding_idx = getattr(module, "padding_idx", None)
-            if hasattr(module, "create_position_ids_from_input_ids") and _is_int(padding_idx):
+            if hasattr(module, "create_position_ids_from_input_ids") and is_int(padding_idx):
                 return padding_idx + 1
         return 0
     pad = getattr(config, "pad_token_id", None)
-    return pad + 1 if config.model_type in PADDING_OFFSET_MODEL_TYPES and _is_int(pad) else 0
+    return pad + 1 if config.model_type in PADDING_OFFSET_MODEL_TYPES and is_int(pad) else 0
 
 
 def check_position_offset(config: PretrainedConfig, model: torch.nn.Module | None = None) -> Finding:
@@ -147,11 +148,11 @@ def check_position_offset(config: PretrainedConfig, model: torch.nn.Module | Non
 
     `model` (a tiny copy) is searched for such an embedding; without it the model type decides.
     """
-    start = _position_start(config, model)
+    start = position_start(config, model)
     if start == 0:
         return Finding("position_offset", OK, "positions start at 0")
     pad = getattr(config, "pad_token_id", start - 1)
-    start = pad + 1 if _is_int(pad) else start  # the user's pad id, not the tiny copy's
+    start = pad + 1 if is_int(pad) else start  # the user's pad id, not the tiny copy's
     return Finding(
         "position_offset", WARNING,
         f"positions start at padding_idx + 1 = {start} (RoBERTa-style embeddings, pad_token_id={pad}); position ids "
@@ -195,7 +196,7 @@ _RECURRENT_LAYER_TYPES = ("mamba", "linear", "conv", "recurrent", "rwkv", "ssm",
 def _recurrent_layers(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, tuple[bool, bool]]:
     """Recurrent layer classes that run on `input_ids` `(1, L)` -> (their source mentions seq_idx,
     mentions cu_seq_lens). Layers of towers a text-only forward skips (vision, audio) do not count."""
-    candidates = [module for _, module in recurrent.token_mixers(model)]
+    candidates = [module for _, module in restart.token_mixers(model)]
     ran: set[int] = set()
     hooks = [module.register_forward_hook(lambda module, *_: ran.add(id(module))) for module in candidates]
     try:
@@ -218,7 +219,7 @@ def _recurrent_layers(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[s
 
 
 def _config_is_recurrent(config: PretrainedConfig) -> bool:
-    types = next((getattr(config, k) for k in _LAYER_TYPE_KEYS if isinstance(getattr(config, k, None), list)), [])
+    types = next((getattr(config, k) for k in LAYER_TYPE_KEYS if isinstance(getattr(config, k, None), list)), [])
     return config.model_type in RECURRENT_MODEL_TYPES or any(
         word in str(t).lower() for t in types for word in _RECURRENT_LAYER_TYPES
     )
@@ -282,10 +283,10 @@ def _probe_attention(module, query, key, value, attention_mask, **kwargs):
     """The packcollate backend, recording which carriers of the packed layout reached it."""
     _PROBE_CALLS.append({
         "kwargs": kwargs.get("cu_seq_lens_q") is not None,
-        "mask": attention._is_sequence_map(attention_mask),
+        "mask": is_sequence_map(attention_mask),
         "position_ids": isinstance(kwargs.get("position_ids"), torch.Tensor),
     })
-    return attention.packcollate_attention(module, query, key, value, attention_mask, **kwargs)
+    return packcollate_attention(module, query, key, value, attention_mask, **kwargs)
 
 
 def _layout_routes(model: torch.nn.Module, batch: Mapping, use_cache: bool) -> tuple[int, list[str]]:
@@ -294,10 +295,10 @@ def _layout_routes(model: torch.nn.Module, batch: Mapping, use_cache: bool) -> t
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(_PROBE_BACKEND, _probe_attention)
-    AttentionMaskInterface.register(_PROBE_BACKEND, attention.packcollate_mask)
+    AttentionMaskInterface.register(_PROBE_BACKEND, packcollate_mask)
     _PROBE_CALLS.clear()
     try:
-        with _attn_implementation(model, _PROBE_BACKEND), torch.no_grad():
+        with switched_backend(model, _PROBE_BACKEND), torch.no_grad():
             model(**batch, use_cache=use_cache)
     except BackendRefused:  # attention written inside the model: no AttentionInterface call
         return 0, []
@@ -313,12 +314,12 @@ def check_layout_route(model: torch.nn.Module, batch: Mapping) -> Finding:
     try:
         seen = {use_cache: _layout_routes(model, batch, use_cache) for use_cache in (False, True)}
     except Exception as error:  # noqa: BLE001 - any model error is a finding, not a crash
-        return Finding("layout_route", WARNING, f"the instrumented forward raised: {_one_line(error)}", "", "probe raised")
+        return Finding("layout_route", WARNING, f"the instrumented forward raised: {one_line(error)}", "", "probe raised")
     calls = max(n for n, _ in seen.values())
     described = "; ".join(
         f"use_cache={use_cache}: {', '.join(routes) or 'none'}" for use_cache, (_, routes) in seen.items()
     )
-    internal = sorted({type(layer).__name__ for _, layer in recurrent.internal_attention_layers(model)})
+    internal = sorted({type(layer).__name__ for _, layer in restart.internal_attention_layers(model)})
     if calls == 0 and internal:
         return Finding(
             "layout_route", WARNING,

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
+import torch
 from transformers import AutoConfig, PretrainedConfig
+
+from ..errors import is_int
 
 TINY_HIDDEN = 64
 TINY_HEADS = 4
@@ -67,7 +71,7 @@ _WINDOW_KEYS = (
     "sliding_window", "sliding_window_size", "attention_window_size", "window_size", "local_attention",
     "local_attention_window_len", "attention_chunk_size", "index_topk", "indexer_budget",
 )
-_LAYER_TYPE_KEYS = ("layer_types", "layers_block_type", "block_types", "attn_layers", "attention_layers")
+LAYER_TYPE_KEYS = ("layer_types", "layers_block_type", "block_types", "attn_layers", "attention_layers")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")
 # Mamba-2 style mixers: (heads, head size, inner width, expand); heads * head size == inner width
 _SSM_HEAD_KEYS = (
@@ -78,9 +82,6 @@ _SSM_HEAD_KEYS = (
 )
 _SPECIAL_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "decoder_start_token_id": 0}
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _pick_layers(layer_types: list | None, n_layers: int, shared_tail: int = 0, per_type: int = 2) -> list[int]:
@@ -102,14 +103,14 @@ def _pick_layers(layer_types: list | None, n_layers: int, shared_tail: int = 0, 
 
 
 def _first_int(values: dict, keys) -> int | None:
-    return next((values[k] for k in keys if _is_int(values.get(k))), None)
+    return next((values[k] for k in keys if is_int(values.get(k))), None)
 
 
 def _shrink_sizes(values: dict) -> None:
     """Set widths, heads, vocabularies, experts and windows of one config's `to_dict()` in place."""
     original = dict(values)
     for key, value in original.items():
-        if not _is_int(value):
+        if not is_int(value):
             continue
         if key in _TINY_SIZES:
             values[key] = _TINY_SIZES[key]
@@ -127,8 +128,8 @@ def _shrink_kv_heads(values: dict, original: dict) -> None:
     heads = _first_int(original, _HEAD_KEYS)
     for key, heads_key in _KV_HEAD_KEYS.items():
         kv_heads, of_heads = original.get(key), original.get(heads_key, heads)
-        if _is_int(kv_heads) and kv_heads > 0:
-            of_heads = of_heads if _is_int(of_heads) else kv_heads  # DBRX keeps its query heads elsewhere
+        if is_int(kv_heads) and kv_heads > 0:
+            of_heads = of_heads if is_int(of_heads) else kv_heads  # DBRX keeps its query heads elsewhere
             values[key] = 1 if kv_heads == 1 else TINY_HEADS if kv_heads >= of_heads else TINY_HEADS // 2
 
 
@@ -137,32 +138,32 @@ def _shrink_derived_dims(values: dict, original: dict) -> None:
     heads = _first_int(original, _HEAD_KEYS)
     hidden = _first_int(original, ("hidden_size", "d_model", "n_embd"))
     # MLA: the head size of the rotary part and the query/key head size follow their parts
-    if _is_int(original.get("head_dim")) and original.get("head_dim") == original.get("qk_rope_head_dim"):
+    if is_int(original.get("head_dim")) and original.get("head_dim") == original.get("qk_rope_head_dim"):
         values["head_dim"] = TINY_ROPE_DIM
-    if _is_int(original.get("qk_head_dim")):
+    if is_int(original.get("qk_head_dim")):
         values["qk_head_dim"] = values.get("qk_nope_head_dim", 0) + values.get("qk_rope_head_dim", 0)
     # linear attention (gated delta net): value heads keep their multiple of key heads
-    if _is_int(original.get("linear_num_key_heads")) and _is_int(original.get("linear_num_value_heads")):
+    if is_int(original.get("linear_num_key_heads")) and is_int(original.get("linear_num_value_heads")):
         ratio = max(original["linear_num_value_heads"] // original["linear_num_key_heads"], 1)
         values["linear_num_key_heads"], values["linear_num_value_heads"] = 2, 2 * ratio
     # partial rotary embeddings (GPT-J, CodeGen) keep their fraction of the head
-    full_head = original.get("head_dim") if _is_int(original.get("head_dim")) else hidden // heads if hidden and heads else None
-    if _is_int(original.get("rotary_dim")) and full_head:
+    full_head = original.get("head_dim") if is_int(original.get("head_dim")) else hidden // heads if hidden and heads else None
+    if is_int(original.get("rotary_dim")) and full_head:
         values["rotary_dim"] = max(2, 2 * round(original["rotary_dim"] / full_head * TINY_HEAD_DIM / 2))
     # Zamba: attention over [hidden states, embeddings], twice the hidden size
-    if _is_int(original.get("attention_hidden_size")) and hidden:
+    if is_int(original.get("attention_hidden_size")) and hidden:
         values["attention_hidden_size"] = original["attention_hidden_size"] * TINY_HIDDEN // hidden
-        if _is_int(original.get("attention_head_dim")):
+        if is_int(original.get("attention_head_dim")):
             values["attention_head_dim"] = values["attention_hidden_size"] // TINY_HEADS
 
 
 def _shrink_ssm_heads(values: dict, original: dict) -> None:
     """Mamba-2 style mixers: heads of `TINY_HEAD_DIM` channels filling the inner width."""
     for heads_key, dim_key, inner_key, expand_key in _SSM_HEAD_KEYS:
-        if not (_is_int(original.get(heads_key)) and expand_key in original):
+        if not (is_int(original.get(heads_key)) and expand_key in original):
             continue
         inner = int(original[expand_key] * values.get("hidden_size", TINY_HIDDEN))
-        if inner_key is not None and _is_int(original.get(inner_key)):
+        if inner_key is not None and is_int(original.get(inner_key)):
             values[inner_key] = inner
         values[heads_key] = max(inner // TINY_HEAD_DIM, 1)
         if dim_key in original:
@@ -171,14 +172,14 @@ def _shrink_ssm_heads(values: dict, original: dict) -> None:
 
 def _shrink_layers(values: dict) -> None:
     """Keep the layers `_pick_layers` picks; per-layer lists and `per_layer_config` follow."""
-    layer_types = next((values[k] for k in _LAYER_TYPE_KEYS if isinstance(values.get(k), list)), None)
+    layer_types = next((values[k] for k in LAYER_TYPE_KEYS if isinstance(values.get(k), list)), None)
     for key in _LAYER_COUNT_KEYS:
         n_layers = values.get(key)
-        if not _is_int(n_layers) or n_layers <= 2:
+        if not is_int(n_layers) or n_layers <= 2:
             continue
         types = layer_types if layer_types is not None and len(layer_types) == n_layers else None
         shared = values.get("num_kv_shared_layers")
-        shared = shared if _is_int(shared) and 0 < shared < n_layers else 0
+        shared = shared if is_int(shared) and 0 < shared < n_layers else 0
         keep = _pick_layers(types, n_layers, shared_tail=shared)
         values[key] = len(keep)
         if shared:
@@ -207,10 +208,10 @@ def _shrink_special_ids(values: dict) -> None:
     """bos/eos/pad ids must index the tiny vocabulary."""
     for key, small in _SPECIAL_TOKEN_IDS.items():
         value = values.get(key)
-        if _is_int(value) and value >= TINY_VOCAB:
+        if is_int(value) and value >= TINY_VOCAB:
             values[key] = small
         elif isinstance(value, list):
-            values[key] = [v if not _is_int(v) or v < TINY_VOCAB else small for v in value]
+            values[key] = [v if not is_int(v) or v < TINY_VOCAB else small for v in value]
 
 
 def _rebuild(config_class: type, values: dict) -> PretrainedConfig:
@@ -260,7 +261,7 @@ _DEFAULT_CONFIG_OPTIONS = {
 }
 
 
-def _default_config(model_type: str) -> PretrainedConfig:
+def default_config(model_type: str) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **_DEFAULT_CONFIG_OPTIONS.get(model_type, {}))
 
 
@@ -293,7 +294,7 @@ def tiny_config(config: PretrainedConfig | str, **overrides) -> PretrainedConfig
     routing, MLA's rotary/no-rotary split, Mamba heads, and one layer of each `layer_types` kind.
     `overrides` are set last.
     """
-    config = _default_config(config) if isinstance(config, str) else config
+    config = default_config(config) if isinstance(config, str) else config
     tiny = _tiny(config)
     for key, value in overrides.items():
         setattr(tiny, key, value)
@@ -308,3 +309,12 @@ def proof_features(seed: int = 0, lengths: Sequence[int] = PROOF_LENGTHS) -> lis
     """Random examples `[{"input_ids": [...]}]` inside the tiny vocabulary (ids 3 …, above bos/eos/pad)."""
     rng = np.random.default_rng(seed)
     return [{"input_ids": rng.integers(3, TINY_VOCAB, n).tolist()} for n in lengths]
+
+
+@contextmanager
+def seeded(seed: int = 0):
+    """Tiny copies built inside are the same for a seed, and the caller's random stream is untouched
+    (the CPU generator is forked: dropout and sampling after a proof follow the user's own seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield

@@ -16,11 +16,23 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..layout import IGNORE_INDEX
-from ..collate.vision import BIDIRECTIONAL_BLOCKS, MODEL_MASKED_BLOCKS, PackedVisionCollator
-from .equivalence import Equivalence, _grads, _max_rel_grad_diff, _summed_token_loss
-from .report import CONTAMINATED, EXACT, UNSUPPORTED, _one_line
-from .tiny import tiny_config
+from ..backend import prepare
+from ..collate.vision import (
+    BIDIRECTIONAL_BLOCKS,
+    MODEL_MASKED_BLOCKS,
+    PackedVisionCollator,
+)
+from ..errors import one_line
+from ..layout import BACKEND_NAME, IGNORE_INDEX
+from .equivalence import (
+    Equivalence,
+    gradients,
+    max_relative_grad_diff,
+    summed_token_loss,
+    switched_backend,
+)
+from .report import CONTAMINATED, EXACT, GRAD_TOLERANCE, LOGIT_TOLERANCE, UNSUPPORTED
+from .tiny import seeded, tiny_config
 
 #: Families with a tiny copy here, the task they serve (`packcollate check --task image-text-to-text`).
 VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe",
@@ -113,15 +125,14 @@ def tiny_vision_config(model_type: str):
 
 
 def tiny_vision_model(model_type: str, attn_implementation: str = "packcollate", seed: int = 0):
-    """A tiny random `AutoModelForImageTextToText` of the family, fp32, eval mode (no dropout)."""
+    """A tiny random `AutoModelForImageTextToText` of the family, fp32, eval mode (no dropout), prepared
+    (`packcollate.prepare`), built from `seed` without touching the caller's random stream."""
     from transformers import AutoModelForImageTextToText
 
-    import packcollate  # noqa: F401  (registers the backend)
-
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(tiny_vision_config(model_type),
-                                                    attn_implementation=attn_implementation)
-    return model.float().eval()
+    with seeded(seed):
+        model = AutoModelForImageTextToText.from_config(tiny_vision_config(model_type),
+                                                        attn_implementation=attn_implementation)
+    return prepare(model.float().eval())
 
 
 def image_tokens(config, grid_thw: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> int:
@@ -266,30 +277,28 @@ def compare_vision_packed_unpacked(
     token, gradients parameter by parameter (`Equivalence`). `use_cache` applies to the packed run (the
     reference, one example alone, is the same either way). Gradients are left zeroed.
     """
-    from .equivalence import _attn_implementation
-
     collator = collator or PackedVisionCollator(model=model)
     batch = collator(features)
     labels = batch.pop("labels")
     n_targets = max(int((labels[0, 1:] != IGNORE_INDEX).sum()), 1)
     model.zero_grad(set_to_none=True)
     out = model(**batch, use_cache=use_cache)
-    loss = _summed_token_loss(out.logits, labels) / n_targets
+    loss = summed_token_loss(out.logits, labels) / n_targets
     loss.backward()
-    packed_logits, packed_grads = out.logits[0].detach(), _grads(model)
+    packed_logits, packed_grads = out.logits[0].detach(), gradients(model)
     model.zero_grad(set_to_none=True)
     pieces, reference_loss = [], 0.0
-    with _attn_implementation(model, reference_attn_implementation):
+    with switched_backend(model, reference_attn_implementation):
         for example in features:
             example_labels = collator([example])["labels"]
             ref = model(**_unpacked_inputs(example, collator), use_cache=False)
-            example_loss = _summed_token_loss(ref.logits, example_labels) / n_targets
+            example_loss = summed_token_loss(ref.logits, example_labels) / n_targets
             example_loss.backward()
             reference_loss += float(example_loss.detach())
             pieces.append(ref.logits[0].detach())
-    reference_grads = _grads(model)
+    reference_grads = gradients(model)
     model.zero_grad(set_to_none=True)
-    grad_diff, worst = _max_rel_grad_diff(packed_grads, reference_grads)
+    grad_diff, worst = max_relative_grad_diff(packed_grads, reference_grads)
     return Equivalence(
         max_logit_diff=float((packed_logits - torch.cat(pieces)).abs().max()),
         loss=float(loss.detach()),
@@ -299,17 +308,11 @@ def compare_vision_packed_unpacked(
     )
 
 
-#: Tolerances of the proof (fp32 CPU): logits absolute, gradients relative.
-LOGIT_TOLERANCE, GRAD_TOLERANCE = 1e-4, 1e-3
-
-
 class _MeasuringCollator(PackedVisionCollator):
     """`PackedVisionCollator` that builds the bidirectional-block batches it refuses for a model on another
     backend: the matrix measures what that backend does with them."""
 
     def _attention_backend(self) -> str:
-        from ..backend.attention import BACKEND_NAME
-
         return BACKEND_NAME
 
 
@@ -321,7 +324,7 @@ def _trial(model, features, backend: str, use_cache: bool) -> dict:
             result = compare_vision_packed_unpacked(model, features, collator=_MeasuringCollator(model=model),
                                                     use_cache=use_cache)
     except Exception as error:  # noqa: BLE001 - a backend that raises is "unsupported", with the error
-        return {"use_cache": use_cache, "verdict": UNSUPPORTED, "note": _one_line(error)}
+        return {"use_cache": use_cache, "verdict": UNSUPPORTED, "note": one_line(error)}
     exact = result.max_logit_diff <= LOGIT_TOLERANCE and result.max_grad_rel_diff <= GRAD_TOLERANCE
     return {"use_cache": use_cache, "verdict": EXACT if exact else CONTAMINATED,
             "max_logit_diff": result.max_logit_diff, "max_grad_rel_diff": result.max_grad_rel_diff,
@@ -334,7 +337,7 @@ def check_vision_architecture(model_type: str, backends: Sequence[str] | None = 
 
     `token_type_ids`: the examples carry the processor's bidirectional image-token marks (Gemma 3: image-token
     marks; PaliGemma: prefix marks)."""
-    from .model_check import available_backends
+    from .proof import available_backends
 
     start = time.perf_counter()
     entry: dict = {"model_type": model_type, "task": TASK, "backends": {}, "error": None,
@@ -347,14 +350,16 @@ def check_vision_architecture(model_type: str, backends: Sequence[str] | None = 
         for backend in backends or available_backends("cpu"):
             entry["backends"][backend] = [_trial(model, features, backend, use_cache) for use_cache in (False, True)]
     except Exception as error:  # noqa: BLE001 - a family that cannot be built is its entry
-        entry["error"] = _one_line(error)
+        entry["error"] = one_line(error)
     entry["seconds"] = round(time.perf_counter() - start, 2)
     return entry
 
 
 def _uncovered_families() -> list[str]:
     """transformers' image-text-to-text families without a tiny copy here (read at run time)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     return sorted(set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) - set(VISION_FAMILIES))
 

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ..objectives.losses import sum_over_step
 from ..layout import IGNORE_INDEX
+from ..objectives.losses import sum_over_step
 
 
 def count_label_tokens(batches: Iterable[dict], *, across_ranks: bool = True) -> torch.Tensor:

@@ -9,6 +9,8 @@
 `PackingTrainerMixin` works in front of any `Trainer` subclass (TRL's `SFTTrainer` too, see
 `packcollate.integrations.trl`). On top of the plain `Trainer` it:
 
+- prepares the model (`packcollate.prepare`: layers that carry state, or compute attention inside the
+  model, keep packed examples apart);
 - uses `PackedCollator()` when no `data_collator` is given;
 - keeps the columns the collator reads (`completion_mask`, `assistant_masks`, `seq_lengths`, its
   `passthrough_keys`) through `remove_unused_columns`, which would otherwise drop them silently
@@ -35,16 +37,20 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from ..collate.text import PackedCollator, _Collator
-from ..collate.features import MASK_KEYS
+from ..backend import prepare
 from ..batching.lengths import example_lengths
 from ..batching.sampler import TokenBudgetBatchSampler
+from ..collate.features import MASK_KEYS
+from ..collate.text import BaseCollator, PackedCollator
 from .eval_loss import TokenMeanEvalLoss
-from .preflight import assert_fsdp_active, check_trainer_keeps_masks, check_trainer_splits
+from .preflight import (
+    assert_fsdp_active,
+    check_trainer_keeps_masks,
+    check_trainer_splits,
+)
 from .sequence_loss import SequenceWeightedLossMixin
 from .streams import is_stream, stream_dataloader
 
@@ -56,7 +62,7 @@ COLLATOR_COLUMNS = ("input_ids", "labels", "seq_lengths", *MASK_KEYS)
 
 def collator_columns(collator) -> list[str]:
     """Dataset columns `collator` reads: `COLLATOR_COLUMNS` plus its `passthrough_keys`."""
-    if not isinstance(collator, _Collator):
+    if not isinstance(collator, BaseCollator):
         return []
     return [*COLLATOR_COLUMNS, *collator.passthrough_keys]
 
@@ -113,6 +119,8 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         self.budget_strategy = budget_strategy
         self._preflight_done = False
         super().__init__(*args, **kwargs)
+        if self.model is not None:
+            prepare(self.model)
         assert_fsdp_active(self.args, self.accelerator)
         self.data_collator = data_collator if data_collator is not None else PackedCollator()
         if check_packing:
@@ -180,6 +188,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         every split is measured against the length policy and the model's context (`preflight`)."""
         if not self._preflight_done:
             self._preflight_done = True
+            prepare(self.model)  # again: a `model_init` model exists only now
             check_trainer_keeps_masks(self)
             message = check_trainer_splits(self)
             if message:

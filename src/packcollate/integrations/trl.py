@@ -42,8 +42,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "packcollate.integrations.trl needs TRL: pip install 'packcollate[trl]' (or pip install trl)"
     ) from error
 
-from ..collate.text import PackedCollator, _Collator
 from ..collate.features import MASK_KEYS
+from ..collate.text import BaseCollator, PackedCollator
 from .trainer import PackingTrainerMixin
 from .trl_preference import PackedDPOTrainer, PackedRewardTrainer  # noqa: F401  (re-exported)
 from .trl_vision import ProcessThenPack, pack_trl_vision, processed_lengths
@@ -89,7 +89,7 @@ class PackedSFTTrainer(PackingTrainerMixin, SFTTrainer):
                     "data and PackedSFTTrainer still trains padding-free"
                 )
             data_collator = data_collator if data_collator is not None else PackedCollator()
-            if isinstance(data_collator, _Collator) and data_collator.max_seq_length is None:
+            if isinstance(data_collator, BaseCollator) and data_collator.max_seq_length is None:
                 data_collator.max_seq_length = hidden
                 logger.info("PackedSFTTrainer: SFTConfig.max_length=%d with padding_free=True is the collator's "
                             "max_seq_length (examples truncated, keeping their start)", hidden)

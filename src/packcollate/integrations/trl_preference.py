@@ -35,10 +35,17 @@ from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import DPOTrainer, RewardTrainer
 
-from ..collate.preference import PackedPairCollator, PackedPreferenceCollator, pair_tokens
+from ..backend import prepare
+from ..collate.preference import (
+    PackedPairCollator,
+    PackedPreferenceCollator,
+    pair_tokens,
+)
+from ..compat.guard import assert_sequence_scores_safe
 from ..layout import IGNORE_INDEX
+from ..objectives.scores import packed_sequence_logits
 from ..objectives.segments import from_padded, padding_mask, segment_starts, to_padded
-from ..objectives.scores import assert_sequence_scores_safe, packed_sequence_logits
+from ..unwrap import unwrap_model
 from .trainer import PackingTrainerMixin
 
 #: Per-token fields of TRL's `FusedCausalLMOutput` that are laid out like `log_probs` `(rows, L-1)`.
@@ -146,10 +153,9 @@ class PackedDPOTrainer(PackingTrainerMixin, DPOTrainer):
             raise NotImplementedError("PackedDPOTrainer: vision preference datasets are not supported; use DPOTrainer")
         if data_collator is None:
             self.data_collator = PackedPreferenceCollator(self.args.max_length, self.args.truncation_mode)
-        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        _route_packed_layout(policy)
+        _route_packed_layout(unwrap_model(self.model))
         if self.ref_model is not None:
-            _route_packed_layout(self.accelerator.unwrap_model(self.ref_model))
+            _route_packed_layout(prepare(unwrap_model(self.ref_model)))
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -185,7 +191,7 @@ class _PackedScorer:
 
 class SequenceScoreGuardCallback(TrainerCallback):
     """On `on_train_begin`, prove that packed scoring is exact for the classifier about to be trained
-    (`packcollate.objectives.scores.assert_sequence_scores_safe`); training stops before the first step
+    (`packcollate.compat.guard.assert_sequence_scores_safe`); training stops before the first step
     otherwise. The reward trainer's `check_packing`: the causal-LM guard does not apply to a classifier."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..collate.text import PackedCollator, _Collator
+from ..collate.text import BaseCollator, PackedCollator
 from ..collate.vision import PackedVisionCollator
 
 
@@ -87,5 +87,5 @@ def pack_trl_vision(trainer) -> None:
     """Swap `trainer`'s collator for `ProcessThenPack` when TRL detected a vision dataset (else no-op)."""
     if not getattr(trainer, "_is_vision_dataset", False) or isinstance(trainer.data_collator, ProcessThenPack):
         return
-    given = trainer.data_collator if isinstance(trainer.data_collator, _Collator) else None
+    given = trainer.data_collator if isinstance(trainer.data_collator, BaseCollator) else None
     trainer.data_collator = ProcessThenPack(trl_processing(trainer), as_vision_collator(given, trainer.model))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..unwrap import unwrap_model
 from .segments import segment_last
 
 #: Attribute names of the classification head, in the order they are looked up.
@@ -24,15 +25,9 @@ HEAD_NAMES = ("score", "classifier")
 NON_MODEL_KEYS = ("margin", "labels", "attention_mask", "completion_mask")
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP / accelerate and PEFT wrappers."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-
-
 def score_head(model: nn.Module) -> nn.Module:
     """The module whose output are the per-token class logits (`model.score` for the generic heads)."""
-    base = _unwrapped(model)
+    base = unwrap_model(model)
     for name in HEAD_NAMES:
         head = getattr(base, name, None)
         if isinstance(head, nn.Module):
@@ -61,43 +56,10 @@ def packed_sequence_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor,
     finally:
         handle.remove()
     if len(captured) != 1:
-        name = type(_unwrapped(model)).__name__
+        name = type(unwrap_model(model)).__name__
         raise RuntimeError(f"{name}: expected its classification head to run once, it ran {len(captured)} times")
     per_token = captured[0]
-    pad_token_id = _unwrapped(model).config.get_text_config().pad_token_id
+    pad_token_id = unwrap_model(model).config.get_text_config().pad_token_id
     input_ids = batch["input_ids"].to(per_token.device)
     mask = None if pad_token_id is None else input_ids != pad_token_id
     return segment_last(per_token, batch["cu_seq_lens_q"].to(per_token.device), mask), outputs
-
-
-def assert_sequence_scores_safe(model: nn.Module) -> float:
-    """Raise `RuntimeError` unless packed scoring equals one-example-at-a-time scoring for `model`'s
-    class, config and attention backend; returns the max |logit diff| measured.
-
-    The check runs on a tiny random copy (`compat.tiny_config`, CPU, fp32, `use_cache=False`, the
-    model's own weights untouched): `packed_sequence_logits` on a packed row of uneven examples
-    against each example's own forward, tolerance `compat.report.LOGIT_TOLERANCE`.
-    """
-    from ..compat.report import LOGIT_TOLERANCE
-    from ..compat.tiny import proof_features, tiny_config
-    from ..collate.preference import _packing_keys
-
-    base = _unwrapped(model)
-    backend = base.config._attn_implementation or "eager"
-    config = tiny_config(base.config, pad_token_id=0, use_cache=False)
-    torch.manual_seed(0)
-    tiny = type(base)._from_config(config, attn_implementation=backend).float().eval()
-    examples = [torch.tensor(f["input_ids"]) for f in proof_features()]
-    lengths = torch.tensor([len(e) for e in examples]).numpy()
-    batch = {"input_ids": torch.cat(examples).unsqueeze(0), **_packing_keys(lengths)}
-    with torch.no_grad():
-        packed, _ = packed_sequence_logits(tiny, batch)
-        alone = torch.cat([tiny(input_ids=e.unsqueeze(0)).logits for e in examples])
-    diff = float((packed - alone).abs().max())
-    if not diff <= LOGIT_TOLERANCE:
-        raise RuntimeError(
-            f"packed scoring is not safe for {type(base).__name__} with attn_implementation={backend!r}: on a tiny "
-            f"random copy, packed examples' scores differ from the same examples one at a time by {diff:.3g} "
-            f"(expected <= {LOGIT_TOLERANCE:g}). Fix: attn_implementation='packcollate'"
-        )
-    return diff

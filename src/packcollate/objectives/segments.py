@@ -22,7 +22,6 @@ import torch
 
 from ..layout import IGNORE_INDEX
 
-
 __all__ = [
     "from_padded",
     "padding_mask",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..backend.attention import describe
+from ..backend import describe
 from ..collate.text import PackedCollator, PaddedCollator
 from .toy import char_tokenizer, load_arithmetic, tokenize_prompt_completion
 

@@ -14,10 +14,20 @@ from pathlib import Path
 
 import torch
 
-from ..backend import attention
-from ..compat.model_check import available_backends, check_model
-from ..compat.report import CONTAMINATED, EXACT, GRAD_TOLERANCE, LOGIT_TOLERANCE, OK, REFERENCE_BACKEND, UNSUPPORTED, _one_line
+from ..compat.model_check import check_model
+from ..compat.proof import available_backends
+from ..compat.report import (
+    CONTAMINATED,
+    EXACT,
+    GRAD_TOLERANCE,
+    LOGIT_TOLERANCE,
+    OK,
+    REFERENCE_BACKEND,
+    UNSUPPORTED,
+)
 from ..compat.tiny import PROOF_LENGTHS
+from ..errors import one_line
+from ..layout import BACKEND_NAME
 
 ALL_COMMAND = "packcollate check --all --jobs 2 --out docs/"
 
@@ -59,7 +69,7 @@ def main(args) -> int:
     report = check_model(args.model, backends=args.backends, device=args.device,
                          max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
-    chosen = args.backends[0] if args.backends else attention.BACKEND_NAME
+    chosen = args.backends[0] if args.backends else BACKEND_NAME
     return 0 if report.ok_for(chosen) else 1
 
 
@@ -84,7 +94,7 @@ def check_architecture(model_type: str, backends: Sequence[str] | None = None, d
     try:
         entry = check_model(model_type, backends=backends, device=device).to_dict()
     except Exception as error:  # noqa: BLE001 - one architecture's failure is its entry
-        entry = _failed_entry(model_type, f"could not check: {_one_line(error)}", 0.0)
+        entry = _failed_entry(model_type, f"could not check: {one_line(error)}", 0.0)
     if entry["error"] and model_type in NO_VERDICT_REASONS:
         entry["error"] = f"{NO_VERDICT_REASONS[model_type]} ({entry['error']})"
     entry["seconds"] = round(time.perf_counter() - start, 2)
@@ -346,7 +356,7 @@ def _matrix_row(entry: dict, backends: Sequence[str]) -> str:
     verdicts = [_SHORT[_entry_verdict(entry, b, False)] for b in backends]
     cached = [b for b in backends
               if _entry_verdict(entry, b, True) == CONTAMINATED and _entry_verdict(entry, b, False) != CONTAMINATED]
-    ours = next((r for r in entry.get("backends", []) if r["backend"] == attention.BACKEND_NAME), None)
+    ours = next((r for r in entry.get("backends", []) if r["backend"] == BACKEND_NAME), None)
     diff = ""
     if ours is not None and ours["trials"][0]["max_logit_diff"] is not None:
         diff = f"{ours['trials'][0]['max_logit_diff']:.0e}, {ours['trials'][0]['max_grad_rel_diff']:.0e}"

@@ -27,8 +27,20 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from ..batching.lengths import PERCENTILES, column_names, length_stats, recommend_max_seq_length, token_counts
-from ..compat.configs import config_file, context_length, context_length_from_json, load_local_config, read_config_json
+from ..batching.lengths import (
+    PERCENTILES,
+    column_names,
+    length_stats,
+    recommend_max_seq_length,
+    token_counts,
+)
+from ..compat.configs import (
+    config_file,
+    context_length,
+    context_length_from_json,
+    load_local_config,
+    read_config_json,
+)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TEXT_FIELDS = ("text", "prompt", "completion", "messages")
@@ -186,7 +198,12 @@ def split_lengths(rows, tokenizer=None, name: str = "", chunk: int = 1000, where
 
 def _image_counts(splits: dict, args) -> dict:
     """`{split: ((n,) total, (n,) image tokens)}` for the image splits (empty when there are none)."""
-    from .vision_stats import is_image_split, placeholder_token_ids, processed_counts, raw_counts
+    from .vision_stats import (
+        is_image_split,
+        placeholder_token_ids,
+        processed_counts,
+        raw_counts,
+    )
 
     image_splits = {name: split.rows for name, split in splits.items()
                     if len(split.rows) and is_image_split(column_names(split.rows))}

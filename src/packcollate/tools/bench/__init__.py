@@ -63,7 +63,15 @@ Length distributions (synthetic token ids; the parameters are modelled, not meas
   (the tokenizer's chat template; assistant-only loss when the template marks generation).
 """
 
-from .config import BUILTIN_DATASETS, DISTRIBUTIONS, DTYPES, MODES, PRESETS, SAME_BATCHES, TARGETS
+from .config import (
+    BUILTIN_DATASETS,
+    DISTRIBUTIONS,
+    DTYPES,
+    MODES,
+    PRESETS,
+    SAME_BATCHES,
+    TARGETS,
+)
 from .data import Data, load_data, synthetic_lengths, tokenize_rows
 from .measure import (
     epoch_loss,
@@ -73,8 +81,20 @@ from .measure import (
     time_round_robin,
     train_step,
 )
-from .modes import ModeRun, build_model, build_modes, fixed_batches, length_grouped_batches
-from .report import device_name, format_table, library_versions, plot_result, save_result
+from .modes import (
+    ModeRun,
+    build_model,
+    build_modes,
+    fixed_batches,
+    length_grouped_batches,
+)
+from .report import (
+    device_name,
+    format_table,
+    library_versions,
+    plot_result,
+    save_result,
+)
 from .run import add_arguments, main, run_benchmark
 
 __all__ = [

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from ...backend.attention import BACKEND_NAME
+from ...batching.sampler import TokenBudgetBatchSampler
 from ...collate.text import PackedCollator, PaddedCollator
 from ...compat.configs import load_local_config
-from ...batching.sampler import TokenBudgetBatchSampler
 from .config import MODES, PRESETS
 from .data import Data
 

@@ -25,7 +25,16 @@ from .measure import (
     fork_memory_available,
 )
 from .modes import _parameters, build_model, build_modes, fixed_batches, preset_config
-from .report import _first_step_check, _label, _summarise, _targets, device_name, format_table, library_versions, plot_result
+from .report import (
+    _first_step_check,
+    _label,
+    _summarise,
+    _targets,
+    device_name,
+    format_table,
+    library_versions,
+    plot_result,
+)
 
 
 def _command(kwargs: dict) -> str:

@@ -1,0 +1,152 @@
+"""The mask function of the packcollate backend, registered with transformers' `AttentionMaskInterface`.
+
+transformers calls it once per forward (in `create_causal_mask` and its sliding-window twin) and
+hands what it returns to every attention layer as `attention_mask`, even in models whose decoder
+layers drop `**kwargs` (StableLM): the robust route by which the packed layout reaches every layer.
+It returns a `(B, S)` sequence map, O(S), where it can: the attention backend reads the sequence
+boundaries from it (`layout.layout_of_call`).
+
+Layers flagged bidirectional under a causal mask: a model whose text config sets
+`use_bidirectional_attention` (its layers say `is_causal=False`) while its own mask function is
+causal somewhere (PaliGemma: a bidirectional prefix, a causal answer; the flag only keeps sdpa from
+adding a causal flag to that mask) gets transformers' own `(B, 1, S, S_kv)` bool mask, which every
+call honours: exact by construction (sliding windows, packed sequences, the prefix rule), with
+memory quadratic in `S` like sdpa.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import state
+from .preparation import require_prepared
+from .restart import stateful_classes
+
+
+def _adjacent_allowed(mask_function, batch: int, length: int, device, ahead: bool = False) -> torch.Tensor | None:
+    """`(B, S-1)` bool: may token t attend token t-1 (`ahead`: may token t-1 attend token t)?
+    Without `ahead`, False marks the start of a packed sequence.
+
+    Evaluates transformers' index-based mask function on the S-1 adjacent pairs only (O(S), not the
+    S x S mask). None when the function cannot be evaluated on index tensors.
+    """
+    b = torch.arange(batch, device=device)[:, None]
+    h = torch.zeros((), dtype=torch.long, device=device)
+    q = torch.arange(1, length, device=device)[None, :]
+    try:
+        allowed = mask_function(b, h, q - 1, q) if ahead else mask_function(b, h, q, q - 1)
+    except Exception:  # a non index-based custom mask function: rely on kwargs instead
+        return None
+    return torch.as_tensor(allowed, device=device).to(torch.bool).expand(batch, length - 1)
+
+
+def flagged_layers_under_causal_mask(config, mask_function, batch: int, length: int, device) -> bool:
+    """Does a model whose layers are flagged bidirectional (`use_bidirectional_attention`: they say
+    `is_causal=False`) build a mask that is causal somewhere, a token seeing the one before it but not
+    the one after (PaliGemma's answer)? Then only the model's own mask says where its layers are causal.
+    Under `torch.compile`, or when the mask function cannot be evaluated on index tensors: True."""
+    if not getattr(config, "use_bidirectional_attention", False) or mask_function is None or length < 2:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    back = _adjacent_allowed(mask_function, batch, length, device)
+    ahead = _adjacent_allowed(mask_function, batch, length, device, ahead=True)
+    return back is None or ahead is None or bool((back & ~ahead).any())
+
+
+def _transformers_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, kwargs):
+    """transformers' own `(B, 1, S, S_kv)` bool mask (never None), which every attention call honours."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs = {key: value for key, value in kwargs.items() if key != "allow_is_causal_skip"}
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                     allow_is_causal_skip=False, **kwargs)
+
+
+def _internal_attention_width(config) -> int | None:
+    """For a model whose attention is computed inside it: the longest example of a packed forward (a
+    plain causal mask that wide, cut per bucket), 0 for any other forward (the mask eager builds); None
+    for every other model. Raises for a model that needs `prepare` and runs outside a prepared forward.
+    A dict lookup for models that need nothing (no break under `torch.compile`)."""
+    mixers, internal = stateful_classes(type(config)) if config is not None else ((), False)
+    if not (mixers or internal):
+        return None
+    packed = state.current()
+    if packed is None:
+        require_prepared(config)
+    if not packed.internal_attention:
+        return None
+    return packed.layout.max_length if packed.active and packed.layout is not None else 0
+
+
+def packcollate_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The mask transformers hands to every `packcollate` attention call; `S x S` only where noted.
+
+    Returns:
+        - prefill / training (`q_length == kv_length`): a `(B, S)` int32 sequence map, 0 on padding
+          and a new id at every sequence start (packed sequences found from `mask_function`), or
+          None when each row is one unpadded sequence;
+        - with a cache (`q_length != kv_length`, or offsets: decoding, a static cache whose keys
+          include unfilled slots, chunked prefill): transformers' own `(B, 1, S, S_kv)` bool mask,
+          which knows where the queries sit among the keys;
+        - for a model whose layers are flagged bidirectional under a mask that is causal somewhere
+          (PaliGemma; see the module docstring): transformers' own mask too;
+        - for a model whose attention is computed inside it (BLOOM, MPT, GPT-Neo, …): eager's 4-D
+          mask, causal and as wide as the longest packed example (cut per bucket by its restarted
+          layers), or eager's own mask outside a packed forward.
+
+    Raises `NotPreparedError` for a model that carries state along the sequence or computes attention
+    inside it and runs outside a forward `packcollate.prepare` prepared (`preparation.require_prepared`).
+    """
+    config = kwargs.get("config")
+    width = _internal_attention_width(config)
+    if width is not None:
+        # a model whose attention is written inside it adds the mask itself: eager's 4-D mask; for a
+        # packed forward (its layers run their examples apart, `restart.py`) a plain causal one, as wide
+        # as the longest example, cut per bucket
+        from transformers.masking_utils import causal_mask_function, eager_mask
+
+        dense = {"dtype": kwargs.get("dtype", torch.float32), "device": kwargs.get("device", "cpu")}
+        if width and q_length == kv_length and not (q_offset or kv_offset):
+            return eager_mask(batch_size, width, width, mask_function=causal_mask_function, **dense)
+        return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
+                          attention_mask=attention_mask, **dense)
+    device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
+    if (q_length != kv_length or q_offset or kv_offset
+            or flagged_layers_under_causal_mask(config, mask_function, batch_size, q_length, device)):
+        return _transformers_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                                  kwargs)
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask[:, -kv_length:].to(torch.bool)
+        if padding.shape[-1] != kv_length:
+            padding = F.pad(padding, (0, kv_length - padding.shape[-1]), value=False)
+
+    starts = torch.zeros(batch_size, q_length, dtype=torch.bool, device=device)
+    packed = False
+    compiling = torch.compiler.is_compiling()  # no data-dependent branch: always the map (it may say "one sequence")
+    if mask_function is not None and q_length > 1:
+        allowed = _adjacent_allowed(mask_function, batch_size, q_length, device)
+        if allowed is not None and (compiling or not bool(allowed.all())):
+            starts[:, 1:] = ~allowed
+            packed = True
+    padded = padding is not None and (compiling or not bool(padding.all()))
+    if not packed and not padded:
+        return None
+    if padded:
+        # a padding/real transition starts a new id too, so ids change exactly at sequence boundaries
+        starts[:, 1:] |= padding[:, 1:] != padding[:, :-1]
+    sequence_map = torch.cumsum(starts, dim=1, dtype=torch.int32) + 1
+    if padded:
+        sequence_map = sequence_map.masked_fill(~padding, 0)
+    return sequence_map

@@ -1,0 +1,208 @@
+"""`packcollate.prepare(model)`: an explicit, scoped change to one model, never an import side effect.
+
+`import packcollate` registers the attention backend and its mask function with transformers and
+changes nothing else. Most models need nothing more: their attention goes through the backend, which
+keeps packed examples apart from the `cu_seq_lens_*` / `position_ids` / mask reaching every call.
+Layers that carry state along the sequence (Mamba mixers, short convolutions, gated delta nets, …)
+or compute attention inside the model (BLOOM, MPT, GPT-Neo, …) do not call the backend; for them
+`prepare(model)` (idempotent; returns the model) changes that one model:
+
+- each such layer gets the forward of `restart.restart_layer`: its packed examples run apart;
+- every transformers model inside it (the causal LM, its decoder, a VLM's text model) gets a
+  forward pre-hook and a forward hook that push and pop the call's `PackedForward` (its `(B, S)`
+  tokens and their layout, `layout.layout_of_inputs`): the layout travels with the call
+  (`backend.state`), per thread, never in a process global;
+- the checkpointed units holding them (transformers' `GradientCheckpointingLayer`) get their checkpoint
+  function wrapped at each forward: what it checkpoints runs, then and again when backward recomputes
+  it, inside the `PackedForward` of that forward, however many forwards ran in between;
+- a vision-language model's vision tower gets `collate.vision.shield_vision_tower` (the text's
+  packing kwargs never reach it).
+
+`PackedTrainer`, the TRL trainers, `PackedVisionCollator(model=…)`, `check_model` and the guards
+prepare the model they get. In a hand-written loop:
+
+    model = packcollate.prepare(AutoModelForCausalLM.from_pretrained(path, attn_implementation="packcollate"))
+
+A model that needs preparing but was not raises `NotPreparedError` at its first forward on the
+backend, from the mask function every such model with attention calls (`require_prepared`).
+Pure state-space models (Mamba, Mamba-2, FalconMamba, RWKV, xLSTM) have no attention and call no
+mask function: no packcollate code runs in their forward unless they are prepared, so nothing can
+refuse there. Prepare them (the trainers do).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..collate.vision import shield_vision_tower
+from ..errors import BackendRefused, NotPreparedError
+from ..layout import BACKEND_NAME, layout_of_inputs
+from ..unwrap import unwrap_model
+from . import restart, state
+from .state import PackedForward
+
+
+def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> torch.nn.Module:
+    """Make `model`'s state-carrying layers and attention written inside the model keep packed examples
+    apart on the packcollate backend (see the module docstring); idempotent, returns `model`.
+
+    Works on the bare model or any wrapper holding it as a submodule (PEFT, torch.compile, DDP,
+    FSDP, accelerate). Nothing changes for a model without such layers, nor while a prepared model
+    runs on another backend. `attn_implementation`: switch the model to that backend first
+    (`set_attn_implementation`), e.g. `"packcollate"` for families that pick an attention class by
+    backend name when built and know only their own (GPT-Neo, and Falcon up to transformers 5.24:
+    build them with their default attention, then `prepare(model, attn_implementation="packcollate")`).
+    """
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    if attn_implementation is not None:
+        use_backend(unwrap_model(model), attn_implementation)
+    mixers = restart.token_mixers(model)
+    internal = restart.internal_attention_layers(model)
+    restarted = [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, "attention") for name, layer in internal]
+    for _, layer, kind in restarted:
+        restart.restart_layer(layer, kind)
+    if restarted:
+        internal_only = restart.attention_all_internal(model)  # the model's masks are theirs, not a tower's only
+        units = _checkpointed_units(model, [name for name, _, _ in restarted])
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel) and not module.__dict__.get("_packcollate_forward_hooks"):
+                module.register_forward_pre_hook(functools.partial(_before_model, internal_only, units), with_kwargs=True)
+                module.register_forward_hook(_after_model, with_kwargs=True, always_call=True)
+                module.__dict__["_packcollate_forward_hooks"] = True
+    for module in model.modules():  # what each config needs, known before any forward (a dict lookup when traced)
+        if isinstance(getattr(module, "config", None), PretrainedConfig):
+            restart.stateful_classes(type(module.config))
+    shield_vision_tower(model)
+    return model
+
+
+def use_backend(model: torch.nn.Module, attn_implementation: str) -> None:
+    """Switch `model` to the attention backend `attn_implementation` (`set_attn_implementation`).
+
+    A model whose attention is all computed inside it (GPT-Neo; Falcon up to transformers 5.24) refuses
+    the switch, although the backend name decides nothing there but the mask transformers builds for
+    it: its configs are switched directly (`prepare` restarts its attention layers). Raises
+    `BackendRefused` when any other model keeps its backend."""
+    model.set_attn_implementation(attn_implementation)
+    kept = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if kept == attn_implementation:
+        return
+    if restart.attention_all_internal(model):
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                config._attn_implementation = attn_implementation
+        return
+    model.set_attn_implementation(kept)
+    raise BackendRefused(
+        f"{type(model).__name__} kept attn_implementation={kept!r} when asked for {attn_implementation!r}: it does "
+        f"not switch attention backends after loading; pass attn_implementation={attn_implementation!r} when building it"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed forward of a model call
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokens_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None and args and isinstance(args[0], torch.Tensor):
+        tokens = args[0]
+    return tuple(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
+
+
+def _padded(kwargs: dict) -> bool:
+    """A padded batch (a 2-D `attention_mask` with zeros) without `cu_seq_lens_q`: its rows are its
+    sequences (left-padded generation computes restarting `position_ids` too); transformers' own
+    padding masks handle it."""
+    mask = kwargs.get("attention_mask")
+    return (kwargs.get("cu_seq_lens_q") is None and isinstance(mask, torch.Tensor) and mask.dim() == 2
+            and not bool(mask.all()))
+
+
+def _before_model(internal_attention: bool, units: list, model, args, kwargs):
+    """Model-level pre-hook: the outermost call sets the packed forward; an inner model (the decoder of
+    a causal LM) refines it only when its call carries the layout. The checkpointed `units` holding
+    restarted layers will recompute with it (`_InPackedForward`)."""
+    _keep_layout_when_recomputed(units)
+    outer = state.current()
+    shape = _tokens_shape(args, kwargs)
+    active = getattr(getattr(model, "config", None), "_attn_implementation", None) == BACKEND_NAME
+    layout = layout_of_inputs(*shape, kwargs) if shape is not None and active and not _padded(kwargs) else None
+    if outer is None or layout is not None:
+        outer = PackedForward(active, shape, layout, internal_attention)
+    state.push(outer)
+
+
+def _after_model(model, args, kwargs, output):
+    state.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient checkpointing: the recomputation sees its own forward's layout
+# ---------------------------------------------------------------------------------------------
+
+
+class _InPackedForward:
+    """A checkpointed unit's checkpoint function (transformers' `_gradient_checkpointing_func`), wrapped:
+    the function it checkpoints runs inside the `PackedForward` of the forward that called it, at that
+    forward and again when backward recomputes it (the state travels with the call, not in a global)."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+
+    def __call__(self, function, *args, **kwargs):
+        packed = state.current()
+
+        def run(*inner_args, **inner_kwargs):
+            state.push(packed)
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                state.pop()
+
+        return self.checkpoint(run, *args, **kwargs)
+
+
+def _checkpointed_units(model: torch.nn.Module, restarted: list[str]) -> list[torch.nn.Module]:
+    """The modules of `model` that transformers checkpoints (`gradient_checkpointing` flag) and that hold a
+    restarted layer."""
+    return [unit for name, unit in model.named_modules()
+            if hasattr(unit, "gradient_checkpointing") and any(layer.startswith(name + ".") for layer in restarted)]
+
+
+def _keep_layout_when_recomputed(units: list[torch.nn.Module]) -> None:
+    """Wrap each unit's checkpoint function (`gradient_checkpointing_enable` sets a new one: wrapped again at
+    the next forward)."""
+    for unit in units:
+        checkpoint = unit.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint is not None and not isinstance(checkpoint, _InPackedForward):
+            unit._gradient_checkpointing_func = _InPackedForward(checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models that were never prepared
+# ---------------------------------------------------------------------------------------------
+
+
+def require_prepared(config) -> None:
+    """Raise `NotPreparedError` when a model of `config` needs `prepare` (read from its modeling file:
+    `restart.stateful_classes`); called by the mask function outside any prepared forward."""
+    if config is None:
+        return
+    mixers, internal = restart.stateful_classes(type(config))
+    if not (mixers or internal):
+        return
+    what = (f"{', '.join(mixers)} carry state along the sequence" if mixers
+            else "its attention is computed inside the model, not through the attention backend")
+    raise NotPreparedError(
+        f"{config.model_type}: attn_implementation={BACKEND_NAME!r} keeps packed examples apart in this model only once "
+        f"it is prepared ({what}); call packcollate.prepare(model) before training or generating (PackedTrainer and "
+        f"the TRL trainers do it)"
+    )
