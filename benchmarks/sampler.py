@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from packcollate.batching.bins import DEFAULT_WINDOW, STRATEGIES
+from packcollate.batching.sampler import TokenBudgetBatchSampler
 from packcollate.tools.bench import library_versions, save_result
-from packcollate.batching.sampler import DEFAULT_WINDOW, STRATEGIES, TokenBudgetBatchSampler
 
 # name -> (median, sigma, max) of a lognormal length distribution, rounded and clipped to [1, max].
 DISTRIBUTIONS = {

@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from sampler import DISTRIBUTIONS, make_lengths  # noqa: E402
 
-from packcollate.tools.bench import library_versions, save_result  # noqa: E402
 from packcollate.batching.sampler import TokenBudgetBatchSampler  # noqa: E402
 from packcollate.batching.stream import TokenBudgetStream  # noqa: E402
+from packcollate.tools.bench import library_versions, save_result  # noqa: E402
 
 BUDGETS = (4096, 16384)
 RANKS = (1, 8)

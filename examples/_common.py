@@ -1,11 +1,15 @@
 """Shared by the examples: the shipped arithmetic problems and a tiny Llama-shaped model.
 
-Replace `tiny_model()` by `AutoModelForCausalLM.from_pretrained(your_model, attn_implementation="packcollate")`
-and the data by your own tokenized dataset to fine-tune for real.
+Replace `tiny_model()` by
+`packcollate.prepare(AutoModelForCausalLM.from_pretrained(your_model, attn_implementation="packcollate"))`
+and the data by your own tokenized dataset to fine-tune for real (`prepare` restarts layers that carry
+state, or compute attention inside the model, at every packed example; for other models it changes nothing).
 """
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
+
+import packcollate
 
 from packcollate.tools.toy import char_tokenizer, load_arithmetic, tokenize_prompt_completion
 
@@ -13,13 +17,13 @@ from packcollate.tools.toy import char_tokenizer, load_arithmetic, tokenize_prom
 def tiny_model(model_path: str | None = None, attn_implementation: str = "packcollate"):
     """A local model (`model_path`, never downloaded) or a tiny random Llama sized for the char tokenizer."""
     if model_path:
-        return AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attn_implementation,
-                                                    local_files_only=True)
+        return packcollate.prepare(AutoModelForCausalLM.from_pretrained(
+            model_path, attn_implementation=attn_implementation, local_files_only=True))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(char_tokenizer()), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return packcollate.prepare(AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation))
 
 
 def arithmetic_features(n: int, offset: int = 0) -> list[dict]:

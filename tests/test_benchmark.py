@@ -172,13 +172,13 @@ def test_schedule_interleaves_modes_evenly():
 @pytest.mark.parametrize("budget, met", [(3.6, True), (3.5, False)])
 def test_budget_target_is_packcollates_own_speed(budget, met):
     """CPU tiny flan: packcollate >= 2.5x padded, and packcollate-budget at least as fast as packcollate."""
-    from packcollate.tools.bench.report import _targets
+    from packcollate.tools.bench.report import check_targets
 
     result = {"preset": "tiny", "dataset": "flan", "modes": {
         "packcollate": {"speedup_vs_padded": 3.56, "mem_vs_padded": 0.3},
         "packcollate-budget": {"speedup_vs_padded": budget, "mem_vs_padded": 0.2},
     }}
-    found = {t["mode"]: t for t in _targets(result, "cpu")}
+    found = {t["mode"]: t for t in check_targets(result, "cpu")}
     assert found["packcollate"]["met"]
     assert found["packcollate-budget"]["met"] is met
     assert "(packcollate)" in found["packcollate-budget"]["what"]

@@ -37,7 +37,7 @@ from packcollate.compat import (
     proof_features,
     tiny_config,
 )
-from packcollate.integrations.guard import PackingGuardCallback
+from packcollate.integrations.callbacks import PackingGuardCallback
 from packcollate.tools.matrix import check_all, check_architecture
 
 
@@ -340,12 +340,12 @@ def test_half_precision_trial_leaves_the_shared_model_untouched():
     """The bf16 trial (flash-attn backends, CUDA) runs on a copy: later fp32 trials see unrounded weights."""
     from transformers import LlamaForCausalLM
 
-    from packcollate.compat import model_check
+    from packcollate.compat import proof as proofs
 
-    model = model_check.tiny_model(LlamaForCausalLM, tiny_config("llama"), "cpu")
-    proof = model_check.prepare_proof(model, proof_features(), PackedCollator(), torch.device("cpu"))
+    model = proofs.tiny_model(LlamaForCausalLM, tiny_config("llama"), "cpu")
+    proof = proofs.prepare_proof(model, proof_features(), PackedCollator(), torch.device("cpu"))
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
-    trial = model_check._half_precision_trial(model, proof, use_cache=False)  # on eager here: any backend will do
+    trial = proofs.half_precision_trial(model, proof, use_cache=False)  # on eager here: any backend will do
     assert trial.verdict == EXACT
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
-    assert model_check.prove_backend(model, proof, "packcollate").trial(False).verdict == EXACT
+    assert proofs.prove_backend(model, proof, "packcollate").trial(False).verdict == EXACT

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from packcollate.batching.bins import STRATEGIES
+from packcollate.batching.sampler import TokenBudgetBatchSampler
 from packcollate.integrations.loops import micro_batches
-from packcollate.batching.sampler import STRATEGIES, TokenBudgetBatchSampler
 
 
 def all_ranks(lengths, max_tokens, num_replicas, epoch, **kwargs):

@@ -17,7 +17,7 @@ from packcollate.compat.vision import (
     GRAD_TOLERANCE,
     LOGIT_TOLERANCE,
     VISION_FAMILIES,
-    _image_example,
+    image_example,
     compare_vision_packed_unpacked,
     qwen_image_processor,
     tiny_vision_config,
@@ -260,7 +260,7 @@ def test_property_positions_and_vision_counts(plans, seed):
     model = model_of("qwen2_vl")
     rng = np.random.default_rng(seed)
     processor = qwen_image_processor(model.config)
-    features = [_image_example(model.config, rng, sizes, p, a, processor, False) for sizes, p, a in plans]
+    features = [image_example(model.config, rng, sizes, p, a, processor, False) for sizes, p, a in plans]
     batch = PackedVisionCollator(model=model)(features)
     lengths = [len(f["input_ids"]) for f in features]
     starts = np.cumsum([0] + lengths)
@@ -294,7 +294,7 @@ def test_lora_wrapped_model_packs_exactly():
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "qkv"], lora_dropout=0.0)
     model = peft.get_peft_model(base, config)
     collator = PackedVisionCollator(model=model)
-    assert collator._rope_owner is base.model
+    assert collator.rope_owner is base.model
     result = compare_vision_packed_unpacked(model, vision_proof_features(base.config, seed=10), collator=collator)
     assert result.max_logit_diff < LOGIT_TOLERANCE and result.max_grad_rel_diff < GRAD_TOLERANCE, result
     assert any("lora" in name for name, p in model.named_parameters() if p.requires_grad)

@@ -13,7 +13,8 @@ import packcollate  # noqa: F401
 from packcollate.compat import tiny_config
 from packcollate.collate.preference import PackedPairCollator
 from packcollate.objectives.segments import padding_mask, to_padded
-from packcollate.objectives.scores import assert_sequence_scores_safe, packed_sequence_logits, score_head
+from packcollate.compat.guard import assert_sequence_scores_safe
+from packcollate.objectives.scores import packed_sequence_logits, score_head
 
 torch.set_num_threads(1)
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral"]

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from packcollate import PackedCollator
-from packcollate.batching.sampler import STRATEGIES, TokenBudgetBatchSampler
+from packcollate.batching.bins import STRATEGIES
+from packcollate.batching.sampler import TokenBudgetBatchSampler
+from packcollate.errors import InputError
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -170,11 +172,11 @@ def test_equal_counts_by_repacking_not_duplicating():
 
 def test_split_fallback_when_even_dealing_exceeds_the_budget(monkeypatch):
     """Repacking the smallest bins evenly overflows here; halving the fullest bins still works."""
-    import packcollate.batching.sampler as sampler_module
+    import packcollate.batching.bins as bins_module
 
     calls = []
-    split = sampler_module._split_halves
-    monkeypatch.setattr(sampler_module, "_split_halves", lambda *a: calls.append(1) or split(*a))
+    split = bins_module._split_halves
+    monkeypatch.setattr(bins_module, "_split_halves", lambda *a: calls.append(1) or split(*a))
     lengths = [33, 5, 14, 28, 7, 18, 10, 7, 1, 20, 34, 32, 48, 6, 5, 4, 8, 23, 39, 31, 31, 13]
     per_rank = all_ranks(lengths, 48, 5, shuffle=False)
     assert calls
@@ -187,11 +189,11 @@ def test_split_fallback_when_even_dealing_exceeds_the_budget(monkeypatch):
 def test_merge_fallback_when_too_few_examples_fit_to_split(monkeypatch):
     """Splitting cannot reach a multiple of the ranks here (window 1 leaves many tiny bins); merging
     bins within the budget does."""
-    import packcollate.batching.sampler as sampler_module
+    import packcollate.batching.bins as bins_module
 
     calls = []
-    merged = sampler_module._merged
-    monkeypatch.setattr(sampler_module, "_merged", lambda *a: calls.append(1) or merged(*a))
+    merged = bins_module._merged
+    monkeypatch.setattr(bins_module, "_merged", lambda *a: calls.append(1) or merged(*a))
     lengths = [8, 1, 5, 1, 9, 3, 2, 4, 4, 8, 9, 5, 6, 7, 5, 2, 5, 6, 9, 3, 1, 7, 9, 2, 5, 3, 8, 9, 5, 7, 8, 7, 1,
                6, 4, 4, 7, 4]
     per_rank = all_ranks(lengths, 9, 4, shuffle=True, seed=2, strategy="ffd", window=1)
@@ -349,6 +351,23 @@ def test_bad_arguments(kwargs, message):
 def test_set_epoch_rejects_negative():
     with pytest.raises(ValueError, match="epoch: expected a non-negative int, got -1"):
         TokenBudgetBatchSampler([5, 6], 100).set_epoch(-1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TokenBudgetBatchSampler([5, 6, 7], 0),
+        lambda: TokenBudgetBatchSampler([5, 6, 7], 100, strategy="best"),
+        lambda: TokenBudgetBatchSampler([5, 6, 7], 100, num_replicas=2, rank=2),
+        lambda: TokenBudgetBatchSampler([10] * 5, 10, num_replicas=4),
+        lambda: TokenBudgetBatchSampler([3, 0], 100),
+        lambda: TokenBudgetBatchSampler([5, 6], 100).load_state_dict({"epoch": 0}),
+    ],
+)
+def test_bad_input_is_an_input_error(make):
+    """Refusals are `packcollate.errors.InputError` (a ValueError, so `except ValueError` still catches them)."""
+    with pytest.raises(InputError):
+        make()
 
 
 # --- inputs and integration -----------------------------------------------------------------------

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from packcollate import PackedCollator
-from packcollate.integrations import PackedTrainer
 from packcollate.batching.stream import TokenBudgetStream
+from packcollate.errors import InputError
+from packcollate.integrations import PackedTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer_integration import (  # noqa: E402
@@ -110,6 +111,11 @@ def test_bad_input_is_named():
         TokenBudgetStream([], None)
     with pytest.raises(ValueError, match="expected at most 1 DataLoader worker, got num_workers=2"):
         list(DataLoader(TokenBudgetStream(stream_of([3] * 8), 10), batch_size=None, num_workers=2))
+    for make in (lambda: TokenBudgetStream([], 0), lambda: TokenBudgetStream([], 10, overflow="drop"),
+                 lambda: TokenBudgetStream([], 10, num_replicas=2, rank=2), lambda: list(TokenBudgetStream([{"length": 0}], 10)),
+                 lambda: TokenBudgetStream([], 10).load_state_dict({"epoch": 0})):
+        with pytest.raises(InputError):  # a ValueError too
+            make()
 
 
 def test_plain_loop_gives_whole_packed_batches():

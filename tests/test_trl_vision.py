@@ -105,7 +105,7 @@ def test_first_batch_logits_and_gradients_match_trl_padded(tmp_path, processor, 
     ours = PackedSFTTrainer(model=tiny_vlm(processor, "packcollate"), args=sft_config(tmp_path / "ours"),
                             train_dataset=chats, processing_class=processor)
     if not rope_positions:
-        ours.data_collator.pack._rope_owner = None
+        ours.data_collator.pack.rope_owner = None
     examples = [chats[i] for i in range(4)]
     padded, packed = theirs.data_collator([dict(e) for e in examples]), ours.data_collator(examples)
     logit_diff, grad_diff = first_batch_diffs(theirs.model, padded, ours.model, packed)
@@ -121,7 +121,7 @@ def test_given_packed_collator_is_upgraded_with_its_options(tmp_path, processor,
                                data_collator=PackedCollator(max_seq_length=64, overflow="drop"))
     pack = trainer.data_collator.pack
     assert isinstance(pack, PackedVisionCollator) and pack.max_seq_length == 64 and pack.overflow == "drop"
-    assert pack._rope_owner is not None
+    assert pack.rope_owner is not None
 
 
 def test_token_budget_counts_image_tokens(tmp_path, processor, chats):

@@ -13,6 +13,7 @@ the layer). Each class also subclasses the built-in exception callers already ca
 | `UnsupportedError` | `ValueError` | a model, layer or setting whose packed batch cannot be kept exact on this path: refused, never approximated |
 | `BackendRefused` | `ValueError` | a model that keeps its attention backend when asked to switch (it picks it when built) |
 | `NotPreparedError` | `RuntimeError` | a packed batch reached a layer that carries state in a model `packcollate.prepare` did not prepare |
+| `LaunchError` | `RuntimeError` | a distributed launch that would silently run something else than what was asked (FSDP on CPU, one process of two) |
 | `PackingUnsafeError` | `RuntimeError` | the numeric proof measured packed examples mixing (`assert_packing_safe`) |
 """
 
@@ -51,6 +52,10 @@ class BackendRefused(UnsupportedError):
 
 class NotPreparedError(PackcollateError, RuntimeError):
     """A packed batch reached a layer that carries state in a model `packcollate.prepare` did not prepare."""
+
+
+class LaunchError(PackcollateError, RuntimeError):
+    """A distributed launch that would silently run something else than what was asked."""
 
 
 class PackingUnsafeError(PackcollateError, RuntimeError):

@@ -191,6 +191,21 @@ def _keep_layout_when_recomputed(units: list[torch.nn.Module]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_prepared(model: torch.nn.Module) -> None:
+    """Raise `NotPreparedError` when `model` (bare or wrapped) has layers that carry state or compute
+    attention inside the model and `prepare` did not restart them (read from the model itself: pure
+    state-space models included, which no mask function ever sees)."""
+    missing = sorted({type(layer).__name__ for _, layer in [*restart.token_mixers(model),
+                                                             *restart.internal_attention_layers(model)]
+                      if not restart.is_restarted(layer)})
+    if missing:
+        raise NotPreparedError(
+            f"{type(unwrap_model(model)).__name__}: {', '.join(missing)} would carry one packed example's state into "
+            f"the next (or compute attention across them) until the model is prepared; call "
+            f"packcollate.prepare(model) before training (PackedTrainer and the TRL trainers do it)"
+        )
+
+
 def require_prepared(config) -> None:
     """Raise `NotPreparedError` when a model of `config` needs `prepare` (read from its modeling file:
     `restart.stateful_classes`); called by the mask function outside any prepared forward."""

@@ -408,6 +408,11 @@ def restart_layer(layer: torch.nn.Module, kind: str) -> None:
         layer.forward = types.MethodType(_restarted_forward, layer)
 
 
+def is_restarted(layer: torch.nn.Module) -> bool:
+    """Whether `restart_layer` gave `layer` its restarting forward."""
+    return "_packcollate_kind" in layer.__dict__
+
+
 def _restarted_forward(self, *args, **kwargs):
     """The layer's own forward on its packed examples apart, as the module docstring says; any other
     call (no packed forward in progress, another backend, a tower's own sequence) runs it as it is."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError, check_positive_int
+
 PERCENTILES = (10, 50, 90, 99)
 
 
@@ -35,29 +37,29 @@ def as_lengths(values) -> np.ndarray:
             values = values.detach().cpu().numpy()
     if isinstance(values, (list, tuple)) and bool in set(map(type, values)):  # np.asarray turns True into 1
         i = next(i for i, value in enumerate(values) if type(value) is bool)
-        raise ValueError(f"lengths[{i}]: expected a positive int, got {values[i]!r}")
+        raise InputError(f"lengths[{i}]: expected a positive int, got {values[i]!r}")
     try:
         array = np.asarray(values)
     except ValueError as error:  # ragged nested sequences
-        raise ValueError(f"lengths: expected a 1-D sequence of positive ints, got {type(values).__name__}") from error
+        raise InputError(f"lengths: expected a 1-D sequence of positive ints, got {type(values).__name__}") from error
     if array.ndim != 1:
-        raise ValueError(f"lengths: expected a 1-D sequence of positive ints, got an array of shape {array.shape}")
+        raise InputError(f"lengths: expected a 1-D sequence of positive ints, got an array of shape {array.shape}")
     if len(array) == 0:
-        raise ValueError("lengths: expected at least one example, got an empty sequence")
+        raise InputError("lengths: expected at least one example, got an empty sequence")
     if array.dtype.kind in "iu":
         pass
     elif array.dtype.kind == "f":
         bad = np.flatnonzero(~np.isfinite(array) | (array != np.round(array)))
         if len(bad):
-            raise ValueError(f"lengths[{bad[0]}]: expected a positive int, got {array[bad[0]].item()!r}")
+            raise InputError(f"lengths[{bad[0]}]: expected a positive int, got {array[bad[0]].item()!r}")
     else:  # bool, strings, objects: only Python ints pass
         for i, value in enumerate(array.tolist()):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"lengths[{i}]: expected a positive int, got {value!r}")
+                raise InputError(f"lengths[{i}]: expected a positive int, got {value!r}")
     array = array.astype(np.int64)
     bad = np.flatnonzero(array < 1)
     if len(bad):
-        raise ValueError(f"lengths[{bad[0]}]: expected a positive int, got {array[bad[0]]}")
+        raise InputError(f"lengths[{bad[0]}]: expected a positive int, got {array[bad[0]]}")
     return array
 
 
@@ -90,7 +92,7 @@ def token_counts(rows, column: str = "input_ids", where=None) -> np.ndarray | No
     if len(bad):
         i = int(bad[0])
         given = int(counts[i]) if key == "length" else "an empty list"
-        raise ValueError(f"{where(i)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got {given}")
+        raise InputError(f"{where(i)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got {given}")
     return counts
 
 
@@ -111,10 +113,10 @@ def _arrow_counts(rows, key: str, where) -> np.ndarray:
     kind = values.type
     is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
     if not (pa.types.is_integer(kind) if key == "length" else is_list and pa.types.is_integer(kind.value_type)):
-        raise ValueError(f"{where(0)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got a column of {kind}")
+        raise InputError(f"{where(0)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got a column of {kind}")
     if values.null_count:
         i = int(np.flatnonzero(pc.is_null(values).to_numpy(zero_copy_only=False))[0])
-        raise ValueError(f"{where(i)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got null")
+        raise InputError(f"{where(i)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got null")
     counts = values if key == "length" else pc.list_value_length(values)
     return counts.to_numpy().astype(np.int64)
 
@@ -126,22 +128,22 @@ def _row_counts(rows, key: str, where) -> np.ndarray:
     except (KeyError, TypeError, IndexError):
         for i, row in enumerate(rows):
             if not isinstance(row, Mapping):
-                raise ValueError(f"{where(i)}: expected a dict of columns, got {_describe(row)}") from None
+                raise InputError(f"{where(i)}: expected a dict of columns, got {_describe(row)}") from None
             if key not in row:
-                raise ValueError(f"{where(i)}: expected key {key!r} (as in the first row), got keys {sorted(row)}") from None
+                raise InputError(f"{where(i)}: expected key {key!r} (as in the first row), got keys {sorted(row)}") from None
         raise
     if key == "length":
         if set(map(type, values)) != {int}:
             i = next(i for i, value in enumerate(values) if type(value) is not int)
-            raise ValueError(f"{where(i)}: key 'length': expected a positive int, got {_describe(values[i])}")
+            raise InputError(f"{where(i)}: key 'length': expected a positive int, got {_describe(values[i])}")
         return np.asarray(values, dtype=np.int64)
     if set(map(type, values)) != {list}:
         i = next(i for i, value in enumerate(values) if type(value) is not list)
-        raise ValueError(f"{where(i)}: key {key!r}: expected {_EXPECTED[False]}, got {_describe(values[i])}")
+        raise InputError(f"{where(i)}: key {key!r}: expected {_EXPECTED[False]}, got {_describe(values[i])}")
     if set(map(type, itertools.chain.from_iterable(values))) - {int}:
         i = next(i for i, value in enumerate(values) if set(map(type, value)) - {int})
         bad = next(token for token in values[i] if type(token) is not int)
-        raise ValueError(f"{where(i)}: key {key!r}: expected {_EXPECTED[False]}, got {_describe(bad)} among them")
+        raise InputError(f"{where(i)}: key {key!r}: expected {_EXPECTED[False]}, got {_describe(bad)} among them")
     return np.fromiter(map(len, values), dtype=np.int64, count=len(values))
 
 
@@ -191,8 +193,7 @@ class LengthStats:
 def padded_tokens(lengths: np.ndarray, batch_size: int, seed: int = 0) -> int:
     """Tokens computed when `lengths` `(n,)` are shuffled into batches of `batch_size`, each padded
     to its longest example (the last batch may be smaller)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     shuffled = np.random.default_rng(seed).permutation(np.asarray(lengths, dtype=np.int64))
     starts = np.arange(0, len(shuffled), batch_size)
     longest = np.maximum.reduceat(shuffled, starts)
@@ -204,7 +205,7 @@ def length_stats(lengths, batch_size: int = 8, max_seq_length: int | None = None
     """Summarise example lengths `(n,)`; see `LengthStats`."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
-        raise ValueError("lengths: expected at least one example, got none")
+        raise InputError("lengths: expected at least one example, got none")
     return LengthStats(
         count=int(lengths.size),
         min=int(lengths.min()),

@@ -14,15 +14,16 @@ How batches are made:
 
 1. read examples into a buffer; every `buffer_size` new examples, pack the buffer into bins of at
    most `max_tokens` tokens by best-fit decreasing (`"bfd"`, default), first-fit decreasing
-   (`"ffd"`) or in order (`"greedy"`), vectorised over the buffer (`sampler.fit_bins`);
+   (`"ffd"`) or in order (`"greedy"`), vectorised over the buffer (`bins.pack_bins`);
 2. keep the `c` least-filled bins (`1 <= c <= num_replicas`, so that the bins handed out are a
    multiple of `num_replicas`) in the buffer for the next round: a part-filled bin is completed by
    later examples instead of being trained part-filled. A round that would hand out fewer than
    `num_replicas` bins keeps everything and reads `buffer_size` more;
 3. group the other bins into steps of `num_replicas` bins of similar tokens (one per rank), in
-   random order (`shuffle=True`, seeded by `(seed, epoch)`) or packing order;
+   random order (`shuffle=True`, seeded by `(seed, epoch)`) or packing order, as the sampler does
+   (`bins.group_steps`);
 4. when the stream ends, pack the rest and make its bins a multiple of `num_replicas` exactly as
-   the sampler does (`sampler._equal_counts`: repack the least-filled bins into more, or merge);
+   the sampler does (`bins.equal_counts`: repack the least-filled bins into more, or merge);
    when there are too few examples left for that, the missing bins are *padding batches*: one
    copy of the shortest example left, every label -100 (no targets: they add nothing to the loss
    or to its token count, `padding_batches` counts them).
@@ -54,18 +55,10 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..errors import InputError, check_non_negative_int, check_positive_int
 from ..layout import IGNORE_INDEX
-from .sampler import (
-    OVERFLOW_POLICIES,
-    STRATEGIES,
-    _Bins,
-    _check_state_keys,
-    _distributed_default,
-    _equal_counts,
-    _positive_int,
-    fit_bins,
-    greedy_bins,
-)
+from .bins import Bins, check_packing_options, equal_counts, group_steps, pack_bins
+from .ranks import check_state_keys, distributed_default
 
 DEFAULT_BUFFER_SIZE = 1024
 
@@ -73,19 +66,19 @@ DEFAULT_BUFFER_SIZE = 1024
 def example_tokens(example: Mapping, position: int, column: str = "input_ids") -> int:
     """Tokens of one streamed example: its `length` field, else `len(example[column])`.
 
-    Raises ValueError naming the stream `position` when the example has neither or is empty.
+    Raises InputError (a ValueError) naming the stream `position` when the example has neither or is empty.
     """
     if not isinstance(example, Mapping):
-        raise ValueError(f"stream example {position}: expected a dict of features, got {type(example).__name__}")
+        raise InputError(f"stream example {position}: expected a dict of features, got {type(example).__name__}")
     if "length" in example:
         value = example["length"]
     elif column in example:
         value = len(example[column])
     else:
-        raise ValueError(f"stream example {position}: expected a 'length' or {column!r} key, got keys {sorted(example)}")
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"stream example {position}, key 'length': expected a positive int, got {value!r}")
-    return int(value)
+        raise InputError(f"stream example {position}: expected a 'length' or {column!r} key, got keys {sorted(example)}")
+    if type(value) is int and value >= 1:  # the common case, checked without an ABC lookup per example
+        return value
+    return check_positive_int(f"stream example {position}, key 'length'", value)
 
 
 def padding_example(example: Mapping) -> dict:
@@ -96,30 +89,6 @@ def padding_example(example: Mapping) -> dict:
     padded = copy.deepcopy(dict(example))
     padded["labels"] = [IGNORE_INDEX] * len(padded["input_ids"])
     return padded
-
-
-def pack_buffer(lengths: np.ndarray, max_tokens: int, strategy: str) -> _Bins:
-    """Bins of the buffer's examples `(m,)` (indices into `lengths`), longer ones alone and unpackable."""
-    order = np.arange(len(lengths))
-    over = lengths > max_tokens
-    fits, oversized = order[~over], order[over]
-    if len(fits) == 0:
-        bin_of = np.zeros(0, dtype=np.int64)
-    elif strategy == "greedy":
-        bin_of = greedy_bins(lengths[fits], max_tokens)
-    else:
-        bin_of = fit_bins(lengths[fits], max_tokens, window=len(fits), best_fit=strategy == "bfd")
-    n_bins = int(bin_of.max(initial=-1)) + 1
-    return _Bins(
-        np.concatenate([fits[np.argsort(bin_of, kind="stable")], oversized]).astype(np.int64),
-        np.concatenate([np.bincount(bin_of, minlength=n_bins), np.ones(len(oversized), dtype=np.int64)]),
-        np.concatenate([np.ones(n_bins, dtype=bool), np.zeros(len(oversized), dtype=bool)]),
-    )
-
-
-def _runs(bins: _Bins) -> list[np.ndarray]:
-    """The items of each bin, `(sizes[b],)` each."""
-    return np.split(bins.items, np.cumsum(bins.sizes)[:-1]) if len(bins.sizes) else []
 
 
 class TokenBudgetStream(IterableDataset):
@@ -167,24 +136,20 @@ class TokenBudgetStream(IterableDataset):
         length_column: str = "input_ids",
     ) -> None:
         if not isinstance(examples, Iterable) or isinstance(examples, (str, bytes, Mapping)):
-            raise ValueError(f"examples: expected an iterable of example dicts, got {type(examples).__name__}")
+            raise InputError(f"examples: expected an iterable of example dicts, got {type(examples).__name__}")
         self.examples = examples
         if (max_tokens is None) == (max_examples is None):
-            raise ValueError(
+            raise InputError(
                 f"expected exactly one of max_tokens and max_examples, got max_tokens={max_tokens!r}, "
                 f"max_examples={max_examples!r}"
             )
         self.by_count = max_tokens is None
-        self.max_tokens = _positive_int("max_examples" if self.by_count else "max_tokens",
-                                        max_examples if self.by_count else max_tokens)
-        self.buffer_size = _positive_int("buffer_size", buffer_size)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow: expected one of {OVERFLOW_POLICIES}, got {overflow!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
-        self.num_replicas, self.rank = _distributed_default(num_replicas, rank)
+        self.max_tokens = check_positive_int("max_examples" if self.by_count else "max_tokens",
+                                             max_examples if self.by_count else max_tokens)
+        self.buffer_size = check_positive_int("buffer_size", buffer_size)
+        check_packing_options(strategy, overflow)
+        check_non_negative_int("seed", seed)
+        self.num_replicas, self.rank = distributed_default(num_replicas, rank)
         self.strategy = strategy
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -210,7 +175,7 @@ class TokenBudgetStream(IterableDataset):
             tokens = 1 if self.by_count else example_tokens(example, self.examples_read, self.length_column)
             if tokens > self.max_tokens:
                 if self.overflow == "error":
-                    raise ValueError(
+                    raise InputError(
                         f"stream example {self.examples_read}: expected at most max_tokens={self.max_tokens} tokens, "
                         f"got {tokens}; use overflow='own_batch' to give it a batch of its own"
                     )
@@ -222,7 +187,7 @@ class TokenBudgetStream(IterableDataset):
             if fresh >= self.buffer_size:
                 fresh = 0
                 array = np.asarray(lengths, dtype=np.int64)
-                emitted, kept = self._split_off_carry(pack_buffer(array, self.max_tokens, self.strategy), array)
+                emitted, kept = self._split_off_carry(self._pack(array), array)
                 if len(emitted.sizes):
                     yield from self._group(emitted, buffer, array, rng)
                     keep = kept.items.tolist()
@@ -231,41 +196,38 @@ class TokenBudgetStream(IterableDataset):
         if buffer:
             yield from self._last_steps(buffer, np.asarray(lengths, dtype=np.int64), rng)
 
-    def _split_off_carry(self, bins: _Bins, lengths: np.ndarray) -> tuple[_Bins, _Bins]:
+    def _pack(self, lengths: np.ndarray) -> Bins:
+        """Bins of the buffer's examples `(m,)` (indices into `lengths` `(m,)`, one window), longer ones alone."""
+        return pack_bins(lengths, np.arange(len(lengths)), self.max_tokens, self.strategy)
+
+    def _split_off_carry(self, bins: Bins, lengths: np.ndarray) -> tuple[Bins, Bins]:
         """(bins handed out now, a multiple of `num_replicas`; the `1 … num_replicas` least-filled
         bins, kept for the next round). Fewer than `num_replicas` bins to hand out: all are kept."""
         carry = (len(bins.sizes) - 1) % self.num_replicas + 1
         if len(bins.sizes) - carry < self.num_replicas:  # nothing to hand out yet: keep reading
-            return _Bins(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)), bins
+            return Bins(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)), bins
         least = np.argsort(bins.tokens(lengths), kind="stable")[:carry]
         out = np.ones(len(bins.sizes), dtype=bool)
         out[least] = False
-        runs = _runs(bins)
-        emitted = _Bins(
-            np.concatenate([runs[b] for b in np.flatnonzero(out)]), bins.sizes[out], bins.packable[out]
-        )
-        kept = _Bins(
-            np.concatenate([runs[b] for b in least]),
-            bins.sizes[least],
-            bins.packable[least],
-        )
+        emitted = Bins(np.concatenate(bins.runs(np.flatnonzero(out))), bins.sizes[out], bins.packable[out])
+        kept = Bins(np.concatenate(bins.runs(least)), bins.sizes[least], bins.packable[least])
         return emitted, kept
 
     def _last_steps(self, buffer: list[dict], lengths: np.ndarray, rng) -> Iterator[list[list[dict]]]:
         """Pack the rest of the stream into a multiple of `num_replicas` bins, padding when too few."""
-        bins = pack_buffer(lengths, self.max_tokens, self.strategy)
-        even = _equal_counts(bins, lengths, self.max_tokens, self.num_replicas, drop_last=False)
+        bins = self._pack(lengths)
+        even = equal_counts(bins, lengths, self.max_tokens, self.num_replicas, drop_last=False)
         if even is not None:
             bins = even[0]
         elif len(lengths) <= self.num_replicas:  # too few examples left to give every rank a batch: one each
-            bins = _Bins(np.arange(len(lengths), dtype=np.int64), np.ones(len(lengths), dtype=np.int64),
-                         lengths <= self.max_tokens)
+            bins = Bins(np.arange(len(lengths), dtype=np.int64), np.ones(len(lengths), dtype=np.int64),
+                        lengths <= self.max_tokens)
         pad = -len(bins.sizes) % self.num_replicas
         if pad:
             shortest = int(np.argmin(lengths))
             buffer = [*buffer, padding_example(buffer[shortest])]
             lengths = np.append(lengths, lengths[shortest])
-            bins = _Bins(
+            bins = Bins(
                 np.concatenate([bins.items, np.full(pad, len(buffer) - 1, dtype=np.int64)]),
                 np.concatenate([bins.sizes, np.ones(pad, dtype=np.int64)]),
                 np.concatenate([bins.packable, np.zeros(pad, dtype=bool)]),
@@ -273,18 +235,10 @@ class TokenBudgetStream(IterableDataset):
             self.padding_batches += pad
         yield from self._group(bins, buffer, lengths, rng)
 
-    def _group(self, bins: _Bins, buffer: list[dict], lengths: np.ndarray, rng) -> Iterator[list[list[dict]]]:
-        """Steps of `num_replicas` bins of similar tokens, in random or packing order."""
-        tokens = bins.tokens(lengths)
-        if rng is not None:
-            steps = np.lexsort((rng.random(len(tokens)), tokens)).reshape(-1, self.num_replicas)
-            steps = steps[rng.permutation(len(steps))]
-            steps = np.take_along_axis(steps, rng.random(steps.shape).argsort(axis=1), axis=1)
-        else:
-            steps = np.sort(np.argsort(tokens, kind="stable").reshape(-1, self.num_replicas), axis=1)
-            steps = steps[np.argsort(steps[:, 0], kind="stable")]
-        runs = _runs(bins)
-        for step in steps.tolist():
+    def _group(self, bins: Bins, buffer: list[dict], lengths: np.ndarray, rng) -> Iterator[list[list[dict]]]:
+        """Steps of `num_replicas` bins of similar tokens, in random or packing order (`bins.group_steps`)."""
+        runs = bins.runs()
+        for step in group_steps(bins.tokens(lengths), self.num_replicas, rng).tolist():
             yield [[buffer[i] for i in runs[b].tolist()] for b in step]
 
     # -- this rank's batches -------------------------------------------------------------------------
@@ -292,7 +246,7 @@ class TokenBudgetStream(IterableDataset):
     def __iter__(self) -> Iterator[list[dict]]:
         worker = get_worker_info()
         if worker is not None and worker.num_workers > 1:
-            raise ValueError(
+            raise InputError(
                 f"TokenBudgetStream: expected at most 1 DataLoader worker, got num_workers={worker.num_workers}: "
                 f"each worker would read the stream on its own and the ranks' plan would differ"
             )
@@ -308,8 +262,7 @@ class TokenBudgetStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Plan `epoch` next (forwarded to the stream's own `set_epoch`, which reshuffles a `datasets` stream)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch: expected a non-negative int, got {epoch!r}")
+        check_non_negative_int("epoch", epoch)
         if epoch != self.epoch:
             self._skip = self._yielded = 0
         self.epoch = int(epoch)
@@ -324,10 +277,8 @@ class TokenBudgetStream(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next pass skips the first `steps_yielded` steps (reading, not collating, them)."""
-        _check_state_keys(state, ("epoch", "seed", "steps_yielded"), self.num_replicas)
-        skip = state["steps_yielded"]
-        if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or skip < 0:
-            raise ValueError(f"steps_yielded: expected a non-negative int, got {skip!r}")
+        check_state_keys(state, ("epoch", "seed", "steps_yielded"), self.num_replicas)
+        skip = check_non_negative_int("steps_yielded", state["steps_yielded"])
         self.set_epoch(state["epoch"])
         self.seed = int(state["seed"])
-        self._skip = self._yielded = int(skip)
+        self._skip = self._yielded = skip

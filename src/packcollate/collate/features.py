@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import InputError, InputTypeError, MissingKeyError
 from ..layout import PACKING_KEYS
 
 #: Per-token keys whose values are 0/1 masks over `input_ids`.
@@ -82,25 +83,25 @@ def _diagnose_sequence(values: list, key: str, *, integer: bool, mask: bool) -> 
         expected, kinds = "a flat sequence of numbers", "iubf"
     for i, value in enumerate(values):
         if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-            raise ValueError(f"example {i}, key {key!r}: expected {expected}, got {_describe(value)}")
+            raise InputError(f"example {i}, key {key!r}: expected {expected}, got {_describe(value)}")
         try:
             arr = np.asarray(value)
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"example {i}, key {key!r}: expected {expected}, got a ragged nested sequence {_describe(value)}"
             ) from None
         if arr.ndim == 0:
-            raise ValueError(f"example {i}, key {key!r}: expected {expected}, got the scalar {_describe(value)}")
+            raise InputError(f"example {i}, key {key!r}: expected {expected}, got the scalar {_describe(value)}")
         if arr.ndim != 1:
-            raise ValueError(
+            raise InputError(
                 f"example {i}, key {key!r}: expected {expected}, got a nested sequence of shape {arr.shape}"
             )
         if arr.size and arr.dtype.kind not in kinds:
             bad = _first_non_integer(value, arr) if integer or mask else value
             if isinstance(bad, np.dtype) and isinstance(value, (list, tuple)):  # all ints: some beyond int64
                 j = next(j for j, item in enumerate(value) if not -_INT64_MAX - 1 <= item <= _INT64_MAX)
-                raise ValueError(f"example {i}, key {key!r}: expected integers below 2**63, got {value[j]} at position {j}")
-            raise ValueError(f"example {i}, key {key!r}: expected {expected}, got {_describe(bad)}")
+                raise InputError(f"example {i}, key {key!r}: expected integers below 2**63, got {value[j]} at position {j}")
+            raise InputError(f"example {i}, key {key!r}: expected {expected}, got {_describe(bad)}")
 
 
 def _signed(array: np.ndarray, example: int, key: str) -> np.ndarray:
@@ -110,7 +111,7 @@ def _signed(array: np.ndarray, example: int, key: str) -> np.ndarray:
         return array
     if array.dtype.itemsize == 8 and int(array.max()) > _INT64_MAX:
         j = int(np.flatnonzero(array > _INT64_MAX)[0])
-        raise ValueError(
+        raise InputError(
             f"example {example}, key {key!r}: expected integers below 2**63, got {int(array[j])} at position {j}"
         )
     return array.astype(np.int64)
@@ -141,7 +142,7 @@ def concat_key(features: Sequence[Mapping], key: str, *, integer: bool = True, m
     ):
         _diagnose_sequence(values, key, integer=integer, mask=mask)
         # A well-formed value of each example that still concatenates wrongly: mixed kinds across examples.
-        raise ValueError(f"key {key!r}: expected {'integers' if integer else 'numbers'} in every example, "
+        raise InputError(f"key {key!r}: expected {'integers' if integer else 'numbers'} in every example, "
                          f"got values of dtype {flat.dtype} once concatenated")
     return flat, lengths
 
@@ -157,29 +158,29 @@ def _example_of_token(token_index: int, lengths: np.ndarray) -> tuple[int, int]:
 def _check_lengths_match(key: str, lengths: np.ndarray, expected: np.ndarray, what: str) -> None:
     if not np.array_equal(lengths, expected):
         i = int(np.flatnonzero(lengths != expected)[0])
-        raise ValueError(
+        raise InputError(
             f"example {i}, key {key!r}: expected {int(expected[i])} values ({what}), got {int(lengths[i])}"
         )
 
 
 def _check_keys(features: Sequence[Mapping]) -> list[str]:
     if isinstance(features, Mapping) or not isinstance(features, Sequence):
-        raise TypeError(f"expected a list of feature dicts, got {_describe(features)}")
+        raise InputTypeError(f"expected a list of feature dicts, got {_describe(features)}")
     if len(features) == 0:
-        raise ValueError("expected at least one example, got an empty batch")
+        raise InputError("expected at least one example, got an empty batch")
     for i, f in enumerate(features):
         if not isinstance(f, Mapping):
-            raise TypeError(f"example {i}: expected a dict of features, got {_describe(f)}")
+            raise InputTypeError(f"example {i}: expected a dict of features, got {_describe(f)}")
     keys = list(features[0].keys())
     if "input_ids" not in keys:
-        raise KeyError(f"example 0: expected key 'input_ids', got keys {sorted(keys)}")
+        raise MissingKeyError(f"example 0: expected key 'input_ids', got keys {sorted(keys)}")
     key_set = set(keys)
     for i, f in enumerate(features):
         if f.keys() != key_set:
             missing = sorted(key_set - f.keys())
             extra = sorted(f.keys() - key_set)
             detail = f"lacks {missing}" if missing else f"has extra {extra}"
-            raise KeyError(f"example {i}: expected the same keys as example 0 {sorted(keys)}, but it {detail}")
+            raise MissingKeyError(f"example {i}: expected the same keys as example 0 {sorted(keys)}, but it {detail}")
     return keys
 
 
@@ -190,17 +191,17 @@ def _segments(features, example_lengths: np.ndarray) -> tuple[np.ndarray, np.nda
     seg, counts = concat_key(features, "seq_lengths")
     if np.any(counts == 0):
         i = int(np.flatnonzero(counts == 0)[0])
-        raise ValueError(f"example {i}, key 'seq_lengths': expected at least one sub-sequence length, got none")
+        raise InputError(f"example {i}, key 'seq_lengths': expected at least one sub-sequence length, got none")
     if seg.min() <= 0:
         i, j = _example_of_token(int(np.flatnonzero(seg <= 0)[0]), counts)
-        raise ValueError(
+        raise InputError(
             f"example {i}, key 'seq_lengths': expected positive lengths, got {int(seg[np.flatnonzero(seg <= 0)[0]])} "
             f"at sub-sequence {j}"
         )
     sums = np.add.reduceat(seg, np.concatenate([[0], np.cumsum(counts)[:-1]]))
     if not np.array_equal(sums, example_lengths):
         i = int(np.flatnonzero(sums != example_lengths)[0])
-        raise ValueError(
+        raise InputError(
             f"example {i}, key 'seq_lengths': expected lengths summing to the row length {int(example_lengths[i])}, "
             f"got {seg[int(np.sum(counts[:i])):int(np.sum(counts[: i + 1]))].tolist()} (sum {int(sums[i])})"
         )
@@ -224,11 +225,11 @@ def flatten_features(features: Sequence[Mapping], passthrough_keys: Sequence[str
     ids, lengths = concat_key(features, "input_ids")
     if not lengths.all():
         i = int(np.flatnonzero(lengths == 0)[0])
-        raise ValueError(f"example {i}, key 'input_ids': expected at least one token, got 0 tokens")
+        raise InputError(f"example {i}, key 'input_ids': expected at least one token, got 0 tokens")
     if ids.min() < 0:
         t = int(np.flatnonzero(ids < 0)[0])
         i, j = _example_of_token(t, lengths)
-        raise ValueError(
+        raise InputError(
             f"example {i}, key 'input_ids': expected non-negative token ids, got {int(ids[t])} at position {j}"
         )
     tokens = {"input_ids": ids.astype(np.int64, copy=False)}
@@ -241,7 +242,7 @@ def flatten_features(features: Sequence[Mapping], passthrough_keys: Sequence[str
             passthrough[key] = [f[key] for f in features]
             continue
         if key in PACKING_KEYS:  # the collator computes it: it would be overwritten
-            raise ValueError(
+            raise InputError(
                 f"example 0, key {key!r}: expected no {key!r} in the examples (the collator computes it and would "
                 f"overwrite it), got one; remove or rename the key"
             )
@@ -249,7 +250,7 @@ def flatten_features(features: Sequence[Mapping], passthrough_keys: Sequence[str
         if key not in KNOWN_KEYS:
             first = features[0][key]
             if isinstance(first, (str, bytes)) or not hasattr(first, "__len__") or np.ndim(_to_numpy(first)) == 0:
-                raise ValueError(
+                raise InputError(
                     f"example 0, key {key!r}: expected a per-token sequence of {int(lengths[0])} values, got "
                     f"{_describe(first)}; list the key in passthrough_keys to return it per example, or remove it"
                 )
@@ -260,13 +261,13 @@ def flatten_features(features: Sequence[Mapping], passthrough_keys: Sequence[str
             if bad.any():
                 t = int(np.flatnonzero(bad)[0])
                 i, j = _example_of_token(t, lengths)
-                raise ValueError(f"example {i}, key {key!r}: expected 0/1 values, got {values[t].item()!r} at position {j}")
+                raise InputError(f"example {i}, key {key!r}: expected 0/1 values, got {values[t].item()!r} at position {j}")
             values = values.astype(bool, copy=False)
         if key == "attention_mask":
             if not values.all():
                 i, _ = _example_of_token(int(np.flatnonzero(~values)[0]), lengths)
                 zeros = int(len(features[i][key]) - np.count_nonzero(_to_numpy(features[i][key])))
-                raise ValueError(
+                raise InputError(
                     f"example {i}, key 'attention_mask': expected all ones (examples are concatenated, not "
                     f"padded: pass them unpadded), got {zeros} zeros"
                 )

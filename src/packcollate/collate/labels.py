@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import InputError
+
 TEMPLATE_MISSING_POLICIES = ("mask", "error")
 
 
@@ -24,13 +26,13 @@ def as_template(template: Sequence[int] | None, name: str) -> np.ndarray | None:
     if template is None:
         return None
     if isinstance(template, str):
-        raise ValueError(
+        raise InputError(
             f"{name}: expected token ids (e.g. tokenizer.encode(text, add_special_tokens=False)), got the string "
             f"{template!r}"
         )
     arr = np.asarray(template)
     if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
-        raise ValueError(f"{name}: expected a non-empty flat sequence of token ids, got {template!r}")
+        raise InputError(f"{name}: expected a non-empty flat sequence of token ids, got {template!r}")
     return arr.astype(np.int64)
 
 

@@ -19,17 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-OVERFLOW_POLICIES = ("truncate", "split", "drop", "error")
+from ..errors import InputError
+
+LENGTH_POLICIES = ("truncate", "split", "drop", "error")
 
 
 def check_length_policy(max_seq_length: int | None, overflow: str) -> None:
     """Raise ValueError for an invalid `max_seq_length` / `overflow` pair."""
-    if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"overflow: expected one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    if overflow not in LENGTH_POLICIES:
+        raise InputError(f"overflow: expected one of {LENGTH_POLICIES}, got {overflow!r}")
     if max_seq_length is not None and (
         isinstance(max_seq_length, bool) or not isinstance(max_seq_length, (int, np.integer)) or max_seq_length < 1
     ):
-        raise ValueError(f"max_seq_length: expected a positive int or None, got {max_seq_length!r}")
+        raise InputError(f"max_seq_length: expected a positive int or None, got {max_seq_length!r}")
 
 
 @dataclass
@@ -77,7 +79,7 @@ def plan_lengths(
         if segment_example is not None and not np.array_equal(segment_example, identity):
             # a pre-packed row: name the sub-sequence by its index inside the row, as `seq_lengths` lists it
             where += f" (sub-sequence {s - int(np.searchsorted(segment_example, example))})"
-        raise ValueError(
+        raise InputError(
             f"{where}, key 'input_ids': expected at most max_seq_length={max_seq_length} tokens, got {int(lengths[s])}; "
             f"choose overflow='truncate', 'split' or 'drop' to handle long examples"
         )

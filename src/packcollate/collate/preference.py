@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..errors import InputError, MissingKeyError
 from ..layout import packing_keys, to_torch
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -39,10 +40,10 @@ TRUNCATION_MODES = ("keep_start", "keep_end")
 def _ids(example: dict, index: int, key: str, allow_empty: bool = False) -> np.ndarray:
     if not isinstance(example, dict) or key not in example:
         given = sorted(example) if isinstance(example, dict) else type(example).__name__
-        raise KeyError(f"example {index}: expected a key {key!r} (a list of token ids), got {given}")
+        raise MissingKeyError(f"example {index}: expected a key {key!r} (a list of token ids), got {given}")
     ids = np.asarray(example[key])
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)) or (ids.size == 0 and not allow_empty):
-        raise ValueError(
+        raise InputError(
             f"example {index}, key {key!r}: expected a non-empty 1-D list of int token ids, got "
             f"{type(example[key]).__name__} of shape {ids.shape} and dtype {ids.dtype}"
         )
@@ -54,7 +55,7 @@ def _floats(examples: Sequence[dict], key: str, dtype) -> torch.Tensor | None:
         return None
     missing = [i for i, example in enumerate(examples) if key not in example]
     if missing:
-        raise KeyError(
+        raise MissingKeyError(
             f"example {missing[0]}: expected a key {key!r} (example 0 has one), got {sorted(examples[missing[0]])}"
         )
     return torch.tensor([example[key] for example in examples], dtype=dtype)
@@ -73,15 +74,15 @@ class PackedPreferenceCollator:
 
     def __init__(self, max_length: int | None = None, truncation_mode: str = "keep_start"):
         if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
-            raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+            raise InputError(f"max_length: expected a positive int or None, got {max_length!r}")
         if truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"truncation_mode: expected one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+            raise InputError(f"truncation_mode: expected one of {TRUNCATION_MODES}, got {truncation_mode!r}")
         self.max_length = max_length
         self.truncation_mode = truncation_mode
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         if not examples:
-            raise ValueError("examples: expected at least one preference pair, got none")
+            raise InputError("examples: expected at least one preference pair, got none")
         prompts = [_ids(ex, i, "prompt_ids", allow_empty=True) for i, ex in enumerate(examples)]
         chosen = [_ids(ex, i, "chosen_ids") for i, ex in enumerate(examples)]
         rejected = [_ids(ex, i, "rejected_ids") for i, ex in enumerate(examples)]
@@ -118,7 +119,7 @@ class PackedPairCollator:
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         if not examples:
-            raise ValueError("examples: expected at least one preference pair, got none")
+            raise InputError("examples: expected at least one preference pair, got none")
         sequences = [_ids(ex, i, "chosen_ids") for i, ex in enumerate(examples)]
         sequences += [_ids(ex, i, "rejected_ids") for i, ex in enumerate(examples)]
         lengths = np.fromiter((len(s) for s in sequences), np.int64, len(sequences))

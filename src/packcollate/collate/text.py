@@ -9,18 +9,8 @@ exactly the same target tokens:
   `response_template` get -100;
 - the length policy (`max_seq_length`, `overflow`) applies to each sequence, never to the packed row.
 
-A packed batch of `k` sequences of lengths `l_0 … l_{k-1}` (`N = sum(l_i)`, plus the padding segment
-of `pad_to_multiple_of` when set):
-
-| key | shape, dtype | value |
-| --- | --- | --- |
-| `input_ids` | `(1, N)` int64 | the tokens, in order |
-| `labels` | `(1, N)` int64 | as above |
-| `position_ids` | `(1, N)` int64 | `0 … l_i-1` per sequence, `+ position_ids_start` |
-| `cu_seq_lens_q`, `cu_seq_lens_k` | `(k+1,)` int32 | `[0, l_0, l_0+l_1, …, N]` |
-| `max_length_q`, `max_length_k` | Python int | `max(l_i)` |
-| `seq_idx` | `(1, N)` int32, when asked | sequence index of each token |
-
+A packed batch (one row of `N` tokens, plus the padding segment of `pad_to_multiple_of` when set) is
+the layout `packcollate.layout` describes, built by `layout.packing_keys`.
 No `attention_mask` is emitted: with one, transformers ignores the packing.
 """
 
@@ -34,7 +24,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from ..errors import check_non_negative_int
+from ..errors import InputError, check_non_negative_int
 from ..layout import (
     IGNORE_INDEX,
     PACKING_KEYS,
@@ -138,21 +128,21 @@ class BaseCollator:
     def __post_init__(self) -> None:
         check_length_policy(self.max_seq_length, self.overflow)
         if self.return_tensors not in RETURN_TENSORS:
-            raise ValueError(f"return_tensors: expected one of {RETURN_TENSORS}, got {self.return_tensors!r}")
+            raise InputError(f"return_tensors: expected one of {RETURN_TENSORS}, got {self.return_tensors!r}")
         if self.on_missing_template not in TEMPLATE_MISSING_POLICIES:
-            raise ValueError(
+            raise InputError(
                 f"on_missing_template: expected one of {TEMPLATE_MISSING_POLICIES}, got {self.on_missing_template!r}"
             )
         self._response = as_template(self.response_template, "response_template")
         self._instruction = as_template(self.instruction_template, "instruction_template")
         if self._instruction is not None and self._response is None:
-            raise ValueError("instruction_template: expected a response_template too, got only an instruction_template")
+            raise InputError("instruction_template: expected a response_template too, got only an instruction_template")
         if isinstance(self.passthrough_keys, str):
-            raise ValueError(f"passthrough_keys: expected a list of key names, got the string {self.passthrough_keys!r}")
+            raise InputError(f"passthrough_keys: expected a list of key names, got the string {self.passthrough_keys!r}")
         self.passthrough_keys = tuple(self.passthrough_keys)
         reserved = [key for key in self.passthrough_keys if key in KNOWN_KEYS or key in PACKING_KEYS]
         if reserved:
-            raise ValueError(
+            raise InputError(
                 f"passthrough_keys: expected keys the collator neither reads nor emits, got {reserved} (passed "
                 f"through, they would replace what the collator computes)"
             )
@@ -184,7 +174,7 @@ class BaseCollator:
                     f"got {int(missing.sum())} of {len(missing)} sequences without it"
                 )
                 if self.on_missing_template == "error":
-                    raise ValueError(message)
+                    raise InputError(message)
                 self._warn_once("missing_template", message + "; their labels are all masked")
             trained = by_template if trained is None else trained & by_template
         return trained
@@ -233,7 +223,7 @@ class BaseCollator:
         """Convert numpy arrays to the requested tensor type; add passthrough values."""
         return_tensors = return_tensors or self.return_tensors
         if return_tensors not in RETURN_TENSORS:
-            raise ValueError(f"return_tensors: expected one of {RETURN_TENSORS}, got {return_tensors!r}")
+            raise InputError(f"return_tensors: expected one of {RETURN_TENSORS}, got {return_tensors!r}")
         if return_tensors == "pt":
             batch = to_torch(batch)
         for key, values in passthrough.items():
@@ -294,7 +284,7 @@ class PackedCollator(BaseCollator):
         if self.pad_to_multiple_of is not None and (
             not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
         ):
-            raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
+            raise InputError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
         check_non_negative_int("position_ids_start", self.position_ids_start)
 
     def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict:
@@ -345,7 +335,7 @@ class PaddedCollator(BaseCollator):
         if self.pad_to_multiple_of is not None and (
             not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
         ):
-            raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
+            raise InputError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
 
     @classmethod
     def like(cls, collator: BaseCollator, **overrides) -> PaddedCollator:

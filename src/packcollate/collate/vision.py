@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import InputError, InputTypeError, UnsupportedError
 from ..layout import BACKEND_NAME, BLOCK_IDS, FLASH_KWARGS, IGNORE_INDEX, to_torch
 from ..unwrap import unwrap_model
 from .text import PackedCollator
@@ -92,7 +93,7 @@ SIZE_CROPPED_FAMILIES = ("llava_next", "llava_onevision")
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
-def _rope_owner(model):
+def find_rope_owner(model):
     """The module that owns `get_rope_index`: the model under any wrapper (`unwrap.unwrap_model`), or the
     inner model of a composite one (`.model`); None when neither has it."""
     owner = unwrap_model(model) if isinstance(model, torch.nn.Module) else None
@@ -135,7 +136,7 @@ def shield_vision_tower(model) -> list[str]:
 def _model_config(model):
     config = getattr(model, "config", None)
     if config is None:
-        raise TypeError(f"model: expected a transformers model (with a .config), got {type(model).__name__}")
+        raise InputTypeError(f"model: expected a transformers model (with a .config), got {type(model).__name__}")
     return config
 
 
@@ -151,7 +152,7 @@ def _flat_tokens(value, index: int, key: str):
     array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
     if isinstance(array, np.ndarray) and array.ndim == 2:
         if array.shape[0] != 1:
-            raise ValueError(
+            raise InputError(
                 f"example {index}, key {key!r}: expected one example's tokens, shape (L,) or (1, L), got shape "
                 f"{tuple(array.shape)}; call the processor on one example at a time, or unbatch its output"
             )
@@ -165,7 +166,7 @@ def _as_tensor(value, index: int, key: str) -> torch.Tensor:
     try:
         return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     except (TypeError, ValueError) as error:
-        raise ValueError(f"example {index}, key {key!r}: expected a numeric array, got {type(value).__name__} "
+        raise InputError(f"example {index}, key {key!r}: expected a numeric array, got {type(value).__name__} "
                          f"({error})") from None
 
 
@@ -201,6 +202,10 @@ class PackedVisionCollator(PackedCollator):
         position_ids_start: first text position of every example; None (default): the family's own
             (`POSITION_OFFSETS`: 1 for PaliGemma, else 0).
 
+    Attributes:
+        rope_owner: the module whose `get_rope_index` gives each example's multi-section rotary
+            positions (`find_rope_owner(model)`), or None (1-D positions).
+
     Limits: `overflow="truncate"` / `"split"` with a `max_seq_length` are refused (a cut through
     an image's tokens would separate them from its pixels); use `"drop"` or `"error"`. Pre-packed
     rows (`seq_lengths`) are refused: each example must be one sequence with its own images.
@@ -213,18 +218,18 @@ class PackedVisionCollator(PackedCollator):
     vision_keys: Sequence[str] = VISION_KEYS
 
     def __post_init__(self) -> None:
-        self._rope_owner = _rope_owner(self.model)
+        self.rope_owner = find_rope_owner(self.model)
         self._rope_parameters: set[str] = set()
         self._config = _model_config(self.model) if self.model is not None else None
-        if self._rope_owner is not None:
-            self._config = self._rope_owner.config
-            self._rope_parameters = set(inspect.signature(self._rope_owner.get_rope_index).parameters)
+        if self.rope_owner is not None:
+            self._config = self.rope_owner.config
+            self._rope_parameters = set(inspect.signature(self.rope_owner.get_rope_index).parameters)
         self._model_type = getattr(self._config, "model_type", None)
         if self.position_ids_start is None:
             self.position_ids_start = POSITION_OFFSETS.get(self._model_type, 0)
         super().__post_init__()
         if self.max_seq_length is not None and self.overflow in ("truncate", "split"):
-            raise ValueError(
+            raise InputError(
                 f"overflow: expected 'drop' or 'error' with max_seq_length={self.max_seq_length} for image+text "
                 f"examples (a {self.overflow} through an image's tokens separates them from its pixels), got "
                 f"{self.overflow!r}"
@@ -245,13 +250,13 @@ class PackedVisionCollator(PackedCollator):
     def _split(self, features: Sequence[Mapping]) -> tuple[list[dict], list[dict]]:
         """Per example: the text features (flat per-token values) and the vision values present."""
         if isinstance(features, Mapping) or not isinstance(features, Sequence):
-            raise TypeError(f"expected a list of feature dicts, got {type(features).__name__}")
+            raise InputTypeError(f"expected a list of feature dicts, got {type(features).__name__}")
         texts, visions = [], []
         for i, example in enumerate(features):
             if not isinstance(example, Mapping):
-                raise TypeError(f"example {i}: expected a dict of features, got {type(example).__name__}")
+                raise InputTypeError(f"example {i}: expected a dict of features, got {type(example).__name__}")
             if "seq_lengths" in example:
-                raise ValueError(f"example {i}, key 'seq_lengths': expected one example per dict with its own "
+                raise InputError(f"example {i}, key 'seq_lengths': expected one example per dict with its own "
                                  f"images, got a pre-packed row; pack image+text examples with this collator only")
             text, vision = {}, {}
             for key, value in example.items():
@@ -268,7 +273,7 @@ class PackedVisionCollator(PackedCollator):
             visions.append(vision)
         return texts, visions
 
-    def _attention_backend(self) -> str | None:
+    def attention_backend(self) -> str | None:
         """The attention implementation of the model's text side, read at call time."""
         text_config = self._config.get_text_config() if hasattr(self._config, "get_text_config") else self._config
         return getattr(text_config, "_attn_implementation", None) or getattr(self._config, "_attn_implementation", None)
@@ -282,7 +287,7 @@ class PackedVisionCollator(PackedCollator):
             return None
         if rule is None:
             if examples > 1 and (np.asarray(batch[key]) != 0).any():
-                raise ValueError(
+                raise UnsupportedError(
                     f"key 'token_type_ids': expected no bidirectional token blocks for model_type {self._model_type!r} "
                     f"(no block rule is known for it here: {sorted([*BIDIRECTIONAL_BLOCKS, *MODEL_MASKED_BLOCKS])}), got "
                     f"them in {examples} packed examples; "
@@ -293,9 +298,9 @@ class PackedVisionCollator(PackedCollator):
         blocks = rule[1](torch.as_tensor(batch[key], dtype=torch.long)).numpy().astype(np.int64)
         if not (blocks >= 0).any():
             return None
-        backend = self._attention_backend()
+        backend = self.attention_backend()
         if examples > 1 and backend != BACKEND_NAME:
-            raise ValueError(
+            raise UnsupportedError(
                 f"key {key!r}: bidirectional image blocks of {examples} packed examples are exact only with "
                 f"attn_implementation={BACKEND_NAME!r}, got a model on {backend!r} (transformers' packed masks look "
                 f"the blocks up by in-sequence position); load the model with attn_implementation={BACKEND_NAME!r}, "
@@ -322,7 +327,7 @@ class PackedVisionCollator(PackedCollator):
             reference = parts[0][1]
             for i, part in parts[1:]:
                 if part.dim() != reference.dim() or part.shape[axis + 1:] != reference.shape[axis + 1:]:
-                    raise ValueError(
+                    raise InputError(
                         f"example {i}, key {key!r}: expected shape (…, {', '.join(map(str, reference.shape[axis + 1:]))}) "
                         f"after the image axis {axis} like example {parts[0][0]}, got {tuple(part.shape)}"
                     )
@@ -336,7 +341,7 @@ class PackedVisionCollator(PackedCollator):
         for i, part in parts:
             sizes = visions[i].get("image_sizes")
             if sizes is None or tuple(sizes.shape) != (part.shape[0], 2):
-                raise ValueError(
+                raise InputError(
                     f"example {i}, key 'image_sizes': expected each image's (height, width), shape ({part.shape[0]}, 2) "
                     f"for 'pixel_values' {tuple(part.shape)} of {self._model_type} (the model cuts every image back "
                     f"to its size; images of different sizes are zero-padded to the largest), got "
@@ -355,7 +360,7 @@ class PackedVisionCollator(PackedCollator):
 
     # -- positions ------------------------------------------------------------------------------
 
-    def _type_ids(self, ids: torch.Tensor, text: Mapping) -> torch.Tensor:
+    def token_modalities(self, ids: torch.Tensor, text: Mapping) -> torch.Tensor:
         """`(L,)` modality of each token: 0 text, 1 image, 2 video (from `mm_token_type_ids` when given)."""
         if "mm_token_type_ids" in text:
             return torch.as_tensor(np.asarray(text["mm_token_type_ids"]), dtype=torch.long)
@@ -371,13 +376,13 @@ class PackedVisionCollator(PackedCollator):
         ids = torch.as_tensor(np.asarray(text["input_ids"]), dtype=torch.long)
         kwargs = {key: vision[key] for key in _ROPE_KEYS if key in vision and key in self._rope_parameters}
         if "mm_token_type_ids" in self._rope_parameters:
-            kwargs["mm_token_type_ids"] = self._type_ids(ids, text)[None]
+            kwargs["mm_token_type_ids"] = self.token_modalities(ids, text)[None]
         try:
-            positions, _ = self._rope_owner.get_rope_index(ids[None], **kwargs)
+            positions, _ = self.rope_owner.get_rope_index(ids[None], **kwargs)
         except (StopIteration, RuntimeError, ValueError, IndexError, TypeError) as error:
-            raise ValueError(
-                f"example {index}: get_rope_index of {type(self._rope_owner).__name__} failed on its "
-                f"{int((self._type_ids(ids, text) > 0).sum())} vision tokens and grids "
+            raise InputError(
+                f"example {index}: get_rope_index of {type(self.rope_owner).__name__} failed on its "
+                f"{int((self.token_modalities(ids, text) > 0).sum())} vision tokens and grids "
                 f"{ {k: v.tolist() for k, v in kwargs.items() if k.endswith('grid_thw')} }: {error!r}"
             ) from None
         return positions[:, 0]
@@ -416,7 +421,7 @@ class PackedVisionCollator(PackedCollator):
         blocks = self._block_ids(batch, len(kept))
         if blocks is not None:
             batch[BLOCK_IDS] = blocks
-        if self._rope_owner is not None:
+        if self.rope_owner is not None:
             sections = self._rope_positions(texts, visions, kept, batch["position_ids"][0])
             batch["position_ids"] = np.concatenate([batch["position_ids"], sections])[:, None, :]
         vision = self._concat_vision(visions, kept)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import InputError
+
 #: Sizes a model is built from: when present (and not null) each must be a positive int.
 SIZE_KEYS = (
     "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
@@ -45,13 +47,13 @@ def check_config_json(file: Path) -> dict:
     try:
         text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{file}: expected UTF-8 JSON, got an invalid byte at offset {error.start}") from None
+        raise InputError(f"{file}: expected UTF-8 JSON, got an invalid byte at offset {error.start}") from None
     try:
         values = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{file}: line {error.lineno}: expected a JSON object, got invalid JSON ({error.msg})") from None
+        raise InputError(f"{file}: line {error.lineno}: expected a JSON object, got invalid JSON ({error.msg})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{file}: line 1: expected a JSON object, got a {type(values).__name__}")
+        raise InputError(f"{file}: line 1: expected a JSON object, got a {type(values).__name__}")
     sections = [("", values)] + [(f"{k}.", values[k]) for k in SUB_CONFIG_KEYS if isinstance(values.get(k), dict)]
     for prefix, section in sections:
         for key in SIZE_KEYS:
@@ -61,7 +63,7 @@ def check_config_json(file: Path) -> dict:
             if isinstance(value, list) and value and all(_is_positive_int(v) for v in value):
                 continue  # per-layer sizes
             if not _is_positive_int(value):
-                raise ValueError(
+                raise InputError(
                     f"{file}: line {_line_of(text, key)}: key {prefix + key!r}: expected a positive int, got {value!r}"
                 )
     return values
@@ -86,13 +88,13 @@ def load_local_config(path, *, trust_remote_code: bool = False):
 
     file = config_file(path)
     if file is None:
-        raise ValueError(f"{path}: expected a folder with a config.json, or a config.json file")
+        raise InputError(f"{path}: expected a folder with a config.json, or a config.json file")
     check_config_json(file)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except Exception as error:  # noqa: BLE001 - transformers raises many kinds for a bad file: one line
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(f"{file}: expected a config transformers can load, got {type(error).__name__}: {message}") from None
+        raise InputError(f"{file}: expected a config transformers can load, got {type(error).__name__}: {message}") from None
 
 
 #: Config attributes that hold a model's context length, in the order they are read

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..backend.preparation import use_backend
 from ..collate.text import PackedCollator, PaddedCollator
+from ..errors import InputError
 from ..layout import IGNORE_INDEX
 
 
@@ -180,7 +181,7 @@ def compare_packed_unpacked(
         use_cache: passed to every forward; `True` is the config default outside `Trainer`.
     """
     if reference not in ("unpacked", "padded"):
-        raise ValueError(f"reference: expected 'unpacked' or 'padded', got {reference!r}")
+        raise InputError(f"reference: expected 'unpacked' or 'padded', got {reference!r}")
     collator = collator or PackedCollator()
     device = next(model.parameters()).device
     batch = on_device(collator(features, return_tensors="pt"), device)

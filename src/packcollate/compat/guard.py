@@ -7,8 +7,10 @@ import logging
 
 import torch
 
+from ..backend.preparation import check_prepared
 from ..collate.text import PackedCollator
-from ..layout import packing_keys, to_torch
+from ..errors import PackingUnsafeError
+from ..layout import BACKEND_NAME, packing_keys, to_torch
 from ..objectives.scores import packed_sequence_logits
 from ..unwrap import unwrap_model, unwrapped_class
 from .proof import (
@@ -30,7 +32,9 @@ _GUARD_CACHE: dict[tuple, BackendResult] = {}
 
 
 def assert_packing_safe(model: torch.nn.Module, *, collator: PackedCollator | None = None, use_cache: bool | None = None) -> None:
-    """Raise `RuntimeError` if packed batches would silently mix examples in `model`'s setup.
+    """Raise `PackingUnsafeError` (a `RuntimeError`) if packed batches would silently mix examples in
+    `model`'s setup, and `NotPreparedError` if `model` runs on the packcollate backend with layers
+    `packcollate.prepare` must restart that it did not (`backend.preparation.check_prepared`).
 
     Runs the numeric proof once per (class, config, backend, use_cache, collator layout) on a tiny
     random copy (CPU, fp32; the model's own weights are not touched): the model's
@@ -47,6 +51,8 @@ def assert_packing_safe(model: torch.nn.Module, *, collator: PackedCollator | No
     model_type, model = unwrapped_class(model), unwrap_model(model)
     config = model.config
     backend = config._attn_implementation or "eager"
+    if backend == BACKEND_NAME:
+        check_prepared(model)
     use_cache = bool(getattr(config, "use_cache", False)) if use_cache is None else use_cache
     layout = collator_options(collator) if collator is not None else None
     key = (model_type, config.to_json_string(use_diff=False), backend, use_cache, str(layout))
@@ -58,7 +64,7 @@ def assert_packing_safe(model: torch.nn.Module, *, collator: PackedCollator | No
     if trial.verdict == UNSUPPORTED:
         logger.warning("packcollate could not check packing for %s with %r: %s", model_type.__name__, backend, trial.error)
     elif trial.verdict == CONTAMINATED:
-        raise RuntimeError(
+        raise PackingUnsafeError(
             f"packed batches are not safe for {model_type.__name__} with attn_implementation={backend!r} and "
             f"use_cache={use_cache}: on a tiny random copy, packed examples differ from the same examples one at a "
             f"time by {trial.max_logit_diff:.3g} (max |logit diff|) and {trial.max_grad_rel_diff:.3g} (max relative "
@@ -99,7 +105,7 @@ def assert_sequence_scores_safe(model: torch.nn.Module) -> float:
         alone = torch.cat([tiny(input_ids=e.unsqueeze(0)).logits for e in examples])
     diff = float((packed - alone).abs().max())
     if not diff <= LOGIT_TOLERANCE:
-        raise RuntimeError(
+        raise PackingUnsafeError(
             f"packed scoring is not safe for {type(base).__name__} with attn_implementation={backend!r}: on a tiny "
             f"random copy, packed examples' scores differ from the same examples one at a time by {diff:.3g} "
             f"(expected <= {LOGIT_TOLERANCE:g}). Fix: attn_implementation='packcollate'"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from ..errors import one_line
+from ..errors import InputError, InputTypeError, one_line
 from ..unwrap import unwrap_model, unwrapped_class
 from .configs import load_local_config
 from .equivalence import on_device
@@ -71,7 +71,7 @@ def _load_config(target, trust_remote_code: bool) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(str(target), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ValueError(
+        raise InputError(
             f"target: expected a model, a config, a directory with config.json, a model type (e.g. 'llama') or a "
             f"model id whose config is in the local Hugging Face cache (nothing is downloaded); got {str(target)!r}: "
             f"{one_line(error)}"
@@ -92,7 +92,7 @@ def _causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> tuple[type,
         return model_class, config
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         hint = " (its config names remote code: pass --trust-remote-code, trust_remote_code=True)" if auto_map else ""
-        raise ValueError(
+        raise InputError(
             f"model_type {config.model_type!r}: expected an architecture with a causal-LM head "
             f"(AutoModelForCausalLM), got {type(config).__name__}, which has none{hint}"
         )
@@ -106,14 +106,14 @@ def _resolve_target(target, trust_remote_code: bool) -> _Target:
     if isinstance(target, torch.nn.Module):
         inner = unwrap_model(target)  # PEFT, torch.compile, DDP, FSDP, accelerate wrappers
         if not isinstance(getattr(inner, "config", None), PretrainedConfig):
-            raise TypeError(f"target: expected a transformers model with a .config, got {type(target).__name__}")
+            raise InputTypeError(f"target: expected a transformers model with a .config, got {type(target).__name__}")
         cls = unwrapped_class(target)
         return _Target(cls.__name__, inner.config.model_type, cls, inner.config)
     if isinstance(target, PretrainedConfig):
         model_class, config = _causal_lm(target, trust_remote_code)
         return _Target(type(target).__name__, target.model_type, model_class, config)
     if not isinstance(target, (str, os.PathLike)):
-        raise TypeError(f"target: expected a model, a config, a path or a model type/id, got {type(target).__name__}")
+        raise InputTypeError(f"target: expected a model, a config, a path or a model type/id, got {type(target).__name__}")
     loaded = _load_config(target, trust_remote_code)
     model_class, config = _causal_lm(loaded, trust_remote_code)
     return _Target(str(target), loaded.model_type, model_class, config)

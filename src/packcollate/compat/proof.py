@@ -169,14 +169,14 @@ def _backend_model(model, backend: str):
 def _run_trial(model, proof: Proof, backend: str, use_cache: bool) -> Trial:
     try:
         if backend in HALF_PRECISION_BACKENDS:
-            return _half_precision_trial(model, proof, use_cache)
+            return half_precision_trial(model, proof, use_cache)
         packed = packed_run(model, proof.batch, proof.n_real, use_cache)
     except Exception as error:  # noqa: BLE001 - a backend that raises is unsupported
         return Trial(use_cache, UNSUPPORTED, error=one_line(error))
     return trial_of(use_cache, compare_runs(packed, proof.reference), (LOGIT_TOLERANCE, GRAD_TOLERANCE))
 
 
-def _half_precision_trial(model, proof: Proof, use_cache: bool) -> Trial:
+def half_precision_trial(model, proof: Proof, use_cache: bool) -> Trial:
     """bf16 kernels: packed vs the same backend one example at a time, both bf16, on a copy (a round
     trip through bf16 would round the weights every later fp32 trial compares against)."""
     model = copy.deepcopy(model).to(torch.bfloat16)

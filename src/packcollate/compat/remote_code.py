@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
 from .configs import read_config_json
 
 #: `auto_map` entries whose code `packcollate check` runs: the config class and the causal LM.
@@ -49,12 +50,12 @@ def check_remote_code(folder, trust_remote_code: bool) -> None:
     model_type = config.get("model_type", "?")
     if not trust_remote_code:
         where = f"; missing here: {', '.join(missing)}" if missing else ""
-        raise ValueError(
+        raise InputError(
             f"{folder}: model_type {model_type!r} needs remote code ({', '.join(files)}, named by auto_map in "
             f"config.json){where}; pass --trust-remote-code (trust_remote_code=True) to run it"
         )
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{folder}: --trust-remote-code runs the code config.json names (auto_map), expected "
             f"{', '.join(files)} beside it, missing {', '.join(missing)}; nothing is downloaded: copy the "
             "model's .py files into the folder"

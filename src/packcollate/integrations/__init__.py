@@ -7,7 +7,7 @@
   (`packcollate.integrations.loops`).
 """
 
-from .guard import PackingGuardCallback
+from .callbacks import PackingGuardCallback
 from .loops import count_label_tokens, micro_batches
 from .trainer import PackedTrainer, PackingTrainerMixin
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from ..errors import InputError
 from ..layout import IGNORE_INDEX
 from ..objectives.losses import sum_over_step
 
@@ -40,7 +41,7 @@ def micro_batches(loader: Iterable[dict], accumulation_steps: int) -> Iterator[l
     """Group `loader`'s batches into lists of `accumulation_steps` (one list per optimizer step;
     the last list may be shorter)."""
     if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral) or accumulation_steps < 1:
-        raise ValueError(f"accumulation_steps: expected a positive int, got {accumulation_steps!r}")
+        raise InputError(f"accumulation_steps: expected a positive int, got {accumulation_steps!r}")
     step: list[dict] = []
     for batch in loader:
         step.append(batch)

@@ -41,6 +41,7 @@ import numpy as np
 from ..batching.lengths import recommend_max_seq_length
 from ..collate.features import MASK_KEYS
 from ..compat.configs import context_length
+from ..errors import InputError, LaunchError
 from .streams import is_stream
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def check_trainer_keeps_masks(trainer) -> None:
         return
     masks = sorted({mask for split_masks in removed.values() for mask in split_masks})
     model = type(trainer.model).__name__
-    raise ValueError(
+    raise InputError(
         f"{type(collator).__name__}: expected the {' and '.join(repr(m) for m in masks)} column of the "
         f"{' and '.join(removed)} dataset to reach "
         f"the collator, got rows without it: {type(trainer).__name__}(remove_unused_columns=True) removes it because "
@@ -127,7 +128,7 @@ def check_split_lengths(
         reaching = np.minimum(lengths, max_seq_length) if cuts else lengths
         if context_limit is not None and (reaching > context_limit).any():
             first = int(np.flatnonzero(reaching > context_limit)[0])
-            raise ValueError(
+            raise InputError(
                 f"{name} split, example {first}: expected at most {context_limit} tokens (the model's "
                 f"{context_key}), got {int(lengths[first])} ({int((reaching > context_limit).sum())} of {len(lengths)} "
                 f"examples are longer); give the collator max_seq_length={context_limit} (overflow='truncate' or "
@@ -140,7 +141,7 @@ def check_split_lengths(
             continue
         first = int(np.flatnonzero(over)[0])
         if overflow == "error":
-            raise ValueError(
+            raise InputError(
                 f"{name} split, example {first}: expected at most max_seq_length={max_seq_length} tokens, got "
                 f"{int(lengths[first])} ({int(over.sum())} of {len(lengths)} examples are longer); overflow='error' "
                 f"would stop the run there: choose overflow='truncate', 'split' or 'drop', or a larger max_seq_length"
@@ -166,7 +167,7 @@ def check_split_lengths(
 def check_trainer_splits(trainer) -> str | None:
     """`check_split_lengths` for `trainer`'s splits (`eval_dataset` may be a dict of named splits),
     the length policy of its collator and its model's context limit; the trainer measures each split
-    as its token budget does (`trainer._example_lengths`, TRL's vision path counts image tokens)."""
+    as its token budget does (`trainer.example_lengths`, TRL's vision path counts image tokens)."""
     train_dataset, eval_dataset, collator = trainer.train_dataset, trainer.eval_dataset, trainer.data_collator
     evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
     named = {"train": train_dataset, **{name if name == "eval" else f"eval '{name}'": d for name, d in evals.items()}}
@@ -211,7 +212,7 @@ def assert_fsdp_active(args, accelerator) -> None:
     asked = _fsdp_asked(args)
     if asked is None or getattr(accelerator.state, "fsdp_plugin", None) is not None:
         return
-    raise RuntimeError(
+    raise LaunchError(
         f"FSDP was asked for ({asked}) but accelerate runs {accelerator.distributed_type} and would not shard the "
         f"model (accelerate's FSDP needs an accelerator; on CPU it silently trains with DDP). On CPU, shard with "
         f"FSDP2 in a plain loop: torchrun --nproc_per_node 2 examples/fsdp2_loop.py; or remove fsdp to train with DDP"
@@ -221,7 +222,7 @@ def assert_fsdp_active(args, accelerator) -> None:
 def assert_processes(accelerator, expected: int | None) -> None:
     """Raise RuntimeError when `expected` processes were asked for and another number runs."""
     if expected is not None and accelerator.num_processes != expected:
-        raise RuntimeError(
+        raise LaunchError(
             f"expected {expected} processes, got {accelerator.num_processes}: on a machine without GPUs "
             f"`accelerate launch --num_processes {expected}` starts one; use "
             f"`accelerate launch --multi_gpu --num_processes {expected}` or `torchrun --nproc_per_node {expected}`"

@@ -16,6 +16,7 @@ metrics (entropy, token accuracy) are not logged in this mode.
 
 from __future__ import annotations
 
+from ..errors import InputError
 from ..objectives.losses import examples_with_targets, sequence_weighted_loss
 
 LOSS_WEIGHTINGS = ("token", "sequence")
@@ -34,7 +35,7 @@ class SequenceWeightedLossMixin:
             return super()._get_num_items_in_batch(batch_samples, device)
         for index, batch in enumerate(batch_samples):
             if "cu_seq_lens_q" not in batch:
-                raise ValueError(
+                raise InputError(
                     f"loss_weighting='sequence': micro-batch {index} has no 'cu_seq_lens_q'; expected packed batches "
                     f"from PackedCollator (with return_flash_kwargs / the default), got keys {sorted(batch)}"
                 )
@@ -48,7 +49,7 @@ class SequenceWeightedLossMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         if "cu_seq_lens_q" not in inputs:
-            raise ValueError(
+            raise InputError(
                 f"loss_weighting='sequence': expected a packed batch with 'cu_seq_lens_q', got {sorted(inputs)}"
             )
         labels = inputs["labels"]
@@ -61,5 +62,5 @@ class SequenceWeightedLossMixin:
 
     def _check_loss_weighting(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting: expected one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+            raise InputError(f"loss_weighting: expected one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
 

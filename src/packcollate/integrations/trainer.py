@@ -45,6 +45,7 @@ from ..batching.lengths import example_lengths
 from ..batching.sampler import TokenBudgetBatchSampler
 from ..collate.features import MASK_KEYS
 from ..collate.text import BaseCollator, PackedCollator
+from ..errors import InputError
 from .eval_loss import TokenMeanEvalLoss
 from .preflight import (
     assert_fsdp_active,
@@ -124,7 +125,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         assert_fsdp_active(self.args, self.accelerator)
         self.data_collator = data_collator if data_collator is not None else PackedCollator()
         if check_packing:
-            from .guard import PackingGuardCallback
+            from .callbacks import PackingGuardCallback
 
             collator = self.data_collator if isinstance(self.data_collator, PackedCollator) else None
             self.add_callback(PackingGuardCallback(collator=collator))
@@ -217,7 +218,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         if self.eval_max_tokens_per_batch is None:
             return super().get_eval_dataloader(eval_dataset)
         if dataset is None:
-            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+            raise InputError("Trainer: evaluation requires an eval_dataset.")
         return self._budget_dataloader(dataset, "evaluation", self.eval_max_tokens_per_batch, training=False)
 
 

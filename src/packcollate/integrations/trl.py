@@ -44,6 +44,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from ..collate.features import MASK_KEYS
 from ..collate.text import BaseCollator, PackedCollator
+from ..errors import InputError
 from .trainer import PackingTrainerMixin
 from .trl_preference import PackedDPOTrainer, PackedRewardTrainer  # noqa: F401  (re-exported)
 from .trl_vision import ProcessThenPack, pack_trl_vision, processed_lengths
@@ -82,7 +83,7 @@ class PackedSFTTrainer(PackingTrainerMixin, SFTTrainer):
         hidden = _max_length_trl_refuses(args)
         if hidden is not None:
             if getattr(args, "truncation_mode", "keep_start") != "keep_start":
-                raise ValueError(
+                raise InputError(
                     f"SFTConfig: expected truncation_mode='keep_start' with padding_free=True and max_length={hidden} "
                     f"(packcollate's length policy keeps the start of each example), got "
                     f"{args.truncation_mode!r}; set padding_free=False instead: TRL then truncates while preparing the "

@@ -31,7 +31,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import DPOTrainer, RewardTrainer
 
@@ -41,11 +40,12 @@ from ..collate.preference import (
     PackedPreferenceCollator,
     pair_tokens,
 )
-from ..compat.guard import assert_sequence_scores_safe
+from ..errors import InputError, InputTypeError, MissingKeyError, UnsupportedError
 from ..layout import IGNORE_INDEX
 from ..objectives.scores import packed_sequence_logits
 from ..objectives.segments import from_padded, padding_mask, segment_starts, to_padded
 from ..unwrap import unwrap_model
+from .callbacks import SequenceScoreGuardCallback
 from .trainer import PackingTrainerMixin
 
 #: Per-token fields of TRL's `FusedCausalLMOutput` that are laid out like `log_probs` `(rows, L-1)`.
@@ -71,7 +71,7 @@ class PackedLayout:
     def of(cls, batch: dict) -> PackedLayout:
         missing = [key for key in PACKING_KEYS if key not in batch]
         if missing:
-            raise KeyError(f"batch: expected a packed preference batch with {missing}, got {sorted(batch)}")
+            raise MissingKeyError(f"batch: expected a packed preference batch with {missing}, got {sorted(batch)}")
         return cls({key: batch[key] for key in PACKING_KEYS}, batch["cu_seq_lens_q"].long(), int(batch["max_length_q"]))
 
     def padded(self, values: torch.Tensor, fill=0) -> torch.Tensor:
@@ -117,7 +117,7 @@ def _route_packed_layout(module: torch.nn.Module) -> None:
         if packed_layout is None:
             return inner(*args, **kwargs)
         if args:
-            raise TypeError(f"forward with packed_layout: expected keyword inputs (as TRL passes them), got {len(args)} "
+            raise InputTypeError(f"forward with packed_layout: expected keyword inputs (as TRL passes them), got {len(args)} "
                             "positional")
         return packed_layout.forward(inner, **kwargs)
 
@@ -127,7 +127,7 @@ def _route_packed_layout(module: torch.nn.Module) -> None:
 
 def _refuse_sequence_weighting(name: str, kwargs: dict) -> None:
     if kwargs.get("loss_weighting", "token") != "token":
-        raise ValueError(
+        raise InputError(
             f"{name}: loss_weighting applies to the next-token loss of PackedTrainer / PackedSFTTrainer; preference "
             f"losses are per pair already. Expected 'token' (the default), got {kwargs['loss_weighting']!r}"
         )
@@ -150,7 +150,7 @@ class PackedDPOTrainer(PackingTrainerMixin, DPOTrainer):
         _refuse_sequence_weighting(type(self).__name__, kwargs)
         super().__init__(*args, data_collator=data_collator, **kwargs)
         if self._is_vision_dataset:
-            raise NotImplementedError("PackedDPOTrainer: vision preference datasets are not supported; use DPOTrainer")
+            raise UnsupportedError("PackedDPOTrainer: vision preference datasets are not supported; use DPOTrainer")
         if data_collator is None:
             self.data_collator = PackedPreferenceCollator(self.args.max_length, self.args.truncation_mode)
         _route_packed_layout(unwrap_model(self.model))
@@ -187,20 +187,6 @@ class _PackedScorer:
     def __call__(self, **inputs):
         scores, _ = packed_sequence_logits(self.model, inputs)
         return SequenceClassifierOutputWithPast(logits=scores)  # TRL reads the logits only (the cache field's name varies by release)
-
-
-class SequenceScoreGuardCallback(TrainerCallback):
-    """On `on_train_begin`, prove that packed scoring is exact for the classifier about to be trained
-    (`packcollate.compat.guard.assert_sequence_scores_safe`); training stops before the first step
-    otherwise. The reward trainer's `check_packing`: the causal-LM guard does not apply to a classifier."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            raise ValueError(
-                "SequenceScoreGuardCallback: expected the trainer to pass the model to on_train_begin, got None"
-            )
-        assert_sequence_scores_safe(model)
-        return control
 
 
 class PackedRewardTrainer(PackingTrainerMixin, RewardTrainer):

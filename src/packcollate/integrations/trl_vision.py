@@ -26,6 +26,7 @@ import numpy as np
 
 from ..collate.text import BaseCollator, PackedCollator
 from ..collate.vision import PackedVisionCollator
+from ..errors import InputTypeError
 
 
 @dataclass
@@ -56,7 +57,7 @@ def as_vision_collator(collator, model) -> PackedVisionCollator:
     if collator is None:
         return PackedVisionCollator(model=model)
     if not isinstance(collator, PackedCollator):
-        raise TypeError(f"data_collator: expected a PackedCollator or PackedVisionCollator for a vision dataset, got "
+        raise InputTypeError(f"data_collator: expected a PackedCollator or PackedVisionCollator for a vision dataset, got "
                         f"{type(collator).__name__}")
     options = {f.name: getattr(collator, f.name) for f in fields(PackedCollator) if f.init}
     return PackedVisionCollator(model=model, **options)

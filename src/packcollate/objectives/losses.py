@@ -31,6 +31,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..errors import InputError, MissingKeyError
 from ..layout import IGNORE_INDEX
 from .segments import segment_starts, segment_sum, token_logprobs
 
@@ -54,7 +55,7 @@ def sum_over_step(counts: Iterable[torch.Tensor], *, across_ranks: bool = True, 
     for count in counts:
         total = count if total is None else total + count
     if total is None:
-        raise ValueError(f"batches: expected at least one batch{kind}, got none")
+        raise InputError(f"batches: expected at least one batch{kind}, got none")
     if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     return total
@@ -62,7 +63,7 @@ def sum_over_step(counts: Iterable[torch.Tensor], *, across_ranks: bool = True, 
 
 def _examples_with_targets(index: int, batch: dict) -> torch.Tensor:
     if "labels" not in batch or "cu_seq_lens_q" not in batch:
-        raise KeyError(f"batch {index}: expected a packed batch with 'labels' and 'cu_seq_lens_q', got {sorted(batch)}")
+        raise MissingKeyError(f"batch {index}: expected a packed batch with 'labels' and 'cu_seq_lens_q', got {sorted(batch)}")
     return examples_with_targets(torch.as_tensor(batch["labels"]), torch.as_tensor(batch["cu_seq_lens_q"])).sum()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputTypeError, MissingKeyError, UnsupportedError
 from ..unwrap import unwrap_model
 from .segments import segment_last
 
@@ -32,7 +33,7 @@ def score_head(model: nn.Module) -> nn.Module:
         head = getattr(base, name, None)
         if isinstance(head, nn.Module):
             return head
-    raise TypeError(
+    raise InputTypeError(
         f"model: expected a sequence-classification model with a per-token head named one of {HEAD_NAMES} "
         f"(AutoModelForSequenceClassification of Llama, Qwen, Gemma, Mistral, …), got {type(base).__name__}"
     )
@@ -48,7 +49,7 @@ def packed_sequence_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor,
     for the whole packed row) is not what you want.
     """
     if "cu_seq_lens_q" not in batch or "input_ids" not in batch:
-        raise KeyError(f"batch: expected a packed batch with 'input_ids' and 'cu_seq_lens_q', got {sorted(batch)}")
+        raise MissingKeyError(f"batch: expected a packed batch with 'input_ids' and 'cu_seq_lens_q', got {sorted(batch)}")
     captured: list[torch.Tensor] = []
     handle = score_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
     try:
@@ -57,7 +58,7 @@ def packed_sequence_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor,
         handle.remove()
     if len(captured) != 1:
         name = type(unwrap_model(model)).__name__
-        raise RuntimeError(f"{name}: expected its classification head to run once, it ran {len(captured)} times")
+        raise UnsupportedError(f"{name}: expected its classification head to run once, it ran {len(captured)} times")
     per_token = captured[0]
     pad_token_id = unwrap_model(model).config.get_text_config().pad_token_id
     input_ids = batch["input_ids"].to(per_token.device)

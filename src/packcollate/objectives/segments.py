@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import LayoutError
 from ..layout import IGNORE_INDEX
+from ..layout import (
+    example_index as segment_ids,  # (k+1,) offsets -> (N,) example index of every token
+)
 
 __all__ = [
     "from_padded",
@@ -43,7 +47,7 @@ def _flat(values: torch.Tensor, cu_seq_lens, name: str = "values") -> tuple[torc
     values = torch.as_tensor(values)
     cu = torch.as_tensor(cu_seq_lens, device=values.device).long()
     if cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(
+        raise LayoutError(
             "cu_seq_lens: expected a 1-D tensor [0, l_0, l_0+l_1, …, N] of k+1 >= 2 offsets, got shape "
             f"{tuple(cu.shape)}"
         )
@@ -53,7 +57,7 @@ def _flat(values: torch.Tensor, cu_seq_lens, name: str = "values") -> tuple[torc
     elif values.dim() >= 1 and values.shape[0] == total:
         flat = values
     else:
-        raise ValueError(
+        raise LayoutError(
             f"{name}: expected one entry per token, (N, ...) or (1, N, ...) with N={total} from cu_seq_lens, "
             f"got shape {tuple(values.shape)}"
         )
@@ -65,7 +69,7 @@ def _checked(cu: torch.Tensor, total: int) -> torch.Tensor:
     lengths = cu[1:] - cu[:-1]
     if bool((cu[0] != 0) | (cu[-1] != total) | (lengths < 1).any()):  # one device sync
         empty = (lengths < 1).nonzero().flatten().tolist()
-        raise ValueError(
+        raise LayoutError(
             f"cu_seq_lens: expected offsets from 0 to N={total} (the tokens given) with every segment at least one "
             f"token long, got first {int(cu[0])}, last {int(cu[-1])}"
             + (f", empty or negative segments at {empty[:5]}" if empty else "")
@@ -87,13 +91,6 @@ def segment_starts(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
     return starts
 
 
-def segment_ids(cu_seq_lens: torch.Tensor, total: int | None = None) -> torch.Tensor:
-    """Segment index of every token `(N,)` int64: `[0]*l_0 + [1]*l_1 + …`."""
-    cu = torch.as_tensor(cu_seq_lens).long()
-    total = int(cu[-1]) if total is None else total
-    return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1], output_size=total)
-
-
 def segment_sum(values: torch.Tensor, cu_seq_lens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-segment sums: `(N, ...)` or `(1, N, ...)` -> `(k, ...)`.
 
@@ -104,7 +101,7 @@ def segment_sum(values: torch.Tensor, cu_seq_lens: torch.Tensor, mask: torch.Ten
     if mask is not None:
         keep, _ = _flat(torch.as_tensor(mask, device=flat.device), cu, "mask")
         if keep.dim() != 1:
-            raise ValueError(f"mask: expected (N,) or (1, N), got shape {tuple(torch.as_tensor(mask).shape)}")
+            raise LayoutError(f"mask: expected (N,) or (1, N), got shape {tuple(torch.as_tensor(mask).shape)}")
         flat = torch.where(keep.bool().reshape(-1, *([1] * (flat.dim() - 1))), flat, torch.zeros_like(flat))
     out = flat.new_zeros((cu.numel() - 1, *flat.shape[1:]))
     return out.index_add(0, segment_ids(cu, flat.shape[0]), flat)
@@ -165,7 +162,7 @@ def token_logprobs(
     """
     labels = torch.as_tensor(labels, device=logits.device)
     if logits.dim() not in (2, 3) or labels.shape != logits.shape[:-1] or (logits.dim() == 3 and logits.shape[0] != 1):
-        raise ValueError(
+        raise LayoutError(
             f"logits, labels: expected (1, N, V) and (1, N), or (N, V) and (N,), got {tuple(logits.shape)} and "
             f"{tuple(labels.shape)}"
         )
@@ -189,7 +186,7 @@ def padding_mask(cu_seq_lens: torch.Tensor, max_length: int | None = None) -> to
     lengths = segment_lengths(cu_seq_lens)
     width = int(lengths.max()) if max_length is None else max_length
     if width < int(lengths.max()):
-        raise ValueError(f"max_length: expected at least the longest segment ({int(lengths.max())}), got {width}")
+        raise LayoutError(f"max_length: expected at least the longest segment ({int(lengths.max())}), got {width}")
     return torch.arange(width, device=lengths.device) < lengths.unsqueeze(1)
 
 
@@ -208,5 +205,5 @@ def from_padded(values: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor
     """Right-padded rows back to one packed row: `(k, L, ...)` -> `(1, N, ...)`."""
     mask = padding_mask(torch.as_tensor(cu_seq_lens, device=values.device), values.shape[1])
     if mask.shape[0] != values.shape[0]:
-        raise ValueError(f"values: expected {mask.shape[0]} rows (one per segment), got {values.shape[0]}")
+        raise LayoutError(f"values: expected {mask.shape[0]} rows (one per segment), got {values.shape[0]}")
     return values[mask].unsqueeze(0)

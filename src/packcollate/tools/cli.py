@@ -16,7 +16,7 @@ import sys
 COMMANDS = {
     "stats": ("packcollate.tools.stats", "length distribution of every split, padding waste, recommended max_seq_length"),
     "demo": ("packcollate.tools.demo", "fine-tune a tiny model padded and packed on embedded data; compare speed and loss"),
-    "check": ("packcollate.tools.matrix", "prove packed == unpacked on a tiny copy of an architecture (or --all of them)"),
+    "check": ("packcollate.tools.check", "prove packed == unpacked on a tiny copy of an architecture (or --all of them)"),
     "bench": ("packcollate.tools.bench", "training throughput and peak memory: padded vs padding-free modes, side by side"),
 }
 

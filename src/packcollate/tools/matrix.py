@@ -1,5 +1,6 @@
-"""`packcollate check`: one model, or every causal-LM architecture of transformers, each in an isolated
-worker process, written as docs/compatibility.md/.json."""
+"""The compatibility matrix of causal LMs: every causal-LM architecture of transformers checked in an
+isolated worker process (`check_all`), written as docs/compatibility.md/.json; the table and file
+helpers the vision-language matrix (`vision_matrix.py`) shares."""
 
 from __future__ import annotations
 
@@ -28,50 +29,9 @@ from ..compat.report import (
 from ..compat.tiny import PROOF_LENGTHS
 from ..errors import one_line
 from ..layout import BACKEND_NAME
+from .versions import module_versions
 
 ALL_COMMAND = "packcollate check --all --jobs 2 --out docs/"
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("model", nargs="?", metavar="MODEL_OR_PATH_OR_TYPE",
-                        help="a model type (llama), a directory with config.json, or a model id in the local HF cache")
-    parser.add_argument("--backend", action="append", dest="backends", metavar="B",
-                        help="attention backend to prove (repeatable; default: every available one); the exit "
-                             "status follows the first (default packcollate)")
-    parser.add_argument("--max-seq-length", type=int, help="the longest example you plan to train on")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the config's own code")
-    parser.add_argument("--device", default="cpu", help="where the tiny copy runs (default cpu)")
-    parser.add_argument("--all", action="store_true",
-                        help="every architecture of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, isolated")
-    parser.add_argument("--jobs", type=int, default=2, help="--all: worker processes (default 2)")
-    parser.add_argument("--out", default="docs", help="--all: folder for compatibility.md/.json (default docs)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="--all: seconds per architecture (default 120)")
-    parser.add_argument("--task", default="text-generation", choices=("text-generation", "image-text-to-text"),
-                        help="image-text-to-text: vision-language families, packed by PackedVisionCollator; --all "
-                             "writes compatibility-vlm.md/.json (default text-generation)")
-
-
-def main(args) -> int:
-    """0 when the chosen backend is exact (or, with --all, when the matrix was written), else 1."""
-    if args.all == (args.model is not None):
-        print("packcollate check: expected MODEL_OR_PATH_OR_TYPE or --all, got "
-              + ("both" if args.all else "neither"), file=sys.stderr)
-        return 2
-    if args.task == "image-text-to-text":
-        from ..compat import vision
-
-        return vision.main(args)
-    if args.all:
-        check_all(backends=args.backends, jobs=args.jobs, timeout=args.timeout, out=args.out, device=args.device,
-                  command=" ".join(["packcollate", *sys.argv[1:]]) if sys.argv[1:2] == ["check"] else ALL_COMMAND)
-        return 0
-    report = check_model(args.model, backends=args.backends, device=args.device,
-                         max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
-    chosen = args.backends[0] if args.backends else BACKEND_NAME
-    return 0 if report.ok_for(chosen) else 1
-
 
 _DRAFT_MODEL = (
     "a draft model for speculative decoding: every layer reads its target model's key/value cache, so it does "
@@ -234,6 +194,25 @@ def _poll_worker(worker: _Worker, readable: bool, timeout: float):
     return None
 
 
+def check_command(default: str) -> str:
+    """The command line that is running when it is `packcollate check ...`, else `default` (what to record
+    in a matrix made from Python)."""
+    return " ".join(["packcollate", *sys.argv[1:]]) if sys.argv[1:2] == ["check"] else default
+
+
+def matrix_versions() -> dict[str, str]:
+    """The versions a matrix records: transformers, torch and Python."""
+    return module_versions("transformers", "torch", "python")
+
+
+def write_matrix(out: str | os.PathLike, stem: str, document: dict, markdown: str) -> None:
+    """Write `<stem>.json` (the document) and `<stem>.md` (its table) into folder `out`, made if missing."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n")
+    (folder / f"{stem}.md").write_text(markdown)
+
+
 def check_all(
     model_types: Sequence[str] | None = None,
     *,
@@ -252,7 +231,6 @@ def check_all(
     Writes `compatibility.md` and `compatibility.json` into `out` (None: nothing written) and
     returns the JSON document: command, seconds, versions, summary and one entry per architecture.
     """
-    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_types = list(model_types or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
@@ -264,8 +242,7 @@ def check_all(
         "command": command,
         "seconds": round(time.perf_counter() - start, 1),
         "jobs": jobs,
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
-                     "python": sys.version.split()[0]},
+        "versions": matrix_versions(),
         "device": str(device),
         "backends": backends,
         "tolerances": {"logits": LOGIT_TOLERANCE, "grads": GRAD_TOLERANCE},
@@ -273,10 +250,7 @@ def check_all(
         "architectures": entries,
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compatibility.json").write_text(json.dumps(document, indent=1) + "\n")
-        (out / "compatibility.md").write_text(format_matrix(document))
+        write_matrix(out, "compatibility", document, format_matrix(document))
     return document
 
 
@@ -306,7 +280,13 @@ def summarize(entries: Sequence[dict], backends: Sequence[str]) -> dict:
     }
 
 
-_SHORT = {EXACT: "exact", CONTAMINATED: "**contaminated**", UNSUPPORTED: "unsupported", None: "–"}
+#: A verdict as a table cell (None: no verdict), in both matrices.
+VERDICT_LABELS = {EXACT: "exact", CONTAMINATED: "**contaminated**", UNSUPPORTED: "unsupported", None: "–"}
+
+
+def markdown_row(cells: Sequence[str]) -> str:
+    """One row of a markdown table, `|` escaped and newlines folded in every cell."""
+    return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
 
 
 def format_matrix(document: dict) -> str:
@@ -353,7 +333,7 @@ def format_matrix(document: dict) -> str:
 
 def _matrix_row(entry: dict, backends: Sequence[str]) -> str:
     name = f"`{entry['model_type']}`" + (f" {entry['architecture']}" if entry.get("architecture") else "")
-    verdicts = [_SHORT[_entry_verdict(entry, b, False)] for b in backends]
+    verdicts = [VERDICT_LABELS[_entry_verdict(entry, b, False)] for b in backends]
     cached = [b for b in backends
               if _entry_verdict(entry, b, True) == CONTAMINATED and _entry_verdict(entry, b, False) != CONTAMINATED]
     ours = next((r for r in entry.get("backends", []) if r["backend"] == BACKEND_NAME), None)
@@ -365,8 +345,7 @@ def _matrix_row(entry: dict, backends: Sequence[str]) -> str:
         notes.insert(0, "no verdict: " + entry["error"])
     notes += [f"{r['backend']} {r['note']}" for r in entry.get("backends", [])
               if r["verdict"] == UNSUPPORTED and r["backend"] != "flex_attention" and r["note"]]
-    cells = [name, *verdicts, ", ".join(cached), diff, "; ".join(notes)]
-    return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
+    return markdown_row([name, *verdicts, ", ".join(cached), diff, "; ".join(notes)])
 
 
 def _duration(seconds: float) -> str:

@@ -272,12 +272,7 @@ def _model_config(name: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     if Path(name).is_dir() or Path(name).suffix == ".json":
-        # a local config.json is data: read it without running code (remote-code configs need no trust here);
-        # transformers' own config class is asked only for a default the file leaves out
-        data = read_config_json(name)
-        limit, key = context_length_from_json(data)
-        if limit or data.get("auto_map"):
-            return limit, (f"{limit} ({key} in config.json)" if limit else "unknown (no context length in config.json)")
+        read_config_json(name)  # a folder without config.json, or no such file: the error names it
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as error:

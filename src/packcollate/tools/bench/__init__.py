@@ -63,6 +63,7 @@ Length distributions (synthetic token ids; the parameters are modelled, not meas
   (the tokenizer's chat template; assistant-only loss when the template marks generation).
 """
 
+from ..versions import library_versions
 from .config import (
     BUILTIN_DATASETS,
     DISTRIBUTIONS,
@@ -88,13 +89,7 @@ from .modes import (
     fixed_batches,
     length_grouped_batches,
 )
-from .report import (
-    device_name,
-    format_table,
-    library_versions,
-    plot_result,
-    save_result,
-)
+from .report import device_name, format_table, plot_result, save_result
 from .run import add_arguments, main, run_benchmark
 
 __all__ = [

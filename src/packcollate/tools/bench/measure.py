@@ -74,6 +74,26 @@ def _warmup_batches(run: ModeRun, warmup: int) -> list[dict]:
     return [run.batches[i % len(run.batches)] for i in range(warmup)]
 
 
+def _mode_copy(base_model, run: ModeRun):
+    """A copy of `base_model` on the mode's attention, in train mode."""
+    model = copy.deepcopy(base_model)
+    model.set_attn_implementation(run.attn_implementation)
+    model.train()
+    return model
+
+
+def _reset_for_mode(base_model, init_state: dict, run: ModeRun, device: torch.device) -> None:
+    """`base_model` back at the initial weights, on the mode's attention, in train mode, with freed memory
+    collected (and, on CUDA, the cache emptied and the peak counter reset)."""
+    base_model.load_state_dict(init_state)
+    base_model.set_attn_implementation(run.attn_implementation)
+    base_model.train()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def epoch_loss(model, batches: Sequence[dict]) -> float:
     """Token-mean loss over every target token of `batches` (no gradient, no optimizer step)."""
     total, count = 0.0, 0
@@ -171,12 +191,12 @@ def memory_batches(run: ModeRun, memory_steps: int | None, warmup: int) -> list[
     return [run.batches[i] for i in largest]
 
 
-def _measure_memory_fork(base_model, runs: dict[str, ModeRun], memory_steps, warmup, lr, device, say) -> None:
+def measure_memory_fork(base_model, runs: dict[str, ModeRun], memory_steps, warmup, lr, device, say) -> None:
+    """Peak memory of each mode in a forked child (`peak_rss_in_child`) that copies the initial model and
+    trains on `memory_batches`; sets `run.peak_mem_bytes`."""
     for run in runs.values():
         def job(run=run):
-            model = copy.deepcopy(base_model)
-            model.set_attn_implementation(run.attn_implementation)
-            model.train()
+            model = _mode_copy(base_model, run)
             optimizer = _optimizer(model, lr)
             for batch in memory_batches(run, memory_steps, warmup):
                 train_step(model, optimizer, batch, device)
@@ -197,13 +217,11 @@ def _schedule(runs: dict[str, ModeRun], repeats: int) -> list[tuple[str, int]]:
     return order
 
 
-def _time_interleaved(base_model, runs, warmup, repeats, lr, device, say) -> None:
+def time_interleaved(base_model, runs, warmup, repeats, lr, device, say) -> None:
     """Every mode its own model copy; modes take turns step by step."""
     models, optimizers = {}, {}
     for name, run in runs.items():
-        model = copy.deepcopy(base_model)
-        model.set_attn_implementation(run.attn_implementation)
-        model.train()
+        model = _mode_copy(base_model, run)
         models[name], optimizers[name] = model, _optimizer(model, lr)
         run.times = [[] for _ in run.batches]
     for i in range(warmup):
@@ -222,16 +240,10 @@ def _time_interleaved(base_model, runs, warmup, repeats, lr, device, say) -> Non
     del models, optimizers
 
 
-def _time_by_mode(base_model, init_state, runs, warmup, repeats, lr, device, measure_cuda_memory, say) -> None:
+def time_by_mode(base_model, init_state, runs, warmup, repeats, lr, device, measure_cuda_memory, say) -> None:
     """One model, reloaded with the initial weights for each mode; modes one after the other."""
     for name, run in runs.items():
-        base_model.load_state_dict(init_state)
-        base_model.set_attn_implementation(run.attn_implementation)
-        base_model.train()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        _reset_for_mode(base_model, init_state, run, device)
         optimizer = _optimizer(base_model, lr)
         run.times = [[] for _ in run.batches]
         for batch in _warmup_batches(run, warmup):
@@ -250,15 +262,10 @@ def _time_by_mode(base_model, init_state, runs, warmup, repeats, lr, device, mea
     base_model.load_state_dict(init_state)
 
 
-def _measure_memory_cuda(base_model, init_state, runs, memory_steps, warmup, lr, device, say) -> None:
+def measure_memory_cuda(base_model, init_state, runs, memory_steps, warmup, lr, device, say) -> None:
     """Peak CUDA memory of each mode on its own (see `memory_batches`), when timing interleaved modes."""
     for run in runs.values():
-        base_model.load_state_dict(init_state)
-        base_model.set_attn_implementation(run.attn_implementation)
-        base_model.train()
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        _reset_for_mode(base_model, init_state, run, device)
         optimizer = _optimizer(base_model, lr)
         for batch in memory_batches(run, memory_steps, warmup):
             train_step(base_model, optimizer, batch, device)
@@ -269,7 +276,7 @@ def _measure_memory_cuda(base_model, init_state, runs, memory_steps, warmup, lr,
     base_model.load_state_dict(init_state)
 
 
-def _check_losses(base_model, runs, check_dtype, device, say) -> dict:
+def check_losses(base_model, runs, check_dtype, device, say) -> dict:
     """Epoch loss of every mode at the initial weights, in `check_dtype`."""
     model = base_model if next(base_model.parameters()).dtype == check_dtype else copy.deepcopy(base_model).to(check_dtype)
     model.eval()

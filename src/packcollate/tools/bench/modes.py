@@ -219,7 +219,3 @@ def build_model(preset: str, vocab_size: int, dtype: torch.dtype, device: torch.
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype, trust_remote_code=False)
     return model
-
-
-def _parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())

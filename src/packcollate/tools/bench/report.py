@@ -1,9 +1,8 @@
-"""Results: summary per mode, the table of ratios, the plot, targets, JSON and library versions."""
+"""Results: summary per mode, the table of ratios, the plot, targets and JSON."""
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -21,14 +20,8 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}-{platform.machine()}"
 
 
-def _label(name: str) -> str:
-    """A file-name-safe label of a preset or dataset (a path becomes its last component)."""
-    path = Path(name)
-    label = (path.stem if path.is_file() else path.name) if (os.sep in name or path.exists()) else name
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label) or "data"
-
-
-def _summarise(runs: dict[str, ModeRun]) -> dict[str, dict]:
+def summarise(runs: dict[str, ModeRun]) -> dict[str, dict]:
+    """Per mode: tokens/s over the per-batch median step times, memory, losses and ratios to `padded`."""
     results = {}
     for name, run in runs.items():
         medians = [float(np.median(t)) for t in run.times]
@@ -69,7 +62,8 @@ def _summarise(runs: dict[str, ModeRun]) -> dict[str, dict]:
     return results
 
 
-def _first_step_check(runs: dict[str, ModeRun], dtype: torch.dtype) -> dict:
+def first_step_check(runs: dict[str, ModeRun], dtype: torch.dtype) -> dict:
+    """The first step's losses of the modes that train on the same batches (`SAME_BATCHES`) must agree."""
     same = [name for name in SAME_BATCHES if name in runs and runs[name].losses]
     losses = {name: runs[name].losses[0] for name in same}
     spread = max(losses.values()) - min(losses.values()) if len(losses) > 1 else 0.0
@@ -153,7 +147,8 @@ def plot_result(result: dict, path: Path) -> Path:
     return path
 
 
-def _targets(result: dict, device_type: str) -> list[dict]:
+def check_targets(result: dict, device_type: str) -> list[dict]:
+    """The `TARGETS` of the result's device type, preset and dataset: what each asks and whether it is met."""
     spec = TARGETS.get((device_type, result["preset"], result["dataset"]), {})
     found = []
     for mode, (speed, mem) in spec.items():
@@ -183,18 +178,3 @@ def save_result(result: dict, path: Path) -> Path:
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
     return path
-
-
-def library_versions(*names: str) -> dict[str, str]:
-    """`{name: version}` of Python, packcollate and each of `names` that imports (the others are left out)."""
-    import importlib
-
-    from ... import __version__
-
-    found = {"python": platform.python_version(), "packcollate": __version__}
-    for name in names:
-        try:
-            found[name] = importlib.import_module(name).__version__
-        except ImportError:
-            pass
-    return found

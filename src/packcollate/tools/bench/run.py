@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -14,27 +15,37 @@ import numpy as np
 import torch
 
 from ...backend.attention import describe
+from ..versions import library_versions
 from .config import BUILTIN_DATASETS, DTYPES, MODES, NOISY_SPREAD, PRESETS
 from .data import load_data
 from .measure import (
-    _check_losses,
-    _measure_memory_cuda,
-    _measure_memory_fork,
-    _time_by_mode,
-    _time_interleaved,
+    check_losses,
     fork_memory_available,
+    measure_memory_cuda,
+    measure_memory_fork,
+    time_by_mode,
+    time_interleaved,
 )
-from .modes import _parameters, build_model, build_modes, fixed_batches, preset_config
+from .modes import build_model, build_modes, fixed_batches, preset_config
 from .report import (
-    _first_step_check,
-    _label,
-    _summarise,
-    _targets,
+    check_targets,
     device_name,
+    first_step_check,
     format_table,
-    library_versions,
     plot_result,
+    summarise,
 )
+
+
+def _parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _label(name: str) -> str:
+    """A file-name-safe label of a preset or dataset (a path becomes its last component)."""
+    path = Path(name)
+    label = (path.stem if path.is_file() else path.name) if (os.sep in name or path.exists()) else name
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label) or "data"
 
 
 def _command(kwargs: dict) -> str:
@@ -178,25 +189,25 @@ def run_benchmark(
 
     if memory == "fork":  # first, while this process has allocated and freed the least
         say("peak memory: each mode in a forked child (one thread), peak anonymous RSS increase")
-        _measure_memory_fork(model, runs, memory_steps, warmup, lr, device_, say)
+        measure_memory_fork(model, runs, memory_steps, warmup, lr, device_, say)
     loss_result = None
     if loss_check:
         say("loss check: token-mean loss over the whole epoch at the initial weights (fp32, no optimizer step)")
-        loss_result = _check_losses(model, runs, torch.float32, device_, say)
+        loss_result = check_losses(model, runs, torch.float32, device_, say)
     say(f"timing: {warmup} warm-up steps, then every batch x {repeats}, "
         f"{'modes taking turns step by step' if interleave == 'step' else 'one mode after the other'}")
     if interleave == "step":
-        _time_interleaved(model, runs, warmup, repeats, lr, device_, say)
+        time_interleaved(model, runs, warmup, repeats, lr, device_, say)
         if memory == "cuda":
-            _measure_memory_cuda(model, init_state, runs, memory_steps, warmup, lr, device_, say)
+            measure_memory_cuda(model, init_state, runs, memory_steps, warmup, lr, device_, say)
     else:
-        _time_by_mode(model, init_state, runs, warmup, repeats, lr, device_, memory == "cuda", say)
+        time_by_mode(model, init_state, runs, warmup, repeats, lr, device_, memory == "cuda", say)
 
-    modes_result = _summarise(runs)
+    modes_result = summarise(runs)
     fixed = fixed_batches(len(lengths), batch_size)
     padded_tokens = sum(len(b) * int(lengths[b].max()) for b in fixed)
     ideal = padded_tokens / int(lengths.sum())
-    first_step = _first_step_check(runs, dtype_)
+    first_step = first_step_check(runs, dtype_)
     checks = {"first_step": first_step, "epoch": loss_result,
               "passed": bool(first_step["passed"] and (loss_result is None or loss_result["passed"]))}
     which = ("warm-up + the whole epoch" if not memory_steps else
@@ -242,7 +253,7 @@ def run_benchmark(
         "kernels": describe(),
         "wall_seconds": None,
     }
-    targets = _targets(result, device_.type)
+    targets = check_targets(result, device_.type)
     if targets:
         result["targets"] = targets
     result["wall_seconds"] = time.perf_counter() - started

@@ -1,4 +1,6 @@
-"""Stop a `Trainer` run before its first step when packed batches would mix examples.
+"""Trainer callbacks that stop a run before its first step when packed batches would mix examples:
+`PackingGuardCallback` (causal LMs) and `SequenceScoreGuardCallback` (sequence classifiers scored per
+packed example, the reward trainer).
 
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=PackedCollator(),
                       callbacks=[PackingGuardCallback()])
@@ -15,7 +17,8 @@ import logging
 from transformers import TrainerCallback
 
 from ..collate.text import PackedCollator
-from ..compat import assert_packing_safe
+from ..compat.guard import assert_packing_safe, assert_sequence_scores_safe
+from ..errors import InputError
 
 logger = logging.getLogger("packcollate")
 
@@ -47,7 +50,7 @@ class PackingGuardCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if model is None:
-            raise ValueError("PackingGuardCallback: expected the trainer to pass the model to on_train_begin, got None")
+            raise InputError("PackingGuardCallback: expected the trainer to pass the model to on_train_begin, got None")
         collator = self.collator or _packed_collator(train_dataloader)
         try:
             assert_packing_safe(model, collator=collator, use_cache=self.use_cache)
@@ -55,4 +58,18 @@ class PackingGuardCallback(TrainerCallback):
             control.should_training_stop = True
             logger.error("PackingGuardCallback stopped training: %s", error)
             raise
+        return control
+
+
+class SequenceScoreGuardCallback(TrainerCallback):
+    """On `on_train_begin`, prove that packed scoring is exact for the classifier about to be trained
+    (`packcollate.compat.guard.assert_sequence_scores_safe`); training stops before the first step
+    otherwise. The reward trainer's `check_packing`: the causal-LM guard does not apply to a classifier."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise InputError(
+                "SequenceScoreGuardCallback: expected the trainer to pass the model to on_train_begin, got None"
+            )
+        assert_sequence_scores_safe(model)
         return control
