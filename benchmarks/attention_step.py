@@ -31,8 +31,13 @@ import torch
 
 import packcollate  # noqa: F401  (registers the backend)
 from packcollate import PackedCollator, PaddedCollator
-from packcollate.backend.attention import describe
-from packcollate.tools.bench import library_versions, round_robin_summary, save_result, time_round_robin
+from packcollate.backend import describe
+from packcollate.tools.bench import (
+    library_versions,
+    round_robin_summary,
+    save_result,
+    time_round_robin,
+)
 
 MEDIAN_LENGTH, SIGMA, MIN_LENGTH, MAX_LENGTH = 120, 0.9, 8, 1024
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

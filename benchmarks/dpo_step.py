@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 import packcollate
+from packcollate.collate.preference import PackedPreferenceCollator
 from packcollate.tools.bench.config import DTYPES, PRESETS
 from packcollate.tools.bench.data import synthetic_lengths
 from packcollate.tools.bench.measure import fork_memory_available, peak_rss_in_child
 from packcollate.tools.bench.modes import build_model
 from packcollate.tools.bench.report import device_name
-from packcollate.collate.preference import PackedPreferenceCollator
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("padded", "packed")

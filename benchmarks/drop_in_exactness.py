@@ -2,7 +2,7 @@
 
     python benchmarks/drop_in_exactness.py [--out benchmarks/results]
 
-Same setups as tests/test_wrapped_models.py, tests/test_trl_defaults.py and tests/test_dropped_columns.py
+Same setups as tests/integrations/test_trainer.py, tests/integrations/test_trl.py and tests/integrations/test_preflight.py
 (tiny random Llama, CPU, fp32 unless said): the largest relative L2 difference of LoRA adapter
 gradients against the padded run, target-token counts, and the bf16 loss difference on CPU.
 """
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 
 def max_relative(a: dict, b: dict) -> float:
@@ -23,11 +23,20 @@ def max_relative(a: dict, b: dict) -> float:
 
 
 def lora_numbers(tmp: Path) -> dict:
-    from test_trainer_integration import arguments, prompt_completion_dataset
-    from test_wrapped_models import PaddedCollator, Trainer, adapter_change, lora_model
-    from test_wrapped_models import test_lora_through_packed_sft_trainer_peft_config_equals_padded as sft_test
+    from transformers import Trainer
 
+    import tests.integrations.test_trl as test_trl
+    from packcollate import PaddedCollator
     from packcollate.integrations import PackedTrainer
+    from tests.helpers import (
+        adapter_change,
+        arguments,
+        lora_model,
+        prompt_completion_dataset,
+    )
+    from tests.integrations.test_trl import (
+        test_lora_through_packed_sft_trainer_peft_config_equals_padded as sft_test,
+    )
 
     padded = adapter_change(Trainer, tmp, lora_model("sdpa"), args=arguments(tmp / "p", remove_unused_columns=False),
                             train_dataset=prompt_completion_dataset(),
@@ -39,25 +48,24 @@ def lora_numbers(tmp: Path) -> dict:
                                 train_dataset=prompt_completion_dataset())
         result[f"PackedTrainer, gradient_checkpointing={checkpointing}"] = max_relative(padded, packed)
     captured = {}
-    import test_wrapped_models
-
-    original = test_wrapped_models.assert_same_change
-    test_wrapped_models.assert_same_change = lambda a, b, rtol=1e-5: captured.update(value=max_relative(a, b))
+    original = test_trl.assert_same_change
+    test_trl.assert_same_change = lambda a, b, rtol=1e-5: captured.update(value=max_relative(a, b))
     try:
         sft_test(tmp / "sft")
     finally:
-        test_wrapped_models.assert_same_change = original
+        test_trl.assert_same_change = original
     result["PackedSFTTrainer(peft_config), TRL default gradient checkpointing, vs SFTTrainer padded"] = captured["value"]
     return result
 
 
 def label_rule_numbers(tmp: Path) -> dict:
-    from test_trl_defaults import labelled_dataset, sft_config, targets, tiny_model
     from trl import SFTTrainer
 
     from packcollate import PackedCollator
     from packcollate.integrations.trl import PackedSFTTrainer
     from packcollate.tools.toy import char_tokenizer
+    from tests.helpers import tiny_chat_model as tiny_model
+    from tests.integrations.test_trl import labelled_dataset, sft_config, targets
 
     dataset = labelled_dataset()
     options = dict(max_length=None, max_steps=1, per_device_train_batch_size=16)
@@ -71,7 +79,7 @@ def label_rule_numbers(tmp: Path) -> dict:
 
 
 def plain_trainer_numbers() -> dict:
-    from test_trainer_integration import prompt_completion_dataset
+    from tests.helpers import prompt_completion_dataset
 
     dataset = prompt_completion_dataset()
     return {"targets with completion_mask": sum(sum(m[1:]) for m in dataset["completion_mask"]),
@@ -79,11 +87,13 @@ def plain_trainer_numbers() -> dict:
 
 
 def bf16_numbers(tmp: Path) -> dict:
-    from test_trl_defaults import losses, prompt_completion, sft_config, tiny_model
     from trl import SFTTrainer
 
     from packcollate.integrations.trl import PackedSFTTrainer
     from packcollate.tools.toy import char_tokenizer
+    from tests.helpers import losses, prompt_completion
+    from tests.helpers import tiny_chat_model as tiny_model
+    from tests.integrations.test_trl import sft_config
 
     options = dict(bf16=True, max_steps=1)
     theirs = SFTTrainer(model=tiny_model(), args=sft_config(tmp, "bf16-trl", **options),

@@ -6,7 +6,8 @@
 #
 # 1. installs the project (`pip install --no-deps -e .`; falls back to running from src/);
 # 2. notes the GPU, the versions and the attention kernels (gpu_info.txt);
-# 3. runs the GPU tests (pytest -m gpu tests/test_attention.py: CUDA varlen kernels vs the exact path);
+# 3. runs the GPU tests (pytest -m gpu tests/backend/test_kernels.py tests/backend/test_attention.py: CUDA varlen
+#    kernels vs the exact path);
 # 4. `packcollate bench` with the llama-1b preset (Llama-3.2-1B-shaped, random init), bf16, 8 examples
 #    a step, on the flan and orcamath length distributions (trl-bfd is skipped: no TRL there);
 # 5. benchmarks/attention_step.py --device cuda --dtype bf16.
@@ -54,15 +55,15 @@ mkdir -p "$RESULTS"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
     python3 -c "import torch, transformers; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}')"
-    python3 -c "import packcollate.backend.attention as a; print(a.describe())"
+    python3 -c "from packcollate.backend import describe; print(describe())"
 } 2>&1 | tee "$RESULTS/gpu_info.txt"
 
 failed=0
 produced=("$RESULTS/gpu_info.txt")
 logs=()
 if [ "$GPU_TESTS" != 0 ]; then
-    echo "== pytest -m gpu tests/test_attention.py"
-    timeout "$TESTS_TIMEOUT" python3 -m pytest -q -m gpu tests/test_attention.py -p no:cacheprovider 2>&1 \
+    echo "== pytest -m gpu tests/backend/test_kernels.py tests/backend/test_attention.py"
+    timeout "$TESTS_TIMEOUT" python3 -m pytest -q -m gpu tests/backend/test_kernels.py tests/backend/test_attention.py -p no:cacheprovider 2>&1 \
         | tee "$RESULTS/gpu_tests.log"
     status=${PIPESTATUS[0]}
     [ "$status" -eq 0 ] || { echo "gpu.sh: GPU tests exited with $status" >&2; failed=1; }

@@ -32,9 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import packcollate  # noqa: F401  (registers the backend and the recurrent restart)
+import packcollate  # registers the backend; packcollate.prepare restarts the recurrent layers
 from packcollate import PackedCollator, PaddedCollator
-from packcollate.tools.bench import library_versions, round_robin_summary, save_result, time_round_robin
+from packcollate.tools.bench import (
+    library_versions,
+    round_robin_summary,
+    save_result,
+    time_round_robin,
+)
 
 MEDIAN_LENGTH, SIGMA, MIN_LENGTH, MAX_LENGTH = 120, 0.9, 8, 1024
 VOCAB = 4096
@@ -78,9 +83,10 @@ def build(config, implementation: str):
 
     torch.manual_seed(0)
     try:
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation)
     except ValueError:  # Mamba-2 has no attention to choose for the padded mode: its default
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    return packcollate.prepare(model)
 
 
 def bench_model(name: str, batches: list[list[dict]], repeats: int) -> dict:

@@ -28,11 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import packcollate  # noqa: F401  (registers the backend)
-from packcollate import PaddedCollator
-from packcollate.backend.attention import describe
-from packcollate.tools.bench import library_versions, round_robin_summary, save_result, time_round_robin
-from packcollate.collate.vision import PackedVisionCollator
+import packcollate
+from packcollate import PackedVisionCollator, PaddedCollator
+from packcollate.backend import describe, use_backend
+from packcollate.tools.bench import (
+    library_versions,
+    round_robin_summary,
+    save_result,
+    time_round_robin,
+)
 
 MEDIAN_TEXT, SIGMA, MAX_TEXT = 60, 0.8, 512
 IMAGE_SIDES = (56, 84, 112, 168, 224)
@@ -142,12 +146,12 @@ def main(argv=None) -> dict:
     image_tokens = [sum(e["input_ids"].count(IMAGE_TOKEN) for e in b) for b in batches]
     padded_tokens = [len(b) * max(len(e["input_ids"]) for e in b) for b in batches]
     base = build_model(preset, dtype, device)
-    packer = PackedVisionCollator(model=base)
+    packer = PackedVisionCollator(model=packcollate.prepare(base))
     modes = {"padded-sdpa": (padded_batch, "sdpa"), "packed-sdpa": (packer, "sdpa"), "packcollate": (packer, "packcollate")}
     runs = {}
     for name, (collate, implementation) in modes.items():
         model = copy.deepcopy(base)
-        model.set_attn_implementation(implementation)
+        use_backend(model, implementation)
         model.train()
         runs[name] = {
             "model": model,

@@ -10,8 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import packcollate
-
-from packcollate.tools.toy import char_tokenizer, load_arithmetic, tokenize_prompt_completion
+from packcollate.tools.toy import (
+    char_tokenizer,
+    load_arithmetic,
+    tokenize_prompt_completion,
+)
 
 
 def tiny_model(model_path: str | None = None, attn_implementation: str = "packcollate"):

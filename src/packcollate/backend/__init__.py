@@ -11,6 +11,6 @@
 
 from .attention import describe, packcollate_attention, register
 from .mask import packcollate_mask
-from .preparation import prepare
+from .preparation import prepare, use_backend
 
-__all__ = ["describe", "packcollate_attention", "packcollate_mask", "prepare", "register"]
+__all__ = ["describe", "packcollate_attention", "packcollate_mask", "prepare", "register", "use_backend"]

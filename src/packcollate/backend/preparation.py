@@ -64,7 +64,11 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     restarted = [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, "attention") for name, layer in internal]
     for _, layer, kind in restarted:
         restart.restart_layer(layer, kind)
-    if restarted:
+    configs = [module.config for module in model.modules() if isinstance(getattr(module, "config", None), PretrainedConfig)]
+    # what each config needs, known before any forward (a dict lookup when traced); a modeling file that
+    # defines stateful layers (perhaps only in another tower) gets the hooks too: its mask function checks them
+    flagged = any(restart.stateful_classes(type(config)) != ((), False) for config in configs)
+    if restarted or flagged:
         internal_only = restart.attention_all_internal(model)  # the model's masks are theirs, not a tower's only
         units = _checkpointed_units(model, [name for name, _, _ in restarted])
         for module in model.modules():
@@ -72,9 +76,6 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
                 module.register_forward_pre_hook(functools.partial(_before_model, internal_only, units), with_kwargs=True)
                 module.register_forward_hook(_after_model, with_kwargs=True, always_call=True)
                 module.__dict__["_packcollate_forward_hooks"] = True
-    for module in model.modules():  # what each config needs, known before any forward (a dict lookup when traced)
-        if isinstance(getattr(module, "config", None), PretrainedConfig):
-            restart.stateful_classes(type(module.config))
     shield_vision_tower(model)
     return model
 
@@ -83,14 +84,16 @@ def use_backend(model: torch.nn.Module, attn_implementation: str) -> None:
     """Switch `model` to the attention backend `attn_implementation` (`set_attn_implementation`).
 
     A model whose attention is all computed inside it (GPT-Neo; Falcon up to transformers 5.24) refuses
-    the switch, although the backend name decides nothing there but the mask transformers builds for
-    it: its configs are switched directly (`prepare` restarts its attention layers). Raises
-    `BackendRefused` when any other model keeps its backend."""
+    the switch, although the packcollate backend's name decides nothing there but the mask
+    transformers builds for it: to and from that backend its configs are switched directly (`prepare`
+    restarts its attention layers). Raises `BackendRefused` when a model keeps its backend otherwise
+    (transformers' own backends do not restart such layers: switching to them is refused, as
+    transformers refuses it)."""
     model.set_attn_implementation(attn_implementation)
     kept = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if kept == attn_implementation:
         return
-    if restart.attention_all_internal(model):
+    if BACKEND_NAME in (attn_implementation, kept) and restart.attention_all_internal(model):
         for module in model.modules():
             config = getattr(module, "config", None)
             if config is not None and hasattr(config, "_attn_implementation"):

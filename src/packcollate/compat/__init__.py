@@ -1,15 +1,18 @@
-"""Model compatibility: is a packed batch exactly equivalent to the same examples unpacked?
+"""The proof: is a packed batch exactly equivalent to the same examples unpacked, on this architecture?
 
 - `tiny_config` (tiny.py) shrinks any causal-LM config to a few-thousand-parameter copy that keeps its
-  structure (attention pattern, GQA ratio, sliding windows, softcapping, experts, layer types).
+  structure (attention pattern, GQA ratio, sliding windows, softcapping, experts, layer types);
+  `seeded` builds tiny copies without touching the caller's random stream.
 - `compare_packed_unpacked` (equivalence.py) runs one packed forward and backward and the reference
   (each sequence on its own, or a padded batch, optionally through another attention backend) on the
   same model, and returns the largest differences of logits, loss and every parameter's gradient.
-- `check_model` (model_check.py) runs the static checks (static_checks.py) and that proof for every
-  attention backend on a tiny copy of an architecture; `CompatReport` (report.py) holds the verdicts.
-- `assert_packing_safe` (guard.py) is the runtime check for training loops.
-- `packcollate check` (matrix.py) checks one model, or every causal-LM architecture of transformers,
-  each in an isolated worker process.
+- `check_model` (model_check.py) runs the static checks (static_checks.py) and that proof
+  (proof.py) for every attention backend on a tiny copy of an architecture; `CompatReport`
+  (report.py) holds the verdicts. configs.py reads a local `config.json` as data, remote_code.py
+  refuses code that was not trusted, vision.py proves vision-language families.
+- `assert_packing_safe` / `assert_sequence_scores_safe` (guard.py) are the runtime checks for
+  training loops and trainers.
+- The matrices of every architecture (`packcollate check --all`) are tools: `packcollate.tools.matrix`.
 """
 
 from ..errors import BackendRefused

@@ -147,8 +147,8 @@ def prove_backend(model, proof: Proof, backend: str) -> BackendResult:
 
 @contextmanager
 def _backend_model(model, backend: str):
-    """`model` switched to `backend`; for models that only take a backend when built (Falcon), a twin
-    built with it and loaded with the same weights."""
+    """`model` switched to `backend`; for models that only take a backend when built (RWKV, GPT-J on
+    transformers 5.17), a twin built with it, loaded with the same weights and prepared."""
     try:
         switch = switched_backend(model, backend)
         switch.__enter__()
@@ -158,7 +158,7 @@ def _backend_model(model, backend: str):
         except (ValueError, KeyError, ImportError):  # not buildable with it either: report the refusal
             raise refused from None
         twin.load_state_dict(model.state_dict())
-        yield twin.to(device=next(model.parameters()).device, dtype=torch.float32).eval()
+        yield prepare(twin.to(device=next(model.parameters()).device, dtype=torch.float32).eval())
         return
     try:
         yield model

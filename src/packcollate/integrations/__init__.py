@@ -1,8 +1,12 @@
 """Integrations with training frameworks; nothing in the core imports from here.
 
 - `PackedTrainer`, `PackingTrainerMixin`: Hugging Face `Trainer` (`packcollate.integrations.trainer`).
-- `PackedSFTTrainer`: TRL's `SFTTrainer` (`packcollate.integrations.trl`; needs the `trl` extra).
-- `PackingGuardCallback`: stops a `Trainer` run whose attention backend would mix packed examples.
+- `PackedSFTTrainer`, `PackedDPOTrainer`, `PackedRewardTrainer`: TRL (`packcollate.integrations.trl`,
+  `trl_preference`, `trl_vision`; needs the `trl` extra).
+- `PackingGuardCallback`: stops a `Trainer` run whose attention backend would mix packed examples
+  (`callbacks`).
+- The checks a trainer runs before its first step, each given the trainer (`preflight`): mask
+  columns, split lengths, the launch.
 - `count_label_tokens`, `micro_batches`: the token-mean loss in plain PyTorch / accelerate loops
   (`packcollate.integrations.loops`).
 """

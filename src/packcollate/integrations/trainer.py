@@ -30,7 +30,7 @@
 The loss needs nothing extra: `Trainer` divides the summed token loss of every micro-batch by the
 label tokens of the whole optimizer step, gathered over gradient accumulation and over ranks
 (`num_items_in_batch`, `average_tokens_across_devices`), so a packed run gets exactly the padded
-run's token-mean loss and gradients (tested with 2 ranks in `tests/test_trainer_integration.py`).
+run's token-mean loss and gradients (tested with 2 ranks in `tests/integrations/test_trainer.py`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..backend import describe
+from ..backend import describe, prepare, use_backend
 from ..collate.text import PackedCollator, PaddedCollator
 from .toy import char_tokenizer, load_arithmetic, tokenize_prompt_completion
 
@@ -48,7 +48,7 @@ def build_model(vocab_size: int, seed: int = 0):
         max_position_embeddings=1024,
         use_cache=False,
     )
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return prepare(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"))
 
 
 def train_side_by_side(runs: dict[str, tuple], lr: float) -> dict[str, tuple[list[float], float]]:
@@ -102,7 +102,7 @@ def run_demo(steps: int = 8, batch_size: int = 16, seed: int = 0, lr: float = 1e
         ("packed", packed_collator, "packcollate"),
     ):
         model = copy.deepcopy(base)
-        model.set_attn_implementation(implementation)
+        use_backend(model, implementation)
         setups[name] = (model, [collator(b) for b in batches])
     trained = train_side_by_side(setups, lr)
     runs = {}

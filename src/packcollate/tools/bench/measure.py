@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ...backend import use_backend
 from ...layout import IGNORE_INDEX
 from .config import EPOCH_LOSS_TOLERANCE
 from .modes import ModeRun
@@ -77,7 +78,7 @@ def _warmup_batches(run: ModeRun, warmup: int) -> list[dict]:
 def _mode_copy(base_model, run: ModeRun):
     """A copy of `base_model` on the mode's attention, in train mode."""
     model = copy.deepcopy(base_model)
-    model.set_attn_implementation(run.attn_implementation)
+    use_backend(model, run.attn_implementation)
     model.train()
     return model
 
@@ -86,7 +87,7 @@ def _reset_for_mode(base_model, init_state: dict, run: ModeRun, device: torch.de
     """`base_model` back at the initial weights, on the mode's attention, in train mode, with freed memory
     collected (and, on CUDA, the cache emptied and the peak counter reset)."""
     base_model.load_state_dict(init_state)
-    base_model.set_attn_implementation(run.attn_implementation)
+    use_backend(base_model, run.attn_implementation)
     base_model.train()
     gc.collect()
     if device.type == "cuda":
@@ -285,12 +286,12 @@ def check_losses(base_model, runs, check_dtype, device, say) -> dict:
     quiet.setLevel(logging.ERROR)  # the fp32 check takes the exact path on CUDA; not worth a warning
     try:
         for run in runs.values():
-            model.set_attn_implementation(run.attn_implementation)
+            use_backend(model, run.attn_implementation)
             run.epoch_loss = epoch_loss(model, run.batches)
             say(f"  epoch loss {run.name:20} {run.epoch_loss:.6f}")
     finally:
         quiet.setLevel(level)
-        model.set_attn_implementation("sdpa")
+        use_backend(model, "sdpa")
         model.train()
     if model is not base_model:
         del model

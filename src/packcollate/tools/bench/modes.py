@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...backend import prepare
 from ...backend.attention import BACKEND_NAME
 from ...batching.sampler import TokenBudgetBatchSampler
 from ...collate.text import PackedCollator, PaddedCollator
@@ -197,7 +198,8 @@ def _load_weights(preset: str, dtype: torch.dtype):
 
 def build_model(preset: str, vocab_size: int, dtype: torch.dtype, device: torch.device, *,
                 load_weights: bool = False, seed: int = 0):
-    """A causal LM from a preset name or a local model directory (config only unless `load_weights`)."""
+    """A causal LM from a preset name or a local model directory (config only unless `load_weights`),
+    prepared (`packcollate.prepare`: each mode switches its backend with `use_backend`)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
@@ -210,7 +212,7 @@ def build_model(preset: str, vocab_size: int, dtype: torch.dtype, device: torch.
     elif Path(preset).is_dir():
         config = preset_config(preset)
         if load_weights:
-            return _load_weights(preset, dtype).to(device)
+            return prepare(_load_weights(preset, dtype).to(device))
         if getattr(config, "vocab_size", vocab_size) < vocab_size:
             raise ValueError(f"--preset {preset}: its vocabulary ({config.vocab_size}) is smaller than the "
                              f"data's tokenizer ({vocab_size})")
@@ -218,4 +220,4 @@ def build_model(preset: str, vocab_size: int, dtype: torch.dtype, device: torch.
         raise ValueError(f"--preset: expected one of {tuple(PRESETS)} or a local model directory, got {preset!r}")
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype, trust_remote_code=False)
-    return model
+    return prepare(model)

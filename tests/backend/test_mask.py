@@ -1,0 +1,55 @@
+"""The backend's mask function (`packcollate.backend.mask`), registered with transformers' `AttentionMaskInterface`:
+a `(B, S)` sequence map found from `position_ids`, never an `S x S` matrix; layers flagged bidirectional under a
+mask that is causal somewhere get transformers' own mask, packing and blocks included."""
+
+import torch
+
+import packcollate  # noqa: F401
+from packcollate.backend import mask as backend_mask
+from tests.helpers import tiny_backend_model as tiny_model
+
+
+def test_mask_is_a_sequence_map_not_a_square_matrix():
+    """The registered mask function returns `(B, S)` ids (never `S x S`) and finds packing from position_ids."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = tiny_model("llama")
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    embeds = torch.zeros(1, 9, model.config.hidden_size)
+    mask = create_causal_mask(model.config, embeds, None, None, position_ids=position_ids)
+    assert mask.shape == (1, 9) and mask.dtype == torch.int32
+    assert mask.tolist() == [[1, 1, 1, 2, 2, 3, 3, 3, 3]]
+    padded = create_causal_mask(model.config, embeds, torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0, 0]]), None)
+    assert padded.tolist() == [[1, 1, 1, 1, 1, 1, 0, 0, 0]]
+    assert create_causal_mask(model.config, embeds, None, None) is None
+
+
+def test_layers_flagged_bidirectional_under_a_causal_mask_get_transformers_mask(monkeypatch):
+    """A config with `use_bidirectional_attention` (its layers say `is_causal=False`, PaliGemma) whose mask
+    is causal somewhere gets transformers' own `(B, 1, S, S)` mask, packing and blocks included; a mask
+    that is bidirectional everywhere (an encoder) stays linear, except while tracing (no data-dependent check)."""
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+    model = tiny_model("llama")
+    config = model.config.__class__(**model.config.to_dict())
+    config.use_bidirectional_attention = True
+    config._attn_implementation = "packcollate"
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    embeds = torch.zeros(1, 9, config.hidden_size)
+    seq = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    tril = torch.arange(9)[:, None] >= torch.arange(9)[None, :]
+    same = seq[:, None] == seq[None, :]
+    mask = create_causal_mask(config, embeds, None, None, position_ids=position_ids)
+    assert mask.shape == (1, 1, 9, 9) and mask.dtype == torch.bool
+    assert torch.equal(mask[0, 0], tril & same)
+    prefix = torch.tensor([[0, 0, -1, 0, -1, 0, 0, 0, -1]])  # PaliGemma's prefix block ids, one per sequence
+    blocked = create_causal_mask(config, embeds, None, None, position_ids=position_ids, block_sequence_ids=prefix)
+    in_prefix = (prefix[0] == 0)[:, None] & (prefix[0] == 0)[None, :]
+    assert torch.equal(blocked[0, 0], (tril | in_prefix) & same)
+    assert create_bidirectional_mask(config, embeds, None) is None  # an encoder: linear, as before
+    assert create_causal_mask(model.config, embeds, None, None, position_ids=position_ids).shape == (1, 9)
+    both_ways = lambda b, h, q, kv: torch.ones_like(q + kv, dtype=torch.bool)  # noqa: E731
+    assert not backend_mask.flagged_layers_under_causal_mask(config, both_ways, 1, 9, "cpu")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # no data-dependent check while tracing
+    assert backend_mask.flagged_layers_under_causal_mask(config, both_ways, 1, 9, "cpu")
+    assert not backend_mask.flagged_layers_under_causal_mask(model.config, both_ways, 1, 9, "cpu")

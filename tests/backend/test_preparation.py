@@ -1,0 +1,197 @@
+"""`import packcollate` patches nothing; `packcollate.prepare(model)` changes that one model, and the
+packed layout travels with each call (`packcollate.backend.preparation`).
+
+- Importing packcollate leaves transformers' classes and tables as they were (checked in a fresh
+  interpreter), and loads no CLI, benchmark, matrix or toy code.
+- A model that needs preparing and was not refuses its first forward on the backend, in one line.
+- The layout is per call: two packed forwards before one backward under gradient checkpointing, a
+  teacher's forward between a student's forward and backward, and two threads with different batches
+  each give the gradients / outputs of their own batch (tiny random Mamba-2 and Qwen3.5 copies, CPU, fp32).
+"""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+import packcollate
+from packcollate import PackedCollator
+from packcollate.compat import compare_packed_unpacked, proof_features, tiny_config
+from packcollate.errors import NotPreparedError
+
+HYBRIDS = ("mamba2", "qwen3_5_text")
+
+
+def build(model_type: str, prepared: bool = True, seed: int = 0, **overrides):
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type!r}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="packcollate")
+    return packcollate.prepare(model.eval()) if prepared else model.eval()
+
+
+def test_import_patches_nothing_and_loads_no_tools():
+    """In a fresh interpreter: transformers' PreTrainedModel methods, the attention-class tables of
+    Falcon / GPT-Neo and the registries other than the two packcollate entries are the same objects
+    and contents before and after `import packcollate`."""
+    script = """
+import sys
+import transformers
+from transformers import PreTrainedModel
+from transformers.models.gpt_neo import modeling_gpt_neo
+from transformers.models.falcon import modeling_falcon
+methods = {name: PreTrainedModel.__dict__.get(name) for name in ("post_init", "__init__", "forward")}
+tables = [dict(table) for table in (getattr(modeling_falcon, "FALCON_ATTENTION_CLASSES", {}),
+                                    modeling_gpt_neo.GPT_NEO_ATTENTION_CLASSES)]
+import packcollate
+assert {name: PreTrainedModel.__dict__.get(name) for name in methods} == methods, "PreTrainedModel changed"
+assert tables == [dict(table) for table in (getattr(modeling_falcon, "FALCON_ATTENTION_CLASSES", {}),
+                                            modeling_gpt_neo.GPT_NEO_ATTENTION_CLASSES)], "a table changed"
+loaded = sorted(m for m in sys.modules if m.startswith(("packcollate.tools", "packcollate.integrations")))
+assert not loaded, loaded
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+assert "packcollate" in AttentionInterface._global_mapping and "packcollate" in AttentionMaskInterface._global_mapping
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_import_adds_nothing_to_models_and_prepare_nothing_to_models_without_state():
+    """A model built after `import packcollate` and never prepared has no packcollate hook or forward; a
+    prepared Llama (nothing carries state, its attention goes through the backend) has none either."""
+    for model in (build("mamba2", prepared=False), build("llama")):
+        assert not any(module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__
+                       for module in model.modules())
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "lfm2", "bloom"])
+def test_an_unprepared_model_that_needs_it_refuses_its_first_forward(model_type):
+    """Hybrid and internal-attention models call the backend's mask function: unprepared, it raises
+    naming the fix, packed or not (with a cache too); prepared, the same batch is exact."""
+    model = build(model_type, prepared=False)
+    batch = PackedCollator()(proof_features())
+    for use_cache in (False, True):
+        with pytest.raises(NotPreparedError, match=r"call packcollate.prepare\(model\)"):
+            model(**batch, use_cache=use_cache)
+    packcollate.prepare(model)
+    result = compare_packed_unpacked(model, proof_features())
+    assert result.max_logit_diff <= 1e-4 and result.max_grad_rel_diff <= 1e-3, result
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "rwkv", "qwen3_5_text"])
+def test_the_guard_refuses_an_unprepared_model_even_without_a_mask_call(model_type):
+    """Pure state-space models call no mask function: nothing of packcollate runs in their forward, so the
+    guard (PackingGuardCallback, plain loops) reads the model itself and refuses it unprepared."""
+    model = build(model_type, prepared=False)
+    with pytest.raises(NotPreparedError, match=r"call packcollate.prepare\(model\)"):
+        packcollate.assert_packing_safe(model)
+    packcollate.assert_packing_safe(packcollate.prepare(model))
+
+
+def test_prepare_is_idempotent_and_a_deep_copy_restarts_its_own_layers():
+    import copy
+
+    model = build("mamba2")
+    hooks = sum(len(m._forward_pre_hooks) for m in model.modules())
+    assert packcollate.prepare(model) is model
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.5)
+    batch = PackedCollator()(proof_features())
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, twin(**batch).logits)  # the twin runs its own weights
+    assert compare_packed_unpacked(twin, proof_features()).max_logit_diff <= 1e-4
+
+
+def gradients(model) -> dict:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def loss_of(model, batch):
+    return model(**batch).loss
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_two_packed_forwards_then_one_backward_under_gradient_checkpointing(model_type, use_reentrant):
+    """Checkpointed layers recompute during backward, after later forwards ran: each recomputation
+    uses the layout of its own forward (two batches with different example lengths)."""
+    model = build(model_type)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.train()
+    first = PackedCollator()(proof_features(lengths=(11, 27, 5, 19)))
+    second = PackedCollator()(proof_features(seed=1, lengths=(30, 3, 29)))
+    model.zero_grad()
+    (loss_of(model, first) + loss_of(model, second)).backward()
+    together = gradients(model)
+    model.zero_grad()
+    loss_of(model, first).backward()
+    loss_of(model, second).backward()
+    apart = gradients(model)
+    for name, grad in apart.items():
+        torch.testing.assert_close(together[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_a_teacher_forward_between_a_students_forward_and_backward(model_type):
+    """Another model's packed forward (a teacher, a reference) between the student's forward and backward
+    leaves the student's layout alone, with gradient checkpointing on."""
+    student, teacher = build(model_type), build(model_type, seed=1)
+    student.gradient_checkpointing_enable()
+    student.train()
+    batch = PackedCollator()(proof_features())
+    other = PackedCollator()(proof_features(seed=2, lengths=(40, 2, 20)))
+    student.zero_grad()
+    loss = loss_of(student, batch)
+    with torch.no_grad():
+        teacher(**other)
+    loss.backward()
+    interleaved = gradients(student)
+    student.zero_grad()
+    loss_of(student, batch).backward()
+    for name, grad in gradients(student).items():
+        torch.testing.assert_close(interleaved[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_threads_with_different_batches_see_their_own_layout(model_type):
+    """Two threads run packed batches of different layouts through one model at once, many times: every
+    output equals that batch's output alone."""
+    model = build(model_type)
+    batches = [PackedCollator()(proof_features(seed=s, lengths=lengths))
+               for s, lengths in ((0, (11, 27, 5, 19)), (1, (40, 2, 20)))]
+    with torch.no_grad():
+        expected = [model(**batch).logits for batch in batches]
+    wrong = []
+
+    def run(index):
+        for _ in range(10):
+            with torch.no_grad():
+                if not torch.allclose(model(**batches[index]).logits, expected[index], atol=1e-6):
+                    wrong.append(index)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
+
+
+def test_families_that_pick_their_attention_when_built_switch_through_prepare():
+    """GPT-Neo picks an attention class by backend name when built and knows only its own: built with its
+    default attention, `prepare(model, attn_implementation="packcollate")` puts it on the backend, exact."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt_neo")).eval()
+    packcollate.prepare(model, attn_implementation="packcollate")
+    assert model.config._attn_implementation == "packcollate"
+    result = compare_packed_unpacked(model, proof_features(), reference_attn_implementation="eager")
+    assert result.max_logit_diff <= 1e-4 and result.max_grad_rel_diff <= 1e-3, result

@@ -1,0 +1,208 @@
+"""Recurrent, convolutional and linear-attention layers restart at every packed example
+(`packcollate.backend.restart`), and so does attention written inside the model.
+
+Every model is a tiny random copy of a real transformers architecture (CPU, fp32): the packed
+forward and backward through `attn_implementation="packcollate"` must equal the same examples one at
+a time (logits 1e-4, relative gradients 1e-3), with and without the collator's `seq_idx`. Families
+this transformers does not have are skipped (read at run time).
+"""
+
+import copy
+import inspect
+import sys
+import types
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_fallback
+
+import packcollate
+from packcollate import PackedCollator
+from packcollate.backend import buckets
+from packcollate.backend import restart as recurrent
+from packcollate.compat import compare_packed_unpacked, proof_features
+from packcollate.layout import from_cu_seq_lens
+from tests.helpers import build_prepared as build
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+LOGITS, GRADS = 1e-4, 1e-3
+
+# the hybrid, SSM and linear-attention families of issue 15 (text causal LMs)
+FAMILIES = (
+    "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "mamba", "mamba2", "falcon_mamba", "jamba", "bamba",
+    "falcon_h1", "granitemoehybrid", "nemotron_h", "lfm2", "lfm2_moe", "zamba", "zamba2", "kimi_linear",
+    "olmo_hybrid", "minimax", "recurrent_gemma", "xlstm", "rwkv",
+)
+
+# examples long and uneven enough for several length buckets of the exact path
+LONG_LENGTHS = (200, 4, 61, 17, 150, 2)
+
+
+def assert_exact(result):
+    assert result.max_logit_diff <= LOGITS, result
+    assert result.max_grad_rel_diff <= GRADS, result
+
+
+@pytest.mark.parametrize("return_seq_idx", [False, True])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_packed_equals_one_at_a_time(model_type, return_seq_idx):
+    model = build(model_type)
+    assert recurrent.token_mixers(model), "no token mixer found"
+    collator = PackedCollator(return_seq_idx=return_seq_idx)
+    assert_exact(compare_packed_unpacked(model, proof_features(), collator=collator))
+
+
+# older families whose attention is written inside the model (no AttentionInterface)
+INTERNAL_ATTENTION_FAMILIES = ("bloom", "mpt", "xglm", "openai-gpt", "gpt_neox_japanese", "gpt_neo")
+
+
+@pytest.mark.parametrize("model_type", INTERNAL_ATTENTION_FAMILIES)
+def test_internal_attention_runs_per_example(model_type):
+    """Their attention layers (found from their source at run time) run their examples apart, with
+    their own causal mask (and BLOOM's ALiBi) cut to each bucket."""
+    model = build(model_type)
+    assert recurrent.internal_attention_layers(model) and not recurrent.token_mixers(model)
+    for collator in (PackedCollator(), PackedCollator(return_flash_attn_kwargs=False)):  # cu_seq_lens or positions
+        assert_exact(compare_packed_unpacked(model, proof_features(lengths=LONG_LENGTHS), collator=collator))
+
+
+@pytest.mark.parametrize("model_type", ["mamba2", "qwen3_5_text", "lfm2", "nemotron_h"])
+def test_several_buckets_padding_segment_and_default_cache(model_type):
+    """Lengths that make several buckets, a pad segment (pad_to_multiple_of), and `use_cache` left at
+    the config's default (True: a plain training loop)."""
+    model = build(model_type)
+    features = proof_features(lengths=LONG_LENGTHS)
+    layout = from_cu_seq_lens(PackedCollator()(features)["cu_seq_lens_q"], None, 1, sum(LONG_LENGTHS))
+    assert len(buckets.bucket_plan(layout, "cpu", buckets.RECURRENT_COST).buckets) > 1  # really several buckets
+    for collator in (PackedCollator(pad_to_multiple_of=16, return_seq_idx=True), PackedCollator()):
+        assert_exact(compare_packed_unpacked(model, features, collator=collator, use_cache=model.config.use_cache))
+
+
+@pytest.mark.parametrize("model_type", ["mamba2", "qwen3_5_text"])
+def test_other_backends_still_mix_or_refuse(model_type):
+    """The control: the same model through eager mixes packed examples (or transformers refuses the
+    packed batch), so the exactness above is the restart's doing."""
+    model = build(model_type, attn_implementation="eager")
+    try:
+        result = compare_packed_unpacked(model, proof_features())
+    except ValueError as error:  # transformers: "can't keep packed sequences apart without ..."
+        assert "packed" in str(error)
+    else:
+        assert result.max_logit_diff > 1e-3
+
+
+@pytest.mark.parametrize("model_type", ["mamba2", "qwen3_5_text"])
+def test_gradient_checkpointing_and_deepcopy(model_type):
+    """Checkpointed layers recompute during backward, after the forward: the layout is still known.
+    A deep copy keeps restarting, with its own layers."""
+    model = build(model_type)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    assert_exact(compare_packed_unpacked(model, proof_features()))
+    twin = copy.deepcopy(model.eval())
+    for (_, original), (_, copied) in zip(recurrent.token_mixers(model), recurrent.token_mixers(twin)):
+        assert copied.forward.__self__ is copied and original.forward.__self__ is original
+    assert_exact(compare_packed_unpacked(twin, proof_features()))
+
+
+@pytest.mark.parametrize("model_type", ["mamba2", "bloom"])
+def test_padded_batches_run_as_eager_runs_them(model_type):
+    """A padded batch (attention_mask with zeros) runs as transformers' eager runs it: its rows are its
+    sequences (BLOOM's own attention gets eager's causal, padded mask)."""
+    model = build(model_type)
+    reference = build(model_type, attn_implementation="eager")
+    batch = packcollate.PaddedCollator()(proof_features())
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        got, expected = model(**batch).logits[real], reference(**batch).logits[real]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_token_mixers_found_at_run_time():
+    llama = build("llama")
+    assert recurrent.token_mixers(llama) == [] and recurrent.internal_attention_layers(llama) == []
+    names = [type(m).__name__ for _, m in recurrent.token_mixers(build("recurrent_gemma"))]
+    assert names and "RecurrentGemmaRglru" not in names  # the RG-LRU runs inside its block's split
+
+
+class CausalSum(torch.nn.Module):
+    """A stand-in token mixer: running sum over the tokens, `(B, S, D)` -> `(B, S, D)`, and a per-token
+    second output; its state carries across examples unless they run apart."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        assert "seq_idx" not in kwargs and "cu_seq_lens_q" not in kwargs and cache is None
+        return hidden_states.cumsum(1), hidden_states * 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=9), st.integers(0, 5))
+def test_run_per_example_is_each_example_alone(lengths, pad):
+    """Property: buckets, right padding and the scatter back give each example's own output."""
+    total = sum(lengths) + pad
+    cu = torch.tensor([0, *torch.tensor(lengths + ([pad] if pad else [])).cumsum(0).tolist()], dtype=torch.int32)
+    layout = from_cu_seq_lens(cu, None, 1, total)
+    hidden = torch.randn(1, total, 3)
+    mixer = CausalSum()
+    summed, doubled = recurrent.run_per_example(mixer.forward, (hidden,), {"cache": object(), "seq_idx": 0}, layout,
+                                                (1, total))
+    plans = buckets.plan_buckets(torch.diff(cu).tolist(), buckets.RECURRENT_COST)
+    real = [gather[torch.arange(gather.shape[1])[None, :].numpy() < lengths[:, None]] for gather, lengths in plans]
+    assert sorted(int(i) for r in real for i in r) == list(range(total))  # every token once, in some bucket
+    expected = torch.cat([piece.cumsum(1) for piece in hidden.split(torch.diff(cu).tolist(), dim=1)], dim=1)
+    torch.testing.assert_close(summed, expected)
+    torch.testing.assert_close(doubled, hidden * 2)
+
+
+# --- fast kernels: their own seq_idx / cu_seq_lens path (stand-ins on CPU) --------------------
+
+
+def stand_in_kernels(monkeypatch, modeling, calls: list):
+    """Replace the kernel functions `modeling` wraps by "installed" stand-ins that record their
+    kwargs and run the PyTorch fallback (a fake package, through transformers' own wrapper)."""
+    package = types.ModuleType("packcollate_stand_in_kernels")
+    monkeypatch.setitem(sys.modules, package.__name__, package)
+    for function in recurrent.kernel_functions(modeling.Mamba2Mixer):
+        fallback = inspect.getclosurevars(recurrent.kernel_wrapper(getattr(modeling, function.name))).nonlocals["torch_function"]
+
+        def kernel(*args, seq_idx=None, cu_seqlens=None, _fallback=fallback, _name=function.name, **kwargs):
+            calls.append((_name, seq_idx))
+            return _fallback(*args, **kwargs)
+
+        # the fallback's parameters and the two a packing-aware kernel takes
+        signature = inspect.signature(fallback)
+        parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("seq_idx", "cu_seqlens")]
+        kernel.__signature__ = signature.replace(parameters=parameters)
+        setattr(package, function.name, kernel)
+        wrapped = use_kernel_func_from_hub_with_fallback(function.name, package.__name__)(fallback)
+        monkeypatch.setattr(modeling, function.name, wrapped)
+
+
+def test_kernel_path_gets_the_layout(monkeypatch):
+    """With kernels "installed" on a kernel device, a Mamba-2 mixer runs packed and its kernels get the
+    packed layout's seq_idx, also when the collator emitted none; Mamba-1's scan takes no seq_idx,
+    so it keeps running its examples apart."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    model = build("mamba2")
+    mixer = recurrent.token_mixers(model)[0][1]
+    assert not recurrent.uses_kernels(mixer, torch.device("cuda"))  # nothing installed here
+    calls: list = []
+    stand_in_kernels(monkeypatch, modeling_mamba2, calls)
+    recurrent.kernel_functions.cache_clear()
+    monkeypatch.setattr(recurrent, "KERNEL_DEVICES", ("cpu", "cuda"))
+    try:
+        assert recurrent.uses_kernels(mixer, torch.device("cuda"))
+        assert not recurrent.uses_kernels(mixer, torch.device("meta"))
+        batch = PackedCollator(return_seq_idx=True)(proof_features())
+        with torch.no_grad():
+            model(**{k: v for k, v in batch.items() if k != "seq_idx"})
+        assert calls and all(torch.equal(seq_idx, batch["seq_idx"]) for _, seq_idx in calls)
+        assert not recurrent.uses_kernels(recurrent.token_mixers(build("mamba"))[0][1], torch.device("cuda"))
+    finally:
+        recurrent.kernel_functions.cache_clear()

@@ -1,0 +1,1 @@
+"""Tests of `packcollate.collate`: the collators (text, features, labels, lengths, vision, preference)."""

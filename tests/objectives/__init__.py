@@ -1,0 +1,1 @@
+"""Tests of `packcollate.objectives`: per-example reductions, sequence-weighted losses, sequence scores."""
