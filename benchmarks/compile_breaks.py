@@ -2,7 +2,7 @@
 
     python benchmarks/compile_breaks.py [--before /work/main/src] [--steps 8] [--modes M ...] [--backend eager|inductor]
 
-A tiny random Llama (2 layers, `attn_implementation="packcollate"`, CPU, fp32) in a plain loop of
+A tiny random Llama (2 layers, `attn_implementation="packcollate"`, prepared, CPU, fp32) in a plain loop of
 `--steps` packed batches of varying length `N` and example count `k` (forward and backward). Each
 source tree (`--before`: another checkout's `src`, e.g. main's; after: this one) runs in its own
 process and reports:
@@ -58,12 +58,14 @@ def _model(layers: int):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    import packcollate  # noqa: F401  (registers the backend)
+    import packcollate  # registers the backend
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="packcollate")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="packcollate")
+    prepare = getattr(packcollate, "prepare", None)  # trees before `prepare` existed need none
+    return prepare(model) if prepare is not None else model
 
 
 def _explain(model, batch) -> dict:

@@ -1,7 +1,8 @@
 """The backend under `torch.compile` (`packcollate.backend.traced`): a compiled model on the `packcollate` backend is
 exact: packed batches of varying length, a sliding window, and a padded batch give the eager model's loss and
 gradients.
-Graph / break / recompile counts are a benchmark (benchmarks/compile_breaks.py), not a test."""
+Recompile counts and compile times are a benchmark (benchmarks/compile_breaks.py); that a prepared model traces as
+one graph is checked here."""
 
 import copy
 
@@ -49,3 +50,16 @@ def test_compiled_padded_batch_equals_eager():
     batch = PaddedCollator()(examples(3, 4))
     assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # real padding
     assert_compiled_equals_eager(model, [batch])
+
+
+def test_a_prepared_model_traces_as_one_graph(monkeypatch):
+    """`packcollate.prepare` knows the model's needs before any forward, so the mask function's check is a
+    dict lookup Dynamo traces: one graph, no break (what benchmarks/compile_breaks.py counts per step)."""
+    from packcollate.backend import restart
+
+    monkeypatch.setattr(restart, "_STATEFUL", {})  # as in a fresh process: nothing known before `prepare`
+    torch.manual_seed(0)
+    model = packcollate.prepare(AutoModelForCausalLM.from_config(LlamaConfig(**TINY), attn_implementation="packcollate"))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(**PackedCollator()(examples(0, 5)))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
