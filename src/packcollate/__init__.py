@@ -5,7 +5,7 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=PackedCollator())
 
 The package's layers, each importing only from those above it in this list: `errors`, `layout` (the
-packed layout), `collate/` and `batching/`, `backend/` (attention, mask, `prepare`), `objectives/`,
+packed layout) and `unwrap` (the model inside its wrappers), `collate/` and `batching/`, `backend/` (attention, mask, `prepare`), `objectives/`,
 `compat/` (the proof), `integrations/` (Trainer, TRL, loops); `tools/` (CLI, demo, benchmark) is never
 imported by `import packcollate`.
 """

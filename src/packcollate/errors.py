@@ -10,8 +10,8 @@ the layer). Each class also subclasses the built-in exception callers already ca
 | `MissingKeyError` | `KeyError` | an example or a batch lacks a key it needs |
 | `InputTypeError` | `TypeError` | a value of the wrong kind (not a list of dicts, not a transformers model) |
 | `LayoutError` | `ValueError` | a packed layout (`cu_seq_lens_*`, `position_ids`, masks, block ids) that does not describe the batch it came with |
-| `UnsupportedError` | `ValueError` | a model, layer or setting whose packed batch cannot be kept exact on this path: refused, never approximated |
-| `BackendRefused` | `ValueError` | a model that keeps its attention backend when asked to switch (it picks it when built) |
+| `UnsupportedError` | `ValueError`, `NotImplementedError` (a `RuntimeError`) | a model, layer or setting whose packed batch cannot be kept exact on this path: refused, never approximated |
+| `BackendRefused` | `ValueError`, `NotImplementedError` | a model that keeps its attention backend when asked to switch (it picks it when built) |
 | `NotPreparedError` | `RuntimeError` | a packed batch reached a layer that carries state in a model `packcollate.prepare` did not prepare |
 | `LaunchError` | `RuntimeError` | a distributed launch that would silently run something else than what was asked (FSDP on CPU, one process of two) |
 | `PackingUnsafeError` | `RuntimeError` | the numeric proof measured packed examples mixing (`assert_packing_safe`) |
@@ -42,7 +42,7 @@ class LayoutError(InputError):
     """A packed layout that does not describe the batch it came with."""
 
 
-class UnsupportedError(PackcollateError, ValueError):
+class UnsupportedError(PackcollateError, ValueError, NotImplementedError):
     """A model, layer or setting whose packed batch cannot be kept exact on this path."""
 
 

@@ -176,7 +176,7 @@ class LayoutCache:
         self.max_tokens = max_tokens
         # (weak reference, version, extra key, layout, tokens, CPU copy or None)
         self.entries: list[tuple] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # `_drop` runs from the garbage collector, maybe inside `put`
 
     def get(self, tensor: torch.Tensor, extra: tuple) -> SequenceLayout | None:
         if tensor.is_inference():  # no version counter (torch.inference_mode): never cached

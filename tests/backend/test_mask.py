@@ -1,11 +1,13 @@
 """The backend's mask function (`packcollate.backend.mask`), registered with transformers' `AttentionMaskInterface`:
 a `(B, S)` sequence map found from `position_ids`, never an `S x S` matrix; layers flagged bidirectional under a
-mask that is causal somewhere get transformers' own mask, packing and blocks included."""
+mask that is causal somewhere get transformers' own mask, and the backend keeps packed examples apart inside it."""
 
 import torch
 
 import packcollate  # noqa: F401
 from packcollate.backend import mask as backend_mask
+from packcollate.backend import packcollate_attention
+from packcollate.collate.vision import transformers_keeps_blocks_apart
 from tests.helpers import tiny_backend_model as tiny_model
 
 
@@ -45,7 +47,20 @@ def test_layers_flagged_bidirectional_under_a_causal_mask_get_transformers_mask(
     prefix = torch.tensor([[0, 0, -1, 0, -1, 0, 0, 0, -1]])  # PaliGemma's prefix block ids, one per sequence
     blocked = create_causal_mask(config, embeds, None, None, position_ids=position_ids, block_sequence_ids=prefix)
     in_prefix = (prefix[0] == 0)[:, None] & (prefix[0] == 0)[None, :]
-    assert torch.equal(blocked[0, 0], (tril | in_prefix) & same)
+    sdpa = config.__class__(**config.to_dict())
+    sdpa.use_bidirectional_attention, sdpa._attn_implementation = True, "sdpa"
+    assert torch.equal(blocked, create_causal_mask(sdpa, embeds, None, None, position_ids=position_ids,
+                                                   block_sequence_ids=prefix))  # transformers' own, whatever it is
+    if transformers_keeps_blocks_apart():  # 5.24: the blocks stay in their sequence; 5.17: they reach across
+        assert torch.equal(blocked[0, 0], (tril | in_prefix) & same)
+    # the backend keeps the examples the kwargs name apart inside any 4-D mask (transformers 5.17's included)
+    q = torch.randn(1, 2, 9, 8)
+    out, _ = packcollate_attention(model.model.layers[0].self_attn, q, q, q, blocked, position_ids=position_ids)
+    starts = [0, 3, 5, 9]
+    for a, b in zip(starts, starts[1:]):
+        alone, _ = packcollate_attention(model.model.layers[0].self_attn, q[:, :, a:b], q[:, :, a:b], q[:, :, a:b],
+                                         blocked[:, :, a:b, a:b])
+        torch.testing.assert_close(out[:, a:b], alone)
     assert create_bidirectional_mask(config, embeds, None) is None  # an encoder: linear, as before
     assert create_causal_mask(model.config, embeds, None, None, position_ids=position_ids).shape == (1, 9)
     both_ways = lambda b, h, q, kv: torch.ones_like(q + kv, dtype=torch.bool)  # noqa: E731

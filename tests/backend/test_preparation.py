@@ -195,3 +195,67 @@ def test_families_that_pick_their_attention_when_built_switch_through_prepare():
     assert model.config._attn_implementation == "packcollate"
     result = compare_packed_unpacked(model, proof_features(), reference_attn_implementation="eager")
     assert result.max_logit_diff <= 1e-4 and result.max_grad_rel_diff <= 1e-3, result
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_a_prepared_hybrid_generates_like_eager(cache_implementation):
+    """`generate` builds a compileable cache's masks outside the model's forward: a prepared model is not
+    refused there, and greedy generation equals transformers' eager attention."""
+    model = build("qwen3_5_text")
+    eager = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    ids = torch.tensor([[5, 17, 3, 99, 42, 8]])
+    options = dict(max_new_tokens=4, do_sample=False, cache_implementation=cache_implementation)
+    assert torch.equal(model.generate(ids, **options), eager.generate(ids, **options))
+
+
+def test_a_forward_that_raises_leaves_the_callers_state_as_it_was():
+    """A layout refused in a prepared model's pre-hook (a malformed `cu_seq_lens_q`) raises, and the forward
+    state of the caller's thread is what it was before the call (no pop of someone else's state)."""
+    from packcollate.backend import state
+    from packcollate.errors import LayoutError
+
+    model = build("mamba2")
+    batch = PackedCollator()(proof_features())
+    batch["cu_seq_lens_q"] = batch["cu_seq_lens_q"][:-1]  # no longer ends at the row's tokens
+    outer = state.PackedForward(True, None, None)
+    state.push(outer)
+    try:
+        with pytest.raises(LayoutError, match="cu_seq_lens_q"):
+            model(**batch)
+        assert state.current() is outer
+    finally:
+        state.pop()
+    assert state.current() is None
+
+
+def test_internal_attention_switches_only_to_the_backend_and_back():
+    """GPT-Neo's layers compute attention inside the model: `use_backend` switches it to packcollate and back
+    to the backend it was built with, and refuses transformers' other backends (its layers would read their
+    masks in their own convention), as transformers refuses them."""
+    from packcollate.backend import use_backend
+    from packcollate.errors import BackendRefused
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt_neo")).eval()
+    with pytest.raises(BackendRefused, match="kept attn_implementation='eager' when asked for 'sdpa'"):
+        use_backend(model, "sdpa")
+    use_backend(model, "packcollate")
+    with pytest.raises(BackendRefused, match="when asked for 'sdpa'"):
+        use_backend(model, "sdpa")
+    use_backend(model, "eager")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_a_restarted_layer_called_with_a_layout_outside_its_model_refuses():
+    """A restarted layer called directly with packed kwargs (not through its prepared model's forward)
+    cannot know the layout of its call: it refuses instead of running the examples together."""
+    from packcollate.backend import restart
+    from packcollate.errors import UnsupportedError
+
+    model = build("mamba2")
+    mixer = restart.token_mixers(model)[0][1]
+    hidden = torch.randn(1, 10, model.config.hidden_size)
+    with pytest.raises(UnsupportedError, match="outside a forward of its prepared model"):
+        mixer(hidden, seq_idx=torch.zeros(1, 10, dtype=torch.int32))
+    mixer(hidden)  # a plain call: one sequence, as the layer itself runs it

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import packcollate
-from packcollate.compat import assert_packing_safe
+from packcollate.compat import assert_packing_safe, tiny_config
 from packcollate.compat.guard import assert_sequence_scores_safe
 from tests.helpers import CLASSIFIER_FAMILIES as FAMILIES
 from tests.helpers import build_prepared as build
@@ -54,3 +54,12 @@ def test_proofs_leave_the_callers_random_stream_alone():
         torch.manual_seed(1234)
         prove()
         assert torch.equal(torch.rand(4), expected)
+
+
+def test_scoring_guard_prepares_its_tiny_copy():
+    """A classifier whose attention is computed inside the model (BLOOM) is proven on a prepared tiny copy."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config("bloom", num_labels=1, pad_token_id=0, use_cache=False)
+    model = packcollate.prepare(AutoModelForSequenceClassification.from_config(config, attn_implementation="packcollate"))
+    assert assert_sequence_scores_safe(model) < 1e-4

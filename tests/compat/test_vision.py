@@ -23,7 +23,10 @@ import pytest
 import torch
 
 from packcollate.backend import mask
-from packcollate.collate.vision import PackedVisionCollator
+from packcollate.collate.vision import (
+    PackedVisionCollator,
+    transformers_keeps_blocks_apart,
+)
 from packcollate.compat.equivalence import max_relative_grad_diff
 from packcollate.compat.tiny import tiny_config
 from packcollate.compat.vision import (
@@ -35,6 +38,7 @@ from packcollate.compat.vision import (
     tiny_vision_model,
     vision_proof_features,
 )
+from packcollate.errors import UnsupportedError
 from packcollate.layout import BLOCK_IDS
 from tests.helpers import gemma3_with_window
 from tests.helpers import vision_model as model_of
@@ -240,12 +244,18 @@ def test_paligemma_without_the_collator_matches_eager(marks):
 @pytest.mark.parametrize("backend", ["packcollate", "eager"])
 def test_paligemma2_prefix_escapes_the_sliding_window(marks, backend):
     """PaliGemma 2's sliding layers: `(window & causal) | same prefix` (its forward ORs the prefix in after
-    the window). Prefixes longer than the window (3) pack exactly, forward and backward."""
+    the window). Prefixes longer than the window (3) pack exactly, forward and backward; where this
+    transformers' own mask lets the prefix blocks reach across packed sequences (5.17), the collator refuses
+    marked batches for a model on transformers' backends (read at run time)."""
     model = paligemma2()
     model.set_attn_implementation(backend)
     features = vision_proof_features(model.config, token_type_ids=marks)
     if marks:
         assert max(f["token_type_ids"].count(0) for f in features) > 3 * model.config.text_config.sliding_window
+    if marks and backend != "packcollate" and not transformers_keeps_blocks_apart():
+        with pytest.raises(UnsupportedError, match="block overlay reaches across packed sequences"):
+            compare_vision_packed_unpacked(model, features)
+        return
     assert exact(result := compare_vision_packed_unpacked(model, features)), result
 
 
@@ -260,11 +270,16 @@ def test_paligemma_lora_wrapped_packs_prefix_blocks_exactly():
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_paligemma_prefix_blocks_pack_exactly_on_transformers_backends(backend):
-    """transformers' own packed mask keeps PaliGemma's prefix blocks per sequence (one block per prefix,
-    found by the packed-sequence mask): the collator does not refuse them there, and they are exact."""
+    """Where transformers' own packed mask keeps PaliGemma's prefix blocks per sequence (one block per prefix,
+    found by the packed-sequence mask: 5.24), the collator does not refuse them there, and they are exact;
+    where its block overlay reaches across packed sequences (5.17), it refuses them (read at run time)."""
     model = model_of("paligemma", backend)
     try:
         marked = vision_proof_features(model.config, seed=3, token_type_ids=True)
+        if not transformers_keeps_blocks_apart():
+            with pytest.raises(UnsupportedError, match="block overlay reaches across packed sequences"):
+                compare_vision_packed_unpacked(model, marked)
+            return
         assert exact(result := compare_vision_packed_unpacked(model, marked)), result
     finally:
         model.set_attn_implementation("packcollate")

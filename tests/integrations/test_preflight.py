@@ -102,7 +102,7 @@ def test_outside_a_trainer_nothing_is_checked():
 def test_plain_trainer_drops_the_completion_mask_and_the_check_says_so(tmp_path):
     """The pitfall PackedTrainer fixes: the plain Trainer removes completion_mask before collation and would
     train on the prompt; `check_trainer_keeps_masks(trainer)` (run by PackedTrainer before its first step,
-    tests/test_dropped_columns.py) names it."""
+    tests/integrations/test_preflight.py) names it."""
     dataset = prompt_completion_dataset()
     plain = Trainer(model=tiny_model(), args=arguments(tmp_path), data_collator=PackedCollator(), train_dataset=dataset)
     packed = PackedTrainer(model=tiny_model(), args=arguments(tmp_path), train_dataset=dataset, check_packing=False)

@@ -12,7 +12,7 @@ the first step.
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer
+from transformers import AutoModelForCausalLM, Trainer
 
 import packcollate  # noqa: F401
 from packcollate import PackedCollator, PaddedCollator
@@ -200,3 +200,17 @@ def test_packed_trainer_trains_a_compiled_model(tmp_path):
     for name, param in compiled.named_parameters():
         change, reference = param.detach() - before[name], dict(eager.named_parameters())[name].detach() - before[name]
         assert float((change - reference).norm() / reference.norm()) < 1e-5, name
+
+
+def test_a_model_init_model_is_prepared(tmp_path):
+    """`model_init` builds the model inside `train()`, after the trainer's own checks: it is prepared there,
+    so the train-start guard, which refuses an unprepared Mamba-2, passes it and the step runs."""
+    from packcollate.compat import tiny_config
+
+    def model_init():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(tiny_config("mamba2"), attn_implementation="packcollate")
+
+    trainer = PackedTrainer(model_init=model_init, args=arguments(tmp_path), train_dataset=prompt_completion_dataset())
+    trainer.train()  # the guard (check_packing=True) refuses an unprepared Mamba-2
+    assert trainer.state.global_step == 1

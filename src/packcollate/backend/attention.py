@@ -42,6 +42,7 @@ from ..layout import (
     SequenceLayout,
     checked_block_ids,
     layout_of_call,
+    traced_sequence_ids,
 )
 from .kernels import (
     EXACT,
@@ -63,6 +64,19 @@ from .mask import packcollate_mask
 from .traced import chunk_size, traceable_attention
 
 logger = logging.getLogger("packcollate")
+
+
+def _same_example(batch: int, seq: int, device, kwargs: dict) -> torch.Tensor | None:
+    """`(B, 1, S, S)` bool: query and key in the same example, as `cu_seq_lens_q` / `position_ids` say;
+    None when neither is given. A 4-D mask built by transformers keeps packed examples apart only in
+    some releases (5.17's block overlay for PaliGemma's prefix reaches across them): this keeps them
+    apart in every release. Tensor operations only (it runs under `torch.compile` too)."""
+    if kwargs.get("cu_seq_lens_q") is None and not isinstance(kwargs.get("position_ids"), torch.Tensor):
+        return None
+    if not torch.compiler.is_compiling():
+        layout_of_call(batch, seq, None, kwargs)  # what the kwargs say is checked first (and cached)
+    ids, _ = traced_sequence_ids(batch, seq, device, None, kwargs, None)
+    return (ids[:, :, None] == ids[:, None, :])[:, None]
 
 
 def _chunked_layout(module, query, key, kwargs: dict) -> SequenceLayout | None:
@@ -194,9 +208,13 @@ def packcollate_attention(
         bidirectional_blocks=blocks is not None,
     )
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        # a mask the caller built (create_causal_mask passes 4-D masks through untouched), or ours with a
-        # cache: honour it; a query with no key left (padding) attends everywhere, so it stays finite
+        # a mask the caller built (create_causal_mask passes 4-D masks through untouched), or transformers'
+        # own (with a cache; layers flagged bidirectional): honour it, inside the examples the kwargs name;
+        # a query with no key left (padding) attends everywhere, so it stays finite
         mask = attention_mask[..., : key.shape[2]]
+        same = _same_example(batch, seq, query.device, kwargs) if key.shape[2] == seq else None
+        if same is not None:
+            mask = mask & same if mask.dtype == torch.bool else mask.masked_fill(~same, torch.finfo(mask.dtype).min)
         if mask.dtype == torch.bool:
             mask = mask | ~mask.any(-1, keepdim=True)
         out = dense_attention(query, key, value, opts, mask, s_aux, is_causal=False)
@@ -242,7 +260,6 @@ def packcollate_attention(
         full = out.new_zeros(batch * seq, *out.shape[1:])
         out = full.index_copy(0, layout.token_index, out)
     return out.view(batch, seq, heads, out.shape[-1]), None
-
 
 
 def register() -> None:

@@ -5,8 +5,8 @@ Python loop over them: the examples, longest first, are cut into consecutive buc
 one batched call `(G, L, …)` over its `G` examples, each right-padded to the bucket's longest `L`
 by repeating its own last token (causal layers never look ahead, and attention masks the padding).
 
-Where to cut is one dynamic program over the cut points (one vectorised step per example): it
-minimises the padded work, `sum over buckets of G * L ** work_exponent` (2 for attention: key/query
+Where to cut is one dynamic program over the cut points (one vectorised step per distinct length):
+it minimises the padded work, `sum over buckets of G * L ** work_exponent` (2 for attention: key/query
 pairs; 1 for recurrent layers: tokens), plus `bucket_cost` per bucket (what one more call costs, in
 the same unit). `bucket_plan` computes the gather and scatter indices once per layout (every layer
 of a forward shares them).
@@ -42,23 +42,28 @@ RECURRENT_COST = CostModel(work_exponent=1, bucket_cost=128)
 def plan_buckets(lengths, cost: CostModel) -> list[tuple[np.ndarray, np.ndarray]]:
     """Group sequences of similar length; per bucket: `(G, L)` gather index into the `(M,)` tokens
     and `(G,)` lengths. Inside a bucket each sequence is right-padded by repeating its own last token
-    index. See the module docstring for the cost minimised."""
+    index. See the module docstring for the cost minimised.
+
+    Cuts fall between distinct lengths only (splitting equal lengths never costs less), so the dynamic
+    program has one vectorised step per distinct length, not per sequence."""
     lengths_np = np.asarray(lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths_np)[:-1]])
     order = np.argsort(-lengths_np, kind="stable")
-    ordered = lengths_np[order].astype(np.float64)
-    k = len(ordered)
-    best = np.zeros(k + 1)  # best[j]: cost of the first j sequences
-    cut = np.zeros(k + 1, dtype=np.int64)  # cut[j]: where the last bucket of the first j sequences starts
-    work = ordered ** cost.work_exponent
-    for j in range(1, k + 1):  # one vectorised step per sequence, not per token
+    widths, counts = np.unique(lengths_np[order][::-1], return_counts=True)
+    widths, counts = widths[::-1].astype(np.float64), counts[::-1]  # distinct lengths, longest first
+    before = np.concatenate([[0], np.cumsum(counts)])  # sequences before each distinct length
+    groups = len(widths)
+    best = np.zeros(groups + 1)  # best[j]: cost of the first j distinct lengths
+    cut = np.zeros(groups + 1, dtype=np.int64)  # cut[j]: where the last bucket of the first j starts
+    work = widths ** cost.work_exponent
+    for j in range(1, groups + 1):
         first = np.arange(j)
-        costs = best[:j] + (j - first) * work[:j] + cost.bucket_cost
+        costs = best[:j] + (before[j] - before[first]) * work[:j] + cost.bucket_cost
         cut[j] = int(np.argmin(costs))
         best[j] = costs[cut[j]]
-    bounds, j = [], k
+    bounds, j = [], groups
     while j > 0:
-        bounds.append((int(cut[j]), j))
+        bounds.append((int(before[cut[j]]), int(before[j])))
         j = int(cut[j])
     plans = []
     for lo, hi in reversed(bounds):

@@ -50,7 +50,6 @@ class AttentionOptions:
     bidirectional_blocks: bool = False
 
 
-
 def repeat_kv(x: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
     """Repeat key/value heads `groups` times along dimension `head_dim` (grouped-query attention)."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=head_dim)
@@ -231,7 +230,6 @@ def torch_varlen(q, k, v, layout: SequenceLayout, opts: AttentionOptions, fn=Non
             k, v = repeat_kv(k, groups, 1), repeat_kv(v, groups, 1)
     cu = layout.cu_seq_lens
     return fn(q, k, v, cu, cu, layout.max_length, layout.max_length, **kwargs)
-
 
 
 def choose_kernel(device_type: str, dtype: torch.dtype, opts: AttentionOptions, head_dims_match: bool) -> tuple[str, str]:

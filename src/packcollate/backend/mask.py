@@ -75,7 +75,7 @@ def _internal_attention_width(config) -> int | None:
     packed = state.current()
     if packed is None:
         require_prepared(config)
-    if not packed.internal_attention:
+    if not packed.internal_attention:  # the prepared model's own layers say so (its modeling file may hold towers)
         return None
     return packed.layout.max_length if packed.active and packed.layout is not None else 0
 

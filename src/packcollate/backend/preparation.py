@@ -16,10 +16,12 @@ or compute attention inside the model (BLOOM, MPT, GPT-Neo, …) do not call the
   function wrapped at each forward: what it checkpoints runs, then and again when backward recomputes
   it, inside the `PackedForward` of that forward, however many forwards ran in between;
 - a vision-language model's vision tower gets `collate.vision.shield_vision_tower` (the text's
-  packing kwargs never reach it).
+  packing kwargs never reach it);
+- `generate`'s own mask building (compileable caches) runs inside the model's forward state.
 
-`PackedTrainer`, the TRL trainers, `PackedVisionCollator(model=…)`, `check_model` and the guards
-prepare the model they get. In a hand-written loop:
+`PackedTrainer` and the TRL trainers prepare the model they get (`check_model` and the guards prepare
+their own tiny copies; `assert_packing_safe` refuses a user's model that needs preparing and was not).
+In a hand-written loop:
 
     model = packcollate.prepare(AutoModelForCausalLM.from_pretrained(path, attn_implementation="packcollate"))
 
@@ -33,6 +35,7 @@ refuse there. Prepare them (the trainers do).
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -56,6 +59,7 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     build them with their default attention, then `prepare(model, attn_implementation="packcollate")`).
     """
     from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.masking_utils import create_masks_for_generate
 
     if attn_implementation is not None:
         use_backend(unwrap_model(model), attn_implementation)
@@ -76,6 +80,10 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
                 module.register_forward_pre_hook(functools.partial(_before_model, internal_only, units), with_kwargs=True)
                 module.register_forward_hook(_after_model, with_kwargs=True, always_call=True)
                 module.__dict__["_packcollate_forward_hooks"] = True
+                if callable(getattr(module, "prepare_inputs_for_generation", None)):  # it can generate
+                    own = getattr(module, "create_masks_for_generate", None)  # a model's own, else transformers'
+                    module.__dict__["_packcollate_create_masks"] = (own or create_masks_for_generate, internal_only)
+                    module.create_masks_for_generate = types.MethodType(_create_masks_inside, module)
     shield_vision_tower(model)
     return model
 
@@ -85,15 +93,18 @@ def use_backend(model: torch.nn.Module, attn_implementation: str) -> None:
 
     A model whose attention is all computed inside it (GPT-Neo; Falcon up to transformers 5.24) refuses
     the switch, although the packcollate backend's name decides nothing there but the mask
-    transformers builds for it: to and from that backend its configs are switched directly (`prepare`
-    restarts its attention layers). Raises `BackendRefused` when a model keeps its backend otherwise
-    (transformers' own backends do not restart such layers: switching to them is refused, as
-    transformers refuses it)."""
+    transformers builds for it: its configs are switched directly to the packcollate backend (`prepare`
+    restarts its attention layers) and back to the backend its layers were built with, never to another
+    (their layers would read that backend's mask in their own convention). Raises `BackendRefused` when
+    a model keeps its backend otherwise."""
     model.set_attn_implementation(attn_implementation)
     kept = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if kept == attn_implementation:
         return
-    if BACKEND_NAME in (attn_implementation, kept) and restart.attention_all_internal(model):
+    built_with = model.__dict__.get("_packcollate_built_with", kept)
+    if BACKEND_NAME in (attn_implementation, kept) and attn_implementation in (BACKEND_NAME, built_with) \
+            and restart.attention_all_internal(model):
+        model.__dict__["_packcollate_built_with"] = built_with
         for module in model.modules():
             config = getattr(module, "config", None)
             if config is not None and hasattr(config, "_attn_implementation"):
@@ -135,9 +146,13 @@ def _before_model(internal_attention: bool, units: list, model, args, kwargs):
     restarted layers will recompute with it (`_InPackedForward`)."""
     _keep_layout_when_recomputed(units)
     outer = state.current()
-    shape = _tokens_shape(args, kwargs)
-    active = getattr(getattr(model, "config", None), "_attn_implementation", None) == BACKEND_NAME
-    layout = layout_of_inputs(*shape, kwargs) if shape is not None and active and not _padded(kwargs) else None
+    try:
+        shape = _tokens_shape(args, kwargs)
+        active = getattr(getattr(model, "config", None), "_attn_implementation", None) == BACKEND_NAME
+        layout = layout_of_inputs(*shape, kwargs) if shape is not None and active and not _padded(kwargs) else None
+    except BaseException:
+        state.push(outer)  # the forward hook runs however the call ends, and pops exactly one
+        raise
     if outer is None or layout is not None:
         outer = PackedForward(active, shape, layout, internal_attention)
     state.push(outer)
@@ -145,6 +160,19 @@ def _before_model(internal_attention: bool, units: list, model, args, kwargs):
 
 def _after_model(model, args, kwargs, output):
     state.pop()
+
+
+def _create_masks_inside(self, *args, **kwargs):
+    """`generate` builds the masks of a compileable cache itself, outside the model's forward: inside the
+    model's (unpacked) forward state instead, so the mask function knows the model is prepared. A bound
+    method: a deep copy of the model calls its own."""
+    create_masks, internal_attention = self.__dict__["_packcollate_create_masks"]
+    active = getattr(getattr(self, "config", None), "_attn_implementation", None) == BACKEND_NAME
+    state.push(PackedForward(active, None, None, internal_attention))
+    try:
+        return create_masks(*args, **kwargs)
+    finally:
+        state.pop()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -425,6 +425,11 @@ def _restarted_forward(self, *args, **kwargs):
             f"packcollate cannot tell which packed batch it belongs to; checkpoint with "
             f"model.gradient_checkpointing_enable() (each GradientCheckpointingLayer remembers its layout)"
         )
+    if packed is None and any(isinstance(kwargs.get(key), torch.Tensor) for key in _LAYOUT_KWARGS):
+        raise UnsupportedError(
+            f"{type(self).__name__}: called with a packed layout ({', '.join(sorted(_LAYOUT_KWARGS & set(kwargs)))}) "
+            f"outside a forward of its prepared model; call the model itself, so that its examples run apart"
+        )
     if packed is None or not packed.active or packed.layout is None or id(self) in _RUNNING.get():
         return inner(*args, **kwargs)
     layout, shape = packed.layout, packed.shape

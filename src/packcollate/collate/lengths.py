@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, is_int
 
 LENGTH_POLICIES = ("truncate", "split", "drop", "error")
 
@@ -28,9 +28,7 @@ def check_length_policy(max_seq_length: int | None, overflow: str) -> None:
     """Raise ValueError for an invalid `max_seq_length` / `overflow` pair."""
     if overflow not in LENGTH_POLICIES:
         raise InputError(f"overflow: expected one of {LENGTH_POLICIES}, got {overflow!r}")
-    if max_seq_length is not None and (
-        isinstance(max_seq_length, bool) or not isinstance(max_seq_length, (int, np.integer)) or max_seq_length < 1
-    ):
+    if max_seq_length is not None and (not is_int(max_seq_length) or max_seq_length < 1):
         raise InputError(f"max_seq_length: expected a positive int or None, got {max_seq_length!r}")
 
 

@@ -25,9 +25,10 @@ on ordinary tokens. The `packcollate` backend lets a block's tokens see each oth
 example only. transformers' kernels do not read it, and their packed masks look Gemma 3's blocks up
 by in-sequence position, so the collator refuses Gemma 3 batches with marks for a model on another
 backend. PaliGemma's `token_type_ids` (the prefix, image and prompt, attends both ways) stay in the
-batch: the model builds its own prefix mask from them, which keeps packed examples apart on every
-backend (`MODEL_MASKED_BLOCKS`; the `packcollate` backend hands its layers, flagged bidirectional,
-that mask itself).
+batch: the model builds its own prefix mask from them (`MODEL_MASKED_BLOCKS`; the `packcollate`
+backend hands its layers, flagged bidirectional, that mask, inside the examples the kwargs name). Where
+transformers' own mask lets the blocks reach across packed sequences (5.17), the collator refuses such
+batches for a model on another backend.
 
 Qwen-style text models read a `(4, 1, N)` `position_ids` as "text positions, then the three rotary
 sections" (transformers documents this layout for packed inputs); the text row keeps the examples
@@ -37,6 +38,7 @@ Examples without images are plain text: their rotary positions are their text po
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,9 +78,11 @@ def _gemma3_blocks(type_ids: torch.Tensor) -> torch.Tensor:
 #: Families whose image tokens attend to each other bidirectionally: model_type -> (the per-token key
 #: that marks them, the family's own `(1, N)` marks -> `(1, N)` block ids, -1 outside blocks).
 BIDIRECTIONAL_BLOCKS = {"gemma3": ("token_type_ids", _gemma3_blocks)}
-#: Families whose model masks its own bidirectional blocks from the marks, exactly when packed (PaliGemma:
-#: one prefix block per sequence, cut by transformers' packed-sequence mask; measured exact on eager, sdpa
-#: and packcollate in the VLM matrix): their `token_type_ids` pass through, no block ids.
+#: Families whose model masks its own bidirectional blocks from the marks (PaliGemma: one prefix block per
+#: sequence): their `token_type_ids` pass through, no block ids. Exact on the packcollate backend in every
+#: release (it keeps the examples apart inside any 4-D mask); on transformers' own backends only where its
+#: mask keeps the blocks inside their packed sequence (`transformers_keeps_blocks_apart`: 5.24 yes, 5.17 no:
+#: refused there).
 MODEL_MASKED_BLOCKS = ("paligemma",)
 #: Families whose text positions do not start at 0: model_type -> the default `position_ids_start`
 #: (PaliGemma computes `arange(L) + 1` when given none).
@@ -101,6 +105,24 @@ def find_rope_owner(model):
         inner = getattr(owner, "model", None)
         owner = inner if isinstance(inner, torch.nn.Module) else None
     return owner
+
+
+@functools.lru_cache(maxsize=1)
+def transformers_keeps_blocks_apart() -> bool:
+    """Whether this transformers' own causal mask keeps bidirectional blocks (`block_sequence_ids`:
+    PaliGemma's prefix) inside their packed sequence (5.24: yes; 5.17: its block overlay reaches across
+    packed sequences). Read once, from sdpa's mask of two packed two-token sequences in one block id."""
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1, vocab_size=8)
+    config._attn_implementation = "sdpa"
+    try:
+        mask = create_causal_mask(config, torch.zeros(1, 4, 8), None, None, position_ids=torch.tensor([[0, 1, 0, 1]]),
+                                  block_sequence_ids=torch.zeros(1, 4, dtype=torch.long))
+    except TypeError:  # a release without blocks in its masks
+        return False
+    return mask is not None and not bool(mask[0, 0, 2, 0]) and not bool(mask[0, 0, 0, 2])
 
 
 def _drop_packing_kwargs(module, args, kwargs):
@@ -126,7 +148,7 @@ def shield_vision_tower(model) -> list[str]:
         if module_type not in vision_types or any(name.startswith(outer + ".") for outer in hooked):
             continue
         if not getattr(module, "_packcollate_shielded", False):
-            # first among the module's pre-hooks: the recurrent layers' layout hook must not see them either
+            # first among the module's pre-hooks: `prepare`'s model hooks must not see them either
             module.register_forward_pre_hook(_drop_packing_kwargs, with_kwargs=True, prepend=True)
             module._packcollate_shielded = True
         hooked.append(name)
@@ -181,7 +203,7 @@ class PackedVisionCollator(PackedCollator):
 
     Args:
         model: the model the batches are for (a transformers model, its inner `.model`, or a PEFT
-            wrapper). When it (or a submodule reached through `.model` / `.base_model`) has
+            wrapper). When it (under any wrapper, `unwrap.unwrap_model`, or its inner `.model`) has
             `get_rope_index`, the multi-section rotary positions of each example come from it; its
             config also names the image / video placeholder tokens. None: 1-D positions only.
             Building the collator calls `shield_vision_tower(model)`: the text's packing kwargs
@@ -283,7 +305,17 @@ class PackedVisionCollator(PackedCollator):
         the batch has none; raises when they cannot be kept exact (see `causal_image_tokens`)."""
         rule = BIDIRECTIONAL_BLOCKS.get(self._model_type)
         key = rule[0] if rule is not None else "token_type_ids"
-        if key not in batch or self.causal_image_tokens or self._model_type in MODEL_MASKED_BLOCKS:
+        if key not in batch or self.causal_image_tokens:
+            return None
+        if self._model_type in MODEL_MASKED_BLOCKS:
+            backend = self.attention_backend()
+            if examples > 1 and backend != BACKEND_NAME and not transformers_keeps_blocks_apart():
+                raise UnsupportedError(
+                    f"key {key!r}: the bidirectional prefix blocks of {examples} packed {self._model_type} examples are "
+                    f"kept apart by this transformers' own mask only on attn_implementation={BACKEND_NAME!r} (its "
+                    f"block overlay reaches across packed sequences), got a model on {backend!r}; load the model with "
+                    f"attn_implementation={BACKEND_NAME!r}, or pass causal_image_tokens=True"
+                )
             return None
         if rule is None:
             if examples > 1 and (np.asarray(batch[key]) != 0).any():
@@ -432,4 +464,3 @@ class PackedVisionCollator(PackedCollator):
         else:
             batch.update({k: v.numpy() for k, v in vision.items()})
         return batch
-

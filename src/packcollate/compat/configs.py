@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, is_int
 
 #: Sizes a model is built from: when present (and not null) each must be a positive int.
 SIZE_KEYS = (
@@ -38,10 +38,6 @@ def _line_of(text: str, key: str) -> int:
     return text.count("\n", 0, at) + 1 if at >= 0 else 1
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def check_config_json(file: Path) -> dict:
     """Parse `file` and check its `SIZE_KEYS`; return the dict. Raises ValueError naming file, line and key."""
     try:
@@ -60,9 +56,9 @@ def check_config_json(file: Path) -> dict:
             value = section.get(key)
             if value is None:
                 continue
-            if isinstance(value, list) and value and all(_is_positive_int(v) for v in value):
+            if isinstance(value, list) and value and all((is_int(v) and v > 0) for v in value):
                 continue  # per-layer sizes
-            if not _is_positive_int(value):
+            if not (is_int(value) and value > 0):
                 raise InputError(
                     f"{file}: line {_line_of(text, key)}: key {prefix + key!r}: expected a positive int, got {value!r}"
                 )
@@ -102,13 +98,12 @@ def load_local_config(path, *, trust_remote_code: bool = False):
 CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length", "max_seq_len", "n_ctx")
 
 
-
 def _first_context_key(configs) -> tuple[int | None, str | None]:
     """The first positive int under `CONTEXT_KEYS` in `configs` (mappings), in order."""
     for cfg in configs:
         for key in CONTEXT_KEYS:
             value = cfg.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if is_int(value) and value > 0:
                 return value, key
     return None, None
 
@@ -126,7 +121,7 @@ def context_length(config) -> tuple[int | None, str | None]:
 
 
 def context_length_from_json(data: dict) -> tuple[int | None, str | None]:
-    """`context_length` of a config.json's data (`config_checks.read_config_json`), its `text_config`
+    """`context_length` of a config.json's data (`read_config_json`), its `text_config`
     too, as plain values."""
     text = data.get("text_config")
     return _first_context_key([data, *([text] if isinstance(text, dict) else [])])

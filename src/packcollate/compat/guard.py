@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..backend.preparation import check_prepared
+from ..backend.preparation import check_prepared, prepare
 from ..collate.text import PackedCollator
 from ..errors import PackingUnsafeError
 from ..layout import BACKEND_NAME, packing_keys, to_torch
@@ -96,7 +96,7 @@ def assert_sequence_scores_safe(model: torch.nn.Module) -> float:
     backend = base.config._attn_implementation or "eager"
     config = tiny_config(base.config, pad_token_id=0, use_cache=False)
     with seeded(0):
-        tiny = type(base)._from_config(config, attn_implementation=backend).float().eval()
+        tiny = prepare(type(base)._from_config(config, attn_implementation=backend).float().eval())
     examples = [torch.tensor(f["input_ids"]) for f in proof_features()]
     lengths = torch.tensor([len(e) for e in examples]).numpy()
     batch = {"input_ids": torch.cat(examples).unsqueeze(0), **to_torch(packing_keys(lengths))}

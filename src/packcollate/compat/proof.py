@@ -59,7 +59,6 @@ def tiny_model(model_class: type, config: PretrainedConfig, device) -> torch.nn.
     return prepare(model.to(device=device, dtype=torch.float32).eval())
 
 
-
 def _flex_unavailable(device) -> str | None:
     """Why flex_attention cannot train here (a one-call probe), or None."""
     try:
@@ -201,7 +200,6 @@ def collator_options(collator: PackedCollator) -> dict:
         "return_seq_idx": collator.return_seq_idx,
         "return_flash_attn_kwargs": collator.return_flash_attn_kwargs,
     }
-
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Configs that name remote code (`auto_map`, e.g. ChatGLM2's `configuration_chatglm.ChatGLMConfig`):
 say what is needed in one line instead of transformers' message or a traceback.
 
-`config.json` is read as data (`config_checks.read_config_json`): nothing runs before the user passes
+`config.json` is read as data (`compat.configs.read_config_json`): nothing runs before the user passes
 `--trust-remote-code` (`trust_remote_code=True`), and then only the `.py` files beside the config
 (nothing is downloaded).
 """

@@ -83,7 +83,6 @@ _SSM_HEAD_KEYS = (
 _SPECIAL_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "decoder_start_token_id": 0}
 
 
-
 def _pick_layers(layer_types: list | None, n_layers: int, shared_tail: int = 0, per_type: int = 2) -> list[int]:
     """Indices of the layers to keep: the first `per_type` layers of every layer type (two, so that
     weights shared between layers of a type stay shared), at least the first two layers.

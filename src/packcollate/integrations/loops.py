@@ -16,12 +16,11 @@ its token losses and divide by that count, and undo DDP's averaging of gradients
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Iterator
 
 import torch
 
-from ..errors import InputError
+from ..errors import check_positive_int
 from ..layout import IGNORE_INDEX
 from ..objectives.losses import sum_over_step
 
@@ -40,8 +39,7 @@ def count_label_tokens(batches: Iterable[dict], *, across_ranks: bool = True) ->
 def micro_batches(loader: Iterable[dict], accumulation_steps: int) -> Iterator[list[dict]]:
     """Group `loader`'s batches into lists of `accumulation_steps` (one list per optimizer step;
     the last list may be shorter)."""
-    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral) or accumulation_steps < 1:
-        raise InputError(f"accumulation_steps: expected a positive int, got {accumulation_steps!r}")
+    check_positive_int("accumulation_steps", accumulation_steps)
     step: list[dict] = []
     for batch in loader:
         step.append(batch)

@@ -63,4 +63,3 @@ class SequenceWeightedLossMixin:
     def _check_loss_weighting(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise InputError(f"loss_weighting: expected one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
-

@@ -136,6 +136,10 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
+    def call_model_init(self, trial=None):
+        """A `model_init` model is built here, at every `train()`: prepared like the one given at init."""
+        return prepare(super().call_model_init(trial))
+
     def example_lengths(self, dataset):
         """Tokens of each example `(n,)`, what the token budget counts (`batching.lengths.example_lengths`)."""
         return example_lengths(dataset)
@@ -189,7 +193,6 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         every split is measured against the length policy and the model's context (`preflight`)."""
         if not self._preflight_done:
             self._preflight_done = True
-            prepare(self.model)  # again: a `model_init` model exists only now
             check_trainer_keeps_masks(self)
             message = check_trainer_splits(self)
             if message:

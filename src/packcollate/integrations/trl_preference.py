@@ -41,7 +41,7 @@ from ..collate.preference import (
     pair_tokens,
 )
 from ..errors import InputError, InputTypeError, MissingKeyError, UnsupportedError
-from ..layout import IGNORE_INDEX
+from ..layout import FLASH_KWARGS, IGNORE_INDEX
 from ..objectives.scores import packed_sequence_logits
 from ..objectives.segments import from_padded, padding_mask, segment_starts, to_padded
 from ..unwrap import unwrap_model
@@ -50,7 +50,8 @@ from .trainer import PackingTrainerMixin
 
 #: Per-token fields of TRL's `FusedCausalLMOutput` that are laid out like `log_probs` `(rows, L-1)`.
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
-PACKING_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+#: The model inputs of a packed preference row: its tokens and their layout.
+PACKED_INPUT_KEYS = ("input_ids", "position_ids", *FLASH_KWARGS)
 
 
 @dataclass
@@ -69,10 +70,10 @@ class PackedLayout:
 
     @classmethod
     def of(cls, batch: dict) -> PackedLayout:
-        missing = [key for key in PACKING_KEYS if key not in batch]
+        missing = [key for key in PACKED_INPUT_KEYS if key not in batch]
         if missing:
             raise MissingKeyError(f"batch: expected a packed preference batch with {missing}, got {sorted(batch)}")
-        return cls({key: batch[key] for key in PACKING_KEYS}, batch["cu_seq_lens_q"].long(), int(batch["max_length_q"]))
+        return cls({key: batch[key] for key in PACKED_INPUT_KEYS}, batch["cu_seq_lens_q"].long(), int(batch["max_length_q"]))
 
     def padded(self, values: torch.Tensor, fill=0) -> torch.Tensor:
         """`(1, N)` -> `(k, L)`."""

@@ -205,4 +205,3 @@ def main(args) -> int:
             print(f"{name}: no verdict: {entry['error']}")
     first = (args.backends or ["packcollate"])[0]
     return 0 if all(_verdict(entry, first, False) == EXACT for entry in entries) else 1
-
