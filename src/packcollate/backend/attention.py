@@ -67,15 +67,25 @@ logger = logging.getLogger("packcollate")
 
 
 def _same_example(batch: int, seq: int, device, kwargs: dict) -> torch.Tensor | None:
-    """`(B, 1, S, S)` bool: query and key in the same example, as `cu_seq_lens_q` / `position_ids` say;
-    None when neither is given. A 4-D mask built by transformers keeps packed examples apart only in
-    some releases (5.17's block overlay for PaliGemma's prefix reaches across them): this keeps them
-    apart in every release. Tensor operations only (it runs under `torch.compile` too)."""
-    if kwargs.get("cu_seq_lens_q") is None and not isinstance(kwargs.get("position_ids"), torch.Tensor):
+    """`(B, 1, S, S)` bool: query and key in the same example, as `cu_seq_lens_q` / `position_ids` say when
+    they describe this call's `(B, S)` tokens (a vision tower's own patch positions do not); None when
+    neither does. A 4-D mask built by transformers keeps packed examples apart only in some releases
+    (5.17's block overlay for PaliGemma's prefix reaches across them): this keeps them apart in every
+    release. Tensor operations only (it runs under `torch.compile` too)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    positions = kwargs.get("position_ids")
+    ours = {}
+    if isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.numel() >= 2:
+        if torch.compiler.is_compiling() or int(cu[-1]) == batch * seq:
+            ours["cu_seq_lens_q"] = cu
+    if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[-1] == seq \
+            and positions.shape[0] in (1, batch):
+        ours["position_ids"] = positions
+    if not ours:
         return None
     if not torch.compiler.is_compiling():
-        layout_of_call(batch, seq, None, kwargs)  # what the kwargs say is checked first (and cached)
-    ids, _ = traced_sequence_ids(batch, seq, device, None, kwargs, None)
+        layout_of_call(batch, seq, None, ours)  # what they say is checked first (and cached)
+    ids, _ = traced_sequence_ids(batch, seq, device, None, ours, None)
     return (ids[:, :, None] == ids[:, None, :])[:, None]
 
 
