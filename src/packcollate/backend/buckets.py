@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..layout import SequenceLayout
+from ..layout import SequenceLayout, cumulative
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def plan_buckets(lengths, cost: CostModel) -> list[tuple[np.ndarray, np.ndarray]
     Cuts fall between distinct lengths only (splitting equal lengths never costs less), so the dynamic
     program has one vectorised step per distinct length, not per sequence."""
     lengths_np = np.asarray(lengths, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths_np)[:-1]])
+    starts = cumulative(lengths_np)[:-1]
     order = np.argsort(-lengths_np, kind="stable")
     widths, counts = np.unique(lengths_np[order][::-1], return_counts=True)
     widths, counts = widths[::-1].astype(np.float64), counts[::-1]  # distinct lengths, longest first

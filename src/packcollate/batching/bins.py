@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from ..layout import cumulative
 
 STRATEGIES = ("bfd", "ffd", "greedy")
 BUDGET_OVERFLOW_POLICIES = ("error", "own_batch")
@@ -132,8 +133,7 @@ def greedy_bins(lengths: np.ndarray, capacity: int) -> np.ndarray:
     `next_start[i]`, the first item of the bin after a bin starting at item `i`, comes from one
     `searchsorted` over the cumulative lengths; the loop then only hops from bin to bin.
     """
-    ends = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=ends[1:])
+    ends = cumulative(lengths)
     next_start = (np.searchsorted(ends, ends[:-1] + capacity, side="right") - 1).tolist()
     starts = []
     i = 0
@@ -165,12 +165,12 @@ class Bins:
 
     def tokens(self, lengths: np.ndarray) -> np.ndarray:
         """`(b,)` int64 tokens of each bin."""
-        starts = np.cumsum(self.sizes) - self.sizes
+        starts = cumulative(self.sizes)[:-1]
         return np.add.reduceat(lengths[self.items], starts) if len(self.sizes) else np.zeros(0, np.int64)
 
     def runs(self, which: np.ndarray | None = None) -> list[np.ndarray]:
         """The items of each bin of `which` `(c,)` (default: every bin, in order), `(sizes[b],)` each."""
-        starts = np.cumsum(self.sizes) - self.sizes
+        starts = cumulative(self.sizes)[:-1]
         which = range(len(self.sizes)) if which is None else which
         return [self.items[starts[b] : starts[b] + self.sizes[b]] for b in which]
 

@@ -45,6 +45,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from ..errors import InputError, check_non_negative_int, check_positive_int, is_int
+from ..layout import cumulative
 from .bins import (
     DEFAULT_WINDOW,
     Bins,
@@ -107,9 +108,7 @@ def plan_epoch(
     bins, dropped = equal
     tokens = bins.tokens(lengths)
     steps = group_steps(tokens, num_replicas, rng)  # similar bins share a step; steps shuffled with `rng`
-    bounds = np.zeros(len(bins.sizes) + 1, dtype=np.int64)
-    np.cumsum(bins.sizes, out=bounds[1:])
-    return EpochPlan(bins.items, bounds, tokens, steps, dropped)
+    return EpochPlan(bins.items, cumulative(bins.sizes), tokens, steps, dropped)
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):

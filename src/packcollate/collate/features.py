@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, InputTypeError, MissingKeyError
-from ..layout import PACKING_KEYS
+from ..layout import PACKING_KEYS, cumulative
 
 #: Per-token keys whose values are 0/1 masks over `input_ids`.
 MASK_KEYS = ("completion_mask", "assistant_masks")
@@ -198,7 +198,7 @@ def _segments(features, example_lengths: np.ndarray) -> tuple[np.ndarray, np.nda
             f"example {i}, key 'seq_lengths': expected positive lengths, got {int(seg[np.flatnonzero(seg <= 0)[0]])} "
             f"at sub-sequence {j}"
         )
-    sums = np.add.reduceat(seg, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+    sums = np.add.reduceat(seg, cumulative(counts)[:-1])
     if not np.array_equal(sums, example_lengths):
         i = int(np.flatnonzero(sums != example_lengths)[0])
         raise InputError(

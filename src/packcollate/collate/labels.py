@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..layout import cumulative
 
 TEMPLATE_MISSING_POLICIES = ("mask", "error")
 
@@ -74,7 +75,7 @@ def template_label_mask(
     n_tokens = len(ids)
     s = len(segment_lengths)
     segment = np.repeat(np.arange(s, dtype=np.int64), segment_lengths)
-    starts = np.cumsum(segment_lengths) - segment_lengths
+    starts = cumulative(segment_lengths)[:-1]
     response_ends = find_template(ids, segment, response_template) + len(response_template)
     missing = np.ones(s, dtype=bool)
     missing[segment[response_ends - 1]] = False

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError, is_int
+from ..layout import cumulative, positions
 
 LENGTH_POLICIES = ("truncate", "split", "drop", "error")
 
@@ -83,10 +84,8 @@ def plan_lengths(
         )
     excess = int((lengths[over] - max_seq_length).sum())
     if overflow == "truncate":
-        starts = np.cumsum(lengths) - lengths
-        offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
         return LengthPlan(
-            offsets < max_seq_length,
+            positions(cumulative(lengths), lengths) < max_seq_length,
             np.minimum(lengths, max_seq_length),
             identity,
             truncated_segments=int(over.sum()),

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, MissingKeyError
-from ..layout import packing_keys, to_torch
+from ..layout import cumulative, packing_keys, positions, to_torch
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
@@ -92,7 +92,7 @@ class PackedPreferenceCollator:
         full = prompt_lengths + completion_lengths
         # pieces: prompt_0, chosen_0, …, prompt_0, rejected_0, …
         tokens = np.concatenate([piece for pair in zip(prompts + prompts, chosen + rejected) for piece in pair])
-        position = np.arange(full.sum()) - np.repeat(np.cumsum(full) - full, full)  # within its sequence
+        position = positions(cumulative(full), full)  # within its sequence
         position_from_end = np.repeat(full, full) - position  # 1 at the last token
         kept = full if self.max_length is None else np.minimum(full, self.max_length)
         if self.truncation_mode == "keep_start":

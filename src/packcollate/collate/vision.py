@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, InputTypeError, UnsupportedError
-from ..layout import BACKEND_NAME, BLOCK_IDS, FLASH_KWARGS, IGNORE_INDEX, to_torch
+from ..layout import BACKEND_NAME, BLOCK_IDS, FLASH_KWARGS, IGNORE_INDEX, cumulative, to_torch
 from ..unwrap import unwrap_model
 from .text import PackedCollator
 
@@ -427,8 +427,7 @@ class PackedVisionCollator(PackedCollator):
         with_vision = [i for i in kept.tolist() if any(k in visions[i] for k in _ROPE_KEYS)]
         # a batch of text only still gets the sections (its text positions): the layout never changes
         with_vision = with_vision or kept[:1].tolist()
-        starts = np.zeros(len(kept) + 1, dtype=np.int64)
-        np.cumsum([len(texts[i]["input_ids"]) for i in kept], out=starts[1:])
+        starts = cumulative(np.array([len(texts[i]["input_ids"]) for i in kept], dtype=np.int64))
         slot = {int(i): j for j, i in enumerate(kept.tolist())}
         sections = None
         for i in with_vision:

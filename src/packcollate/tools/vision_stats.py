@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..layout import cumulative
+
 IMAGE_COLUMNS = ("images", "image")
 PROCESSED_VISION_COLUMNS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
@@ -46,9 +48,9 @@ def processed_counts(rows, image_token_ids) -> tuple[np.ndarray, np.ndarray]:
         lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
         flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
     is_image = np.isin(flat, np.asarray(list(image_token_ids), dtype=np.int64)).astype(np.int64)
-    cumulative = np.concatenate([[0], np.cumsum(is_image)])
+    images_before = cumulative(is_image)  # (N+1,): image tokens before each flat position
     ends = np.cumsum(lengths)
-    image = cumulative[ends] - cumulative[ends - lengths]
+    image = images_before[ends] - images_before[ends - lengths]
     return lengths, image
 
 

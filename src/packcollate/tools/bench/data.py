@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...layout import IGNORE_INDEX
+from ...layout import IGNORE_INDEX, cumulative
 from .config import BUILTIN_DATASETS, DISTRIBUTIONS
 
 
@@ -150,7 +150,7 @@ def load_data(
     if dataset in DISTRIBUTIONS:
         lengths = synthetic_lengths(dataset, n_examples, rng, max_length)
         ids = rng.integers(0, vocab_size, int(lengths.sum())).tolist()
-        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        bounds = cumulative(lengths).tolist()
         examples = [{"input_ids": ids[bounds[i]:bounds[i + 1]]} for i in range(n_examples)]
         spec = {k: v for k, v in DISTRIBUTIONS[dataset].items() if k != "source"}
         return Data(dataset, examples, 0, vocab_size, f"{DISTRIBUTIONS[dataset]['source']}; {spec}")
