@@ -71,13 +71,12 @@ def dense_attention(
     go the eager way.
     """
     groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups, 1), repeat_kv(v, groups, 1)
     if opts.softcap is None and sinks is None:
-        k, v = repeat_kv(k, groups, 1), repeat_kv(v, groups, 1)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=opts.dropout, is_causal=is_causal and allowed is None,
             scale=opts.scaling,
         )
-    k, v = repeat_kv(k, groups, 1), repeat_kv(v, groups, 1)
     scale = opts.scaling if opts.scaling is not None else q.shape[-1] ** -0.5
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
     if opts.softcap is not None:

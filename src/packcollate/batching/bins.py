@@ -174,6 +174,10 @@ class Bins:
         which = range(len(self.sizes)) if which is None else which
         return [self.items[starts[b] : starts[b] + self.sizes[b]] for b in which]
 
+    def take(self, which: np.ndarray) -> Bins:
+        """The bins `which` `(c,)`, `c >= 1`, in that order."""
+        return Bins(np.concatenate(self.runs(which)), self.sizes[which], self.packable[which])
+
     def replace(self, chosen: np.ndarray, items: np.ndarray, sizes: np.ndarray) -> Bins:
         """Drop the bins `chosen` and append new packable bins (`items` grouped by `sizes`)."""
         keep = np.ones(len(self.sizes), dtype=bool)

@@ -209,9 +209,7 @@ class TokenBudgetStream(IterableDataset):
         least = np.argsort(bins.tokens(lengths), kind="stable")[:carry]
         out = np.ones(len(bins.sizes), dtype=bool)
         out[least] = False
-        emitted = Bins(np.concatenate(bins.runs(np.flatnonzero(out))), bins.sizes[out], bins.packable[out])
-        kept = Bins(np.concatenate(bins.runs(least)), bins.sizes[least], bins.packable[least])
-        return emitted, kept
+        return bins.take(np.flatnonzero(out)), bins.take(least)
 
     def _last_steps(self, buffer: list[dict], lengths: np.ndarray, rng) -> Iterator[list[list[dict]]]:
         """Pack the rest of the stream into a multiple of `num_replicas` bins, padding when too few."""

@@ -147,6 +147,9 @@ class BaseCollator:
                 f"through, they would replace what the collator computes)"
             )
         check_non_negative_int("pad_token_id", getattr(self, "pad_token_id", 0))
+        pad_to = getattr(self, "pad_to_multiple_of", None)
+        if pad_to is not None and (not isinstance(pad_to, int) or pad_to < 1):
+            raise InputError(f"pad_to_multiple_of: expected a positive int or None, got {pad_to!r}")
         self._warned: set[str] = set()
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -281,10 +284,6 @@ class PackedCollator(BaseCollator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pad_to_multiple_of is not None and (
-            not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
-        ):
-            raise InputError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
         check_non_negative_int("position_ids_start", self.position_ids_start)
 
     def __call__(self, features: Sequence[Mapping], return_tensors: str | None = None) -> dict:
@@ -329,13 +328,6 @@ class PaddedCollator(BaseCollator):
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
     return_position_ids: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.pad_to_multiple_of is not None and (
-            not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
-        ):
-            raise InputError(f"pad_to_multiple_of: expected a positive int or None, got {self.pad_to_multiple_of!r}")
 
     @classmethod
     def like(cls, collator: BaseCollator, **overrides) -> PaddedCollator:

@@ -80,7 +80,6 @@ def run_demo(steps: int = 8, batch_size: int = 16, seed: int = 0, lr: float = 1e
     say = (lambda *a: None) if quiet else print
     if steps < 2:
         raise ValueError(f"steps: expected at least 2 (step 0 is an untimed warm-up), got {steps}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = char_tokenizer()
     problems = load_arithmetic()
     if steps * batch_size > len(problems):

@@ -21,9 +21,8 @@ from ..collate.vision import (
     MODEL_MASKED_BLOCKS,
     PackedVisionCollator,
 )
-from ..compat.proof import available_backends
+from ..compat.proof import available_backends, trial_of
 from ..compat.report import (
-    CONTAMINATED,
     EXACT,
     GRAD_TOLERANCE,
     LOGIT_TOLERANCE,
@@ -64,8 +63,8 @@ def _trial(model, features, backend: str, use_cache: bool) -> dict:
                                                     use_cache=use_cache)
     except Exception as error:  # noqa: BLE001 - a backend that raises is "unsupported", with the error
         return {"use_cache": use_cache, "verdict": UNSUPPORTED, "note": one_line(error)}
-    exact = result.max_logit_diff <= LOGIT_TOLERANCE and result.max_grad_rel_diff <= GRAD_TOLERANCE
-    return {"use_cache": use_cache, "verdict": EXACT if exact else CONTAMINATED,
+    verdict = trial_of(use_cache, result, (LOGIT_TOLERANCE, GRAD_TOLERANCE)).verdict
+    return {"use_cache": use_cache, "verdict": verdict,
             "max_logit_diff": result.max_logit_diff, "max_grad_rel_diff": result.max_grad_rel_diff,
             "worst_parameter": result.worst_parameter, "loss_diff": result.loss_diff}
 
