@@ -47,6 +47,7 @@ from ..collate.text import BaseCollator, PackedCollator
 from ..errors import InputError
 from .trainer import PackingTrainerMixin
 from .trl_preference import PackedDPOTrainer, PackedRewardTrainer  # noqa: F401  (re-exported)
+from .trl_rl import PackedGRPOTrainer, PackedRLOOTrainer  # noqa: F401  (re-exported)
 from .trl_vision import ProcessThenPack, pack_trl_vision, processed_lengths
 
 logger = logging.getLogger("packcollate")

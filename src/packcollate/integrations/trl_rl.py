@@ -1,0 +1,160 @@
+"""Padding-free reinforcement learning with TRL: `PackedGRPOTrainer` and `PackedRLOOTrainer`.
+
+    from packcollate.integrations.trl import PackedGRPOTrainer
+
+    trainer = PackedGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=prompts,
+                                processing_class=tokenizer, max_tokens_per_batch=8192)   # budget: optional
+
+Same constructor and config as TRL's trainers. Generation, rewards, advantages, every `loss_type`
+and every logged metric stay TRL's own code. What changes is where the log-probs come from: TRL's
+`_get_per_token_logps_and_entropies` runs the policy (training forward and backward, and the
+old-policy pass) and the reference model on the padded `(B, P+C)` prompt + completion batch; here it
+runs them on packed rows (`packcollate.objectives.rollouts.PackedRollouts`): each rollout's prompt +
+completion, no padding, rollouts whose completion is masked out (`mask_truncated_completions`) not at
+all. The per-token log-probs and entropies of TRL's fused LM head come back laid out as TRL's padded
+`(B, C)` tensors (a few floats per position, never logits), 0 where nothing is scored, as the padded
+forward has them; TRL's loss code then runs unchanged. With LoRA the reference is the policy with its
+adapters off (TRL's rule), on the same packed row. The packed forward draws no random numbers (a model
+without dropout), so the completions TRL samples are the padded run's.
+
+`max_tokens_per_batch`: the rollouts of one of TRL's micro-batches (`per_device_train_batch_size`
+rollouts; set `steps_per_generation=1` and `gradient_accumulation_steps=1` to make it the whole
+generation batch) run in token-budget pieces: the reference and old-policy passes piece by piece,
+and the training step in two passes: the log-probs and entropies of every piece without gradient,
+TRL's loss on all of them at once (so every loss type's normalisation, the entropy quantile and the
+metrics are over the whole micro-batch, exactly), then each piece's forward and backward again with
+the loss's gradient with respect to its log-probs and entropies (the chain rule, exact). Peak memory
+is one piece's activations; the cost is one more forward without gradient per micro-batch.
+
+Not supported (refused in one line): vision-language rollouts, MoE auxiliary losses, and a token
+budget under DeepSpeed (one backward per piece).
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import DistributedType
+from trl import GRPOTrainer, RLOOTrainer
+
+from ..backend import prepare
+from ..errors import UnsupportedError, check_positive_int
+from ..objectives.rollouts import PackedRollouts
+
+
+class PackedRolloutsMixin:
+    """Packed log-prob passes for TRL's GRPO-family trainers; put it first:
+    `class T(PackedRolloutsMixin, GRPOTrainer)`.
+
+    Args:
+        max_tokens_per_batch: token budget (prompt + completion tokens) of one packed forward; None
+            (default): TRL's `per_device_train_batch_size` rollouts per forward. A rollout longer than
+            the budget raises.
+        check_packing: prove at train start that the model's attention backend keeps packed rollouts
+            apart (`PackingGuardCallback`, without a cache: the fused forward runs without one).
+        All other arguments go to the TRL trainer.
+    """
+
+    def __init__(self, *args, max_tokens_per_batch: int | None = None, check_packing: bool = True, **kwargs):
+        self.max_tokens_per_batch = (None if max_tokens_per_batch is None
+                                     else check_positive_int("max_tokens_per_batch", max_tokens_per_batch))
+        self._given_logps = None
+        super().__init__(*args, **kwargs)
+        prepare(self.model)
+        if self.ref_model is not None:
+            prepare(self.ref_model)
+        if self.max_tokens_per_batch is not None and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise UnsupportedError(f"{type(self).__name__}: max_tokens_per_batch runs one backward per token-budget "
+                                   "piece, which DeepSpeed's engine does not take; leave it None under DeepSpeed")
+        if check_packing:
+            from .callbacks import PackingGuardCallback
+
+            self.add_callback(PackingGuardCallback(use_cache=False))
+
+    # -- the packed forward --------------------------------------------------------------------
+
+    def _packed_forward(self, model, rollouts: PackedRollouts, compute_entropy: bool):
+        """Log-probs and (optionally) entropies `(B, C)` of `rollouts` from one packed forward."""
+        width = rollouts.completion_width
+        if rollouts.num_tokens == 0:  # every completion masked out: nothing to score
+            zeros = rollouts.batch_ids.new_zeros(rollouts.keep.shape[0], width, dtype=torch.float32)
+            return zeros, zeros.clone() if compute_entropy else None
+        with self.accelerator.autocast():
+            outputs = model(**rollouts.model_inputs(), labels=rollouts.labels, fused_lm_head=True)
+        entropy = rollouts.padded(outputs.entropy) if compute_entropy else None
+        return rollouts.padded(outputs.log_probs), entropy
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's per-token log-probs `(B, C)`, entropies `(B, C)` or None, aux loss (None), from packed rows."""
+        given = sorted(key for key, value in multimodal.items() if value is not None)
+        if given:
+            raise UnsupportedError(f"{type(self).__name__}: expected text-only rollouts, got {given}; use TRL's "
+                                   "padded trainer for vision-language models")
+        if compute_aux_loss:
+            raise UnsupportedError(f"{type(self).__name__}: the MoE load-balancing loss (output_router_logits) is not "
+                                   "supported on packed rollouts; set output_router_logits=False in the model config")
+        if self._given_logps is not None:  # the budget step's first pass computed them (see _compute_loss)
+            logps, entropies = self._given_logps
+            return logps, entropies if compute_entropy else None, None
+        rollouts = PackedRollouts.of(input_ids, attention_mask, logits_to_keep)
+        budget = self.max_tokens_per_batch
+        pieces = rollouts.chunks(max_tokens=budget, max_rollouts=None if budget is not None else batch_size)
+        logps, entropies = None, None
+        for piece in pieces:
+            piece_logps, piece_entropies = self._packed_forward(model, piece, compute_entropy)
+            logps = piece_logps if logps is None else logps + piece_logps
+            if compute_entropy:
+                entropies = piece_entropies if entropies is None else entropies + piece_entropies
+        if logps is None:
+            logps, entropies = self._packed_forward(model, rollouts, compute_entropy)
+        return logps, entropies, None
+
+    # -- the token-budget training step ----------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if self.max_tokens_per_batch is None or not torch.is_grad_enabled():
+            return super()._compute_loss(model, inputs)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        rollouts = PackedRollouts.of(input_ids, attention_mask, inputs["completion_ids"].shape[1])
+        pieces = rollouts.chunks(max_tokens=self.max_tokens_per_batch)
+        if len(pieces) <= 1:
+            return super()._compute_loss(model, inputs)
+        with torch.no_grad():  # pass 1: every piece's log-probs and entropies
+            outputs = [self._packed_forward(model, piece, True) for piece in pieces]
+        logps = torch.stack([o[0] for o in outputs]).sum(0).requires_grad_()
+        entropies = torch.stack([o[1] for o in outputs]).sum(0).requires_grad_()
+        self._given_logps = (logps, entropies)
+        try:  # TRL's loss and metrics over the whole micro-batch
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._given_logps = None
+        grad_logps, grad_entropies = torch.autograd.grad(loss, [logps, entropies], allow_unused=True,
+                                                         materialize_grads=True)
+        # pass 2: each piece's backward with the loss's gradient; the Trainer backpropagates the last
+        scale = 1.0 if self.loss_is_scaled_for_ga else 1.0 / self.current_gradient_accumulation_steps
+        for piece in pieces[:-1]:
+            with self.accelerator.no_sync(model):
+                surrogate = self._surrogate(model, piece, grad_logps, grad_entropies)
+                self.accelerator.backward(surrogate * scale)
+        surrogate = self._surrogate(model, pieces[-1], grad_logps, grad_entropies)
+        return loss.detach() + (surrogate - surrogate.detach())
+
+    def _surrogate(self, model, piece: PackedRollouts, grad_logps, grad_entropies) -> torch.Tensor:
+        """A scalar whose gradient is the loss's through this piece's log-probs and entropies."""
+        piece_logps, piece_entropies = self._packed_forward(model, piece, True)
+        return (piece_logps * grad_logps).sum() + (piece_entropies * grad_entropies).sum()
+
+
+class PackedGRPOTrainer(PackedRolloutsMixin, GRPOTrainer):
+    """TRL's `GRPOTrainer` with padding-free log-prob passes (see the module docstring): same arguments,
+    plus `max_tokens_per_batch` and `check_packing` (`PackedRolloutsMixin`). Completions, loss,
+    metrics and parameters equal `GRPOTrainer`'s for every `loss_type` (tested)."""
+
+
+class PackedRLOOTrainer(PackedRolloutsMixin, RLOOTrainer):
+    """TRL's `RLOOTrainer` with padding-free log-prob passes (see the module docstring): same arguments,
+    plus `max_tokens_per_batch` and `check_packing` (`PackedRolloutsMixin`)."""
+
+
+__all__ = ["PackedGRPOTrainer", "PackedRLOOTrainer", "PackedRolloutsMixin"]

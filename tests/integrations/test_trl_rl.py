@@ -1,0 +1,170 @@
+"""Padding-free RL with TRL (`packcollate.integrations.trl_rl`): `PackedGRPOTrainer` and `PackedRLOOTrainer`
+equal TRL's padded `GRPOTrainer` / `RLOOTrainer` run with the same seed, model and data: the same
+completions, the same loss and logged metrics at every step, the same final parameters (fp32, 1e-5
+relative), for every loss type, with a reference model, LoRA, accumulation, several iterations, both
+importance-sampling levels, entropy masking, masked truncated completions and a token budget.
+
+Tiny random Qwen2 / Llama over the local character tokenizer; the EOS logit is raised (an LM head bias)
+so completions end anywhere from 1 token to the cap: a spread, and truncated ones. Nothing is downloaded.
+"""
+
+import math
+
+import pytest
+
+trl = pytest.importorskip("trl")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
+
+import packcollate  # noqa: E402,F401
+from packcollate.errors import InputError  # noqa: E402
+from packcollate.integrations.trl import PackedGRPOTrainer, PackedRLOOTrainer  # noqa: E402
+from packcollate.objectives.rollouts import PackedRollouts  # noqa: E402
+from packcollate.tools.toy import arithmetic_problems, char_tokenizer  # noqa: E402
+
+from ..helpers import lora_config  # noqa: E402
+
+torch.set_num_threads(1)
+
+RTOL = 1e-5
+#: Logged values that measure time, not the run.
+TIMINGS = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+EOS_BIAS = 3.0  # p(EOS) ~ 0.17 per token over the 102-token vocabulary
+
+
+def tiny_policy(attn_implementation, family="qwen2", seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(char_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = Qwen2Config(**common) if family == "qwen2" else LlamaConfig(**common)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    bias = torch.zeros(config.vocab_size)
+    bias[config.eos_token_id] = EOS_BIAS
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    return model
+
+
+def digits_reward(completions, **kwargs):
+    """Rule-based: digits are good, length is not."""
+    return [float(sum(ch.isdigit() for ch in c)) - 0.1 * len(c) for c in completions]
+
+
+def prompts(n=8):
+    return datasets.Dataset.from_list([{"prompt": p["prompt"][:24]} for p in arithmetic_problems(n, seed=1)])
+
+
+def arguments(tmp_path, config_cls=GRPOConfig, **overrides):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
+                max_steps=2, learning_rate=0.1, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                seed=0, bf16=False, gradient_checkpointing=False, optim="sgd")
+    base.update(overrides)
+    return config_cls(**base)
+
+
+def trained(trainer_cls, attn, tmp_path, family="qwen2", ref=False, lora=False, config_cls=GRPOConfig,
+            budget=None, **options):
+    model = tiny_policy(attn, family)
+    if ref:  # TRL builds the reference from the policy's path: a model unlike the policy, saved there
+        path = tmp_path / f"reference-{family}"
+        tiny_policy(attn, family, seed=1).save_pretrained(path)
+        model.config._name_or_path = str(path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    extra = {} if budget is None else {"max_tokens_per_batch": budget}
+    if trainer_cls in (PackedGRPOTrainer, PackedRLOOTrainer):
+        extra["check_packing"] = False
+    trainer = trainer_cls(model=model, reward_funcs=digits_reward,
+                          args=arguments(tmp_path / trainer_cls.__name__, config_cls, **options),
+                          train_dataset=prompts(), processing_class=char_tokenizer(),
+                          peft_config=lora_config() if lora else None, **extra)
+    if ref:  # the LM head bias is not part of the saved architecture
+        trainer.ref_model.lm_head.bias = torch.nn.Parameter(model.lm_head.bias.detach().clone())
+    trainer.train()
+    after = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    return trainer, before, after
+
+
+def assert_same_run(theirs, ours):
+    (trainer_t, before, after_t), (trainer_o, _, after_o) = theirs, ours
+    assert trainer_o._logs["completion"] == trainer_t._logs["completion"]
+    lengths = {len(c) for c in trainer_t._logs["completion"]}
+    assert len(lengths) > 2  # a spread of completion lengths
+    history_t, history_o = trainer_t.state.log_history, trainer_o.state.log_history
+    assert len(history_t) == len(history_o) >= 2
+    for step, (logged_t, logged_o) in enumerate(zip(history_t, history_o)):
+        assert logged_o.keys() == logged_t.keys()
+        for key, value in logged_t.items():
+            if key in TIMINGS or not isinstance(value, float) or math.isnan(value):
+                continue
+            assert logged_o[key] == pytest.approx(value, rel=RTOL, abs=1e-7), (step, key)
+    changed = 0
+    for name in after_t:
+        if name not in before:  # LoRA adapters: compare their values
+            scale = after_t[name].norm().clamp_min(1e-12)
+            assert float((after_o[name] - after_t[name]).norm() / scale) < RTOL, name
+            continue
+        change_t, change_o = after_t[name] - before[name], after_o[name] - before[name]
+        if change_t.norm() == 0:
+            assert change_o.norm() == 0, name
+            continue
+        changed += 1
+        assert float((change_o - change_t).norm() / change_t.norm()) < RTOL, name
+    assert changed or any(name not in before for name in after_t)
+
+
+GRPO_CASES = {
+    "grpo": dict(loss_type="grpo"),
+    "bnpo": dict(loss_type="bnpo"),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dapo": dict(loss_type="dapo"),
+    "cispo": dict(loss_type="cispo", num_iterations=2),
+    "sapo": dict(loss_type="sapo", num_iterations=2),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo", num_iterations=2),
+    "grpo-sequence-level": dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2),
+    "dapo-iterations": dict(loss_type="dapo", num_iterations=2, max_steps=3),
+    "grpo-accumulation": dict(loss_type="grpo", gradient_accumulation_steps=2, per_device_train_batch_size=2),
+    "dapo-steps-per-generation": dict(loss_type="dapo", steps_per_generation=2, per_device_train_batch_size=2),
+    "bnpo-entropy-quantile": dict(loss_type="bnpo", top_entropy_quantile=0.5),
+    "dapo-mask-truncated": dict(loss_type="dapo", mask_truncated_completions=True),
+    "grpo-llama-beta": dict(loss_type="grpo", beta=0.1, family="llama", ref=True),
+    "dapo-beta": dict(loss_type="dapo", beta=0.1, ref=True, num_iterations=2),
+    "grpo-lora-beta": dict(loss_type="grpo", beta=0.1, lora=True),
+}
+
+
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_packed_grpo_equals_trl(tmp_path, case):
+    options = GRPO_CASES[case]
+    theirs = trained(GRPOTrainer, "sdpa", tmp_path, **options)
+    ours = trained(PackedGRPOTrainer, "packcollate", tmp_path, **options)
+    assert_same_run(theirs, ours)
+
+
+def test_packed_rollouts_hold_only_real_tokens():
+    """Left-padded prompts, right-padded completions, a masked-out completion: only real tokens of
+    scored rollouts enter the row; per-token values return to their padded places."""
+    pad = 0
+    input_ids = torch.tensor([[pad, 5, 6, 7, 8, pad], [9, 10, 11, 12, 13, 14], [pad, pad, 15, 16, 17, 18]])
+    attention_mask = (input_ids != pad).long()
+    attention_mask[2, 3:] = 0  # its completion masked out (mask_truncated_completions)
+    rollouts = PackedRollouts.of(input_ids, attention_mask, completion_width=3)
+    assert rollouts.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+    assert rollouts.labels.tolist() == [[-100, -100, 7, 8, -100, -100, -100, 12, 13, 14]]
+    assert rollouts.layout["cu_seq_lens_q"].tolist() == [0, 4, 10]
+    assert rollouts.layout["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]
+    next_token = torch.arange(1.0, 10.0).unsqueeze(0)  # (1, N-1): position j scores token j+1
+    assert rollouts.padded(next_token).tolist() == [[2.0, 3.0, 0.0], [7.0, 8.0, 9.0], [0.0, 0.0, 0.0]]
+    pieces = rollouts.chunks(max_tokens=6)
+    assert [piece.num_tokens for piece in pieces] == [4, 6]
+    with pytest.raises(InputError, match=r"rollout 1: expected at most max_tokens_per_batch=5 tokens .* got 6"):
+        rollouts.chunks(max_tokens=5)
+
+
+def test_packed_rollouts_refuse_an_empty_prompt():
+    input_ids = torch.tensor([[0, 0, 3, 4]])
+    with pytest.raises(InputError, match="rollout 0: expected at least one prompt token"):
+        PackedRollouts.of(input_ids, (input_ids != 0).long(), completion_width=2)
