@@ -25,6 +25,8 @@ from packcollate.integrations.trl import PackedGRPOTrainer, PackedRLOOTrainer  #
 from packcollate.objectives.rollouts import PackedRollouts  # noqa: E402
 from packcollate.tools.toy import arithmetic_problems, char_tokenizer  # noqa: E402
 
+from tests.scripts.two_ranks import launch  # noqa: E402
+
 from ..helpers import lora_config  # noqa: E402
 
 torch.set_num_threads(1)
@@ -211,6 +213,29 @@ def test_packed_rloo_token_budget_equals_trl_unsplit(tmp_path, case):
     ours = trained(PackedRLOOTrainer, "packcollate", tmp_path, budget=BUDGET, on_forward=forwards.append, **options)
     assert_same_run(theirs, ours, rtol=1e-6)
     assert max(forwards) <= BUDGET and len(forwards) > 2 * ours[0].state.global_step
+
+
+class Run:
+    """A saved run of `tests/scripts/grpo_two_ranks.py`, read like a trained trainer by `assert_same_run`."""
+
+    def __init__(self, saved: dict):
+        self._logs = {"completion": saved["completions"]}
+        self.state = type("State", (), {"log_history": saved["history"]})()
+        self.forwards = saved["forwards"]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_two_ranks_packed_and_token_budget_equal_trl(tmp_path, free_port, loss_type):
+    """2 gloo ranks: TRL's padded GRPOTrainer, PackedGRPOTrainer, and PackedGRPOTrainer with a token budget
+    (several pieces per rank, the last one's backward syncing the gradients): the same run (float64)."""
+    out = tmp_path / "runs.pt"
+    launch("grpo_two_ranks.py", str(out), loss_type, port=free_port)
+    runs = torch.load(out)
+    as_run = {name: (Run(saved), saved["before"], saved["after"]) for name, saved in runs.items()}
+    assert len(runs["trl"]["completions"]) == 8  # both ranks' completions, gathered
+    assert_same_run(as_run["trl"], as_run["packed"], rtol=1e-6)
+    assert_same_run(as_run["trl"], as_run["budget"], rtol=1e-6)
+    assert max(runs["budget"]["forwards"]) <= 50 < max(runs["packed"]["forwards"])
 
 
 def test_packed_rollouts_hold_only_real_tokens():
