@@ -262,3 +262,59 @@ def test_packed_rollouts_refuse_an_empty_prompt():
     input_ids = torch.tensor([[0, 0, 3, 4]])
     with pytest.raises(InputError, match="rollout 0: expected at least one prompt token"):
         PackedRollouts.of(input_ids, (input_ids != 0).long(), completion_width=2)
+
+
+def short_reward(completions, **kwargs):
+    return [1.0] * (len(completions) - 1)
+
+
+def nan_reward(completions, **kwargs):
+    return [float("nan") if i == 1 else 1.0 for i in range(len(completions))]
+
+
+def none_reward(completions, **kwargs):
+    return [None if i == 1 else float(len(c)) for i, c in enumerate(completions)]
+
+
+def bad_input_trainer(tmp_path, reward=digits_reward, budget=None, trainer_cls=PackedGRPOTrainer):
+    config_cls = GRPOConfig if trainer_cls is PackedGRPOTrainer else RLOOConfig
+    return trainer_cls(model=tiny_policy("packcollate"), reward_funcs=reward, args=arguments(tmp_path, config_cls, beta=0.0),
+                       train_dataset=prompts(), processing_class=char_tokenizer(), check_packing=False,
+                       max_tokens_per_batch=budget)
+
+
+def assert_refused(trainer, match):
+    with pytest.raises(InputError, match=match) as caught:
+        trainer.train()
+    assert "\n" not in str(caught.value)
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize("trainer_cls", [PackedGRPOTrainer, PackedRLOOTrainer])
+def test_reward_function_with_the_wrong_count_is_refused(tmp_path, trainer_cls):
+    trainer = bad_input_trainer(tmp_path, short_reward, trainer_cls=trainer_cls)
+    assert_refused(trainer, r"^reward function 'short_reward': expected 4 rewards \(one per completion\), got 3$")
+
+
+def test_nan_reward_is_refused_and_none_stays_not_applicable(tmp_path):
+    assert_refused(bad_input_trainer(tmp_path, nan_reward),
+                   r"^reward function 'nan_reward', completion 1: expected a finite number or None .*, got nan$")
+    trainer = bad_input_trainer(tmp_path, [none_reward, digits_reward])  # None: TRL's "this function does not apply"
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_empty_completion_is_refused(tmp_path, monkeypatch):
+    generate = GRPOTrainer._generate
+
+    def one_empty(self, prompts):
+        prompt_ids, completion_ids, *rest = generate(self, prompts)
+        return (prompt_ids, [[] if i == 2 else ids for i, ids in enumerate(completion_ids)], *rest)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate", one_empty)
+    assert_refused(bad_input_trainer(tmp_path), r"^completion 2 \(prompt .*\): expected at least one token, got an empty")
+
+
+def test_rollout_longer_than_the_budget_is_refused(tmp_path):
+    assert_refused(bad_input_trainer(tmp_path, budget=20),
+                   r"^rollout \d+: expected at most max_tokens_per_batch=20 tokens \(prompt \+ completion\), got \d+")

@@ -26,18 +26,28 @@ metrics are over the whole micro-batch, exactly), then each piece's forward and 
 the loss's gradient with respect to its log-probs and entropies (the chain rule, exact). Peak memory
 is one piece's activations; the cost is one more forward without gradient per micro-batch.
 
+Bad input stops the step in one line, never a silently skipped rollout: a reward function returning
+the wrong count, NaN, inf or a non-number (None stays TRL's "not applicable"); an empty completion; a
+rollout longer than `max_tokens_per_batch`.
+
 Not supported (refused in one line): vision-language rollouts, MoE auxiliary losses, and a token
 budget under DeepSpeed (one backward per piece).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import numbers
+from collections.abc import Sequence
+
 import torch
 from accelerate.utils import DistributedType
 from trl import GRPOTrainer, RLOOTrainer
 
 from ..backend import prepare
-from ..errors import UnsupportedError, check_positive_int
+from ..errors import InputError, InputTypeError, UnsupportedError, check_positive_int
 from ..objectives.rollouts import PackedRollouts
 
 
@@ -65,10 +75,21 @@ class PackedRolloutsMixin:
         if self.max_tokens_per_batch is not None and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise UnsupportedError(f"{type(self).__name__}: max_tokens_per_batch runs one backward per token-budget "
                                    "piece, which DeepSpeed's engine does not take; leave it None under DeepSpeed")
+        self.reward_funcs = [checked_reward(func) for func in self.reward_funcs]
         if check_packing:
             from .callbacks import PackingGuardCallback
 
             self.add_callback(PackingGuardCallback(use_cache=False))
+
+    def _generate(self, prompts):
+        generated = super()._generate(prompts)
+        completion_ids = generated[1]  # GRPO and RLOO both return (prompt_ids, completion_ids, ...)
+        empty = [i for i, ids in enumerate(completion_ids) if len(ids) == 0]
+        if empty:
+            raise InputError(f"completion {empty[0]} (prompt {prompts[empty[0]]!r:.80}): expected at least one token, got "
+                             f"an empty completion ({len(empty)} of {len(completion_ids)}); it would score nothing and "
+                             "be trained on silently")
+        return generated
 
     # -- the packed forward --------------------------------------------------------------------
 
@@ -144,6 +165,32 @@ class PackedRolloutsMixin:
         """A scalar whose gradient is the loss's through this piece's log-probs and entropies."""
         piece_logps, piece_entropies = self._packed_forward(model, piece, True)
         return (piece_logps * grad_logps).sum() + (piece_entropies * grad_entropies).sum()
+
+
+def checked_reward(func):
+    """`func` (a rule-based reward function) returning its rewards unchanged after checking them: one
+    per completion, each a finite number or None (TRL's "not applicable"); a module or an async
+    function is returned as it is (TRL checks its count)."""
+    if isinstance(func, torch.nn.Module) or inspect.iscoroutinefunction(func):
+        return func
+
+    @functools.wraps(func)
+    def reward(*args, completions, **kwargs):
+        rewards = func(*args, completions=completions, **kwargs)
+        name = getattr(func, "__name__", type(func).__name__)
+        if not isinstance(rewards, Sequence) or isinstance(rewards, str):
+            raise InputTypeError(f"reward function {name!r}: expected a list of {len(completions)} rewards (one per "
+                                 f"completion), got {type(rewards).__name__}")
+        if len(rewards) != len(completions):
+            raise InputError(f"reward function {name!r}: expected {len(completions)} rewards (one per completion), got "
+                             f"{len(rewards)}")
+        for i, value in enumerate(rewards):
+            if value is not None and (not isinstance(value, numbers.Real) or not math.isfinite(value)):
+                raise InputError(f"reward function {name!r}, completion {i}: expected a finite number or None (not "
+                                 f"applicable), got {value!r}")
+        return rewards
+
+    return reward
 
 
 class PackedGRPOTrainer(PackedRolloutsMixin, GRPOTrainer):
