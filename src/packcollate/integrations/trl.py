@@ -1,5 +1,8 @@
 """TRL `SFTTrainer` integration: `PackedSFTTrainer`, TRL's dataset preparation with our collator.
 
+Also re-exported here: `PackedDPOTrainer`, `PackedRewardTrainer` (`trl_preference`) and `PackedGRPOTrainer`,
+`PackedRLOOTrainer` (`trl_rl`).
+
     from packcollate.integrations.trl import PackedSFTTrainer
 
     trainer = PackedSFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds,
