@@ -95,10 +95,6 @@ class PackedRolloutsMixin:
 
     def _packed_forward(self, model, rollouts: PackedRollouts, compute_entropy: bool):
         """Log-probs and (optionally) entropies `(B, C)` of `rollouts` from one packed forward."""
-        width = rollouts.completion_width
-        if rollouts.num_tokens == 0:  # every completion masked out: nothing to score
-            zeros = rollouts.batch_ids.new_zeros(rollouts.keep.shape[0], width, dtype=torch.float32)
-            return zeros, zeros.clone() if compute_entropy else None
         with self.accelerator.autocast():
             outputs = model(**rollouts.model_inputs(), labels=rollouts.labels, fused_lm_head=True)
         entropy = rollouts.padded(outputs.entropy) if compute_entropy else None
@@ -126,8 +122,6 @@ class PackedRolloutsMixin:
             logps = piece_logps if logps is None else logps + piece_logps
             if compute_entropy:
                 entropies = piece_entropies if entropies is None else entropies + piece_entropies
-        if logps is None:
-            logps, entropies = self._packed_forward(model, rollouts, compute_entropy)
         return logps, entropies, None
 
     # -- the token-budget training step ----------------------------------------------------------

@@ -12,7 +12,9 @@ the log-probability of every completion token `(B, C)`.
 
 Only real tokens enter the row: each rollout's prompt + completion, no padding; a rollout whose
 completion is entirely masked out enters with no token at all (it scores nothing, its row of the
-padded output is 0, as TRL's padded forward leaves it). `chunks(max_tokens=…)` splits the rollouts
+padded output is 0, as TRL's padded forward leaves it). When no rollout has a completion token left,
+the first rollout's prompt runs alone, scoring nothing: a training step still has a graph through the
+model (a zero loss, zero gradients), as TRL's padded forward gives. `chunks(max_tokens=…)` splits the rollouts
 into token-budget pieces (order kept) whose padded outputs add up to the whole's.
 """
 
@@ -66,10 +68,14 @@ class PackedRollouts:
         prompt_tokens = mask[:, : width - completion_width].sum(1)
         completion_tokens = mask[:, width - completion_width:].sum(1)
         scored = completion_tokens > 0
-        bad = (scored & (prompt_tokens == 0)).nonzero().flatten().tolist()
+        needs_prompt = scored if bool(scored.any()) else torch.arange(len(mask), device=mask.device) == 0
+        bad = (needs_prompt & (prompt_tokens == 0)).nonzero().flatten().tolist()
         if bad:
             raise InputError(f"rollout {bad[0]}: expected at least one prompt token before its completion (the first "
                              "completion token is predicted from it), got an empty prompt")
+        if not bool(scored.any()):  # nothing to score: the first prompt alone, so a training step keeps its graph
+            return cls.from_keep(input_ids, mask & (torch.arange(len(mask), device=mask.device) == 0).unsqueeze(1),
+                                 completion_width)
         return cls.from_keep(input_ids, mask & scored.unsqueeze(1), completion_width)
 
     @classmethod
