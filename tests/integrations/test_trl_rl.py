@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Trainer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 import packcollate  # noqa: E402,F401
-from packcollate.errors import InputError  # noqa: E402
+from packcollate.errors import InputError, UnsupportedError  # noqa: E402
 from packcollate.integrations.trl import PackedGRPOTrainer, PackedRLOOTrainer  # noqa: E402
 from packcollate.objectives.rollouts import PackedRollouts  # noqa: E402
 from packcollate.tools.toy import arithmetic_problems, char_tokenizer  # noqa: E402
@@ -330,3 +330,14 @@ def test_empty_completion_is_refused(tmp_path, monkeypatch):
 def test_rollout_longer_than_the_budget_is_refused(tmp_path):
     assert_refused(bad_input_trainer(tmp_path, budget=20),
                    r"^rollout \d+: expected at most max_tokens_per_batch=20 tokens \(prompt \+ completion\), got \d+")
+
+
+def test_token_budget_with_dropout_is_refused(tmp_path):
+    model = tiny_policy("packcollate")
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with pytest.raises(UnsupportedError, match=r"max_tokens_per_batch runs each piece's forward twice .* dropout "
+                                               r"\(model.layers.0.self_attn\)"):
+        PackedGRPOTrainer(model=model, reward_funcs=digits_reward, args=arguments(tmp_path, disable_dropout=False),
+                          train_dataset=prompts(), processing_class=char_tokenizer(), max_tokens_per_batch=100)

@@ -75,6 +75,10 @@ class PackedRolloutsMixin:
         if self.max_tokens_per_batch is not None and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise UnsupportedError(f"{type(self).__name__}: max_tokens_per_batch runs one backward per token-budget "
                                    "piece, which DeepSpeed's engine does not take; leave it None under DeepSpeed")
+        if self.max_tokens_per_batch is not None and active_dropout(self.model):
+            raise UnsupportedError(f"{type(self).__name__}: max_tokens_per_batch runs each piece's forward twice (without "
+                                   f"and with gradient), which dropout ({active_dropout(self.model)}) would make two "
+                                   "different forwards; keep disable_dropout=True (TRL's default) or leave the budget None")
         self.reward_funcs = [checked_reward(func) for func in self.reward_funcs]
         if check_packing:
             from .callbacks import PackingGuardCallback
@@ -159,6 +163,23 @@ class PackedRolloutsMixin:
         """A scalar whose gradient is the loss's through this piece's log-probs and entropies."""
         piece_logps, piece_entropies = self._packed_forward(model, piece, True)
         return (piece_logps * grad_logps).sum() + (piece_entropies * grad_entropies).sum()
+
+
+#: The module classes that drop out at random (their rate is `p`).
+DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+                   torch.nn.FeatureAlphaDropout)
+
+
+def active_dropout(model: torch.nn.Module) -> str | None:
+    """The name of the first module of `model` that drops out (an `nn.Dropout` with p > 0, or an attention
+    layer with `attention_dropout` > 0), or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, DROPOUT_MODULES) and module.p > 0:
+            return name
+        rate = getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, float) and rate > 0:
+            return name
+    return None
 
 
 def checked_reward(func):
