@@ -161,8 +161,10 @@ class PackedRolloutsMixin:
 
     def _surrogate(self, model, piece: PackedRollouts, grad_logps, grad_entropies) -> torch.Tensor:
         """A scalar whose gradient is the loss's through this piece's log-probs and entropies."""
-        piece_logps, piece_entropies = self._packed_forward(model, piece, True)
-        return (piece_logps * grad_logps).sum() + (piece_entropies * grad_entropies).sum()
+        through_entropy = bool(grad_entropies.any())  # only an entropy bonus differentiates the entropies
+        piece_logps, piece_entropies = self._packed_forward(model, piece, through_entropy)
+        surrogate = (piece_logps * grad_logps).sum()
+        return surrogate + (piece_entropies * grad_entropies).sum() if through_entropy else surrogate
 
 
 #: The module classes that drop out at random (their rate is `p`).
