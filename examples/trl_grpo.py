@@ -38,7 +38,7 @@ args = parser.parse_args()
 def answer_reward(completions, answer, **kwargs):
     """Rule-based: 1 if the completion states the answer, plus 0.1 per digit (at most 0.5)."""
     return [float(re.search(rf"\b{a}\b", c) is not None) + min(sum(ch.isdigit() for ch in c), 5) / 10
-            for c, a in zip(completions, answer)]
+            for c, a in zip(completions, answer, strict=True)]
 
 
 problems = arithmetic_problems(args.prompts, seed=0)

@@ -22,7 +22,6 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 import packcollate  # noqa: E402,F401
 from packcollate.errors import InputError, UnsupportedError  # noqa: E402
 from packcollate.integrations.trl import PackedGRPOTrainer, PackedRLOOTrainer  # noqa: E402
-from packcollate.objectives.rollouts import PackedRollouts  # noqa: E402
 from packcollate.tools.toy import arithmetic_problems, char_tokenizer  # noqa: E402
 
 from tests.scripts.two_ranks import launch  # noqa: E402
@@ -110,7 +109,7 @@ def assert_same_run(theirs, ours, rtol=RTOL):
     assert len(lengths) > 2 or max(lengths) <= 2  # a spread of completion lengths (unless capped at 2)
     history_t, history_o = trainer_t.state.log_history, trainer_o.state.log_history
     assert len(history_t) == len(history_o) >= 2
-    for step, (logged_t, logged_o) in enumerate(zip(history_t, history_o)):
+    for step, (logged_t, logged_o) in enumerate(zip(history_t, history_o, strict=True)):
         assert logged_o.keys() == logged_t.keys()
         for key, value in logged_t.items():
             if key in TIMINGS or not isinstance(value, float) or math.isnan(value):
@@ -239,41 +238,6 @@ def test_two_ranks_packed_and_token_budget_equal_trl(tmp_path, free_port, loss_t
     assert_same_run(as_run["trl"], as_run["packed"], rtol=1e-6)
     assert_same_run(as_run["trl"], as_run["budget"], rtol=1e-6)
     assert max(runs["budget"]["forwards"]) <= 50 < max(runs["packed"]["forwards"])
-
-
-def test_packed_rollouts_hold_only_real_tokens():
-    """Left-padded prompts, right-padded completions, a masked-out completion: only real tokens of
-    scored rollouts enter the row; per-token values return to their padded places."""
-    pad = 0
-    input_ids = torch.tensor([[pad, 5, 6, 7, 8, pad], [9, 10, 11, 12, 13, 14], [pad, pad, 15, 16, 17, 18]])
-    attention_mask = (input_ids != pad).long()
-    attention_mask[2, 3:] = 0  # its completion masked out (mask_truncated_completions)
-    rollouts = PackedRollouts.of(input_ids, attention_mask, completion_width=3)
-    assert rollouts.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
-    assert rollouts.labels.tolist() == [[-100, -100, 7, 8, -100, -100, -100, 12, 13, 14]]
-    assert rollouts.layout["cu_seq_lens_q"].tolist() == [0, 4, 10]
-    assert rollouts.layout["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]
-    next_token = torch.arange(1.0, 10.0).unsqueeze(0)  # (1, N-1): position j scores token j+1
-    assert rollouts.padded(next_token).tolist() == [[2.0, 3.0, 0.0], [7.0, 8.0, 9.0], [0.0, 0.0, 0.0]]
-    pieces = rollouts.chunks(max_tokens=6)
-    assert [piece.num_tokens for piece in pieces] == [4, 6]
-    with pytest.raises(InputError, match=r"rollout 1: expected at most max_tokens_per_batch=5 tokens .* got 6"):
-        rollouts.chunks(max_tokens=5)
-
-
-def test_packed_rollouts_with_nothing_to_score_run_the_first_prompt():
-    """Every completion masked out: the first prompt runs alone (a training step keeps its graph), scoring nothing."""
-    input_ids = torch.tensor([[0, 5, 6, 7, 8], [9, 10, 11, 12, 13]])
-    attention_mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
-    rollouts = PackedRollouts.of(input_ids, attention_mask, completion_width=2)
-    assert rollouts.input_ids.tolist() == [[5, 6]] and rollouts.labels.tolist() == [[-100, -100]]
-    assert rollouts.padded(torch.zeros(1, 1)).tolist() == [[0.0, 0.0], [0.0, 0.0]]
-
-
-def test_packed_rollouts_refuse_an_empty_prompt():
-    input_ids = torch.tensor([[0, 0, 3, 4]])
-    with pytest.raises(InputError, match="rollout 0: expected at least one prompt token"):
-        PackedRollouts.of(input_ids, (input_ids != 0).long(), completion_width=2)
 
 
 def short_reward(completions, **kwargs):
