@@ -226,10 +226,11 @@ class Run:
         self.forwards = saved["forwards"]
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "rloo"])
 def test_two_ranks_packed_and_token_budget_equal_trl(tmp_path, free_port, loss_type):
-    """2 gloo ranks: TRL's padded GRPOTrainer, PackedGRPOTrainer, and PackedGRPOTrainer with a token budget
-    (several pieces per rank, the last one's backward syncing the gradients): the same run (float64)."""
+    """2 gloo ranks: TRL's padded GRPOTrainer (RLOOTrainer for "rloo"), the packed trainer, and the packed
+    trainer with a token budget (several pieces per rank, the last one's backward syncing the gradients):
+    the same run (float64)."""
     out = tmp_path / "runs.pt"
     launch("grpo_two_ranks.py", str(out), loss_type, port=free_port)
     runs = torch.load(out)
