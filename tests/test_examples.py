@@ -84,6 +84,16 @@ def test_trl_dpo(options):
     assert "reward margin" in out
 
 
+@pytest.mark.parametrize("options", [[], ["--lora", "--beta", "0.04", "--max-tokens", "600"], ["--rloo", "--beta", "0.04"]],
+                         ids=["grpo", "lora-reference-budget", "rloo-reference"])
+def test_trl_grpo(options):
+    pytest.importorskip("trl")
+    if "--lora" in options:
+        pytest.importorskip("peft")
+    out = run(sys.executable, "trl_grpo.py", "--steps", "2", "--prompts", "8", *options)
+    assert "reward" in out and "mean completion length" in out
+
+
 def test_trl_reward():
     pytest.importorskip("trl")
     assert "pair accuracy" in run(sys.executable, "trl_reward.py", "--steps", "2", "--examples", "24")

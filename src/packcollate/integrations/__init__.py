@@ -1,8 +1,8 @@
 """Integrations with training frameworks; nothing in the core imports from here.
 
 - `PackedTrainer`, `PackingTrainerMixin`: Hugging Face `Trainer` (`packcollate.integrations.trainer`).
-- `PackedSFTTrainer`, `PackedDPOTrainer`, `PackedRewardTrainer`: TRL (`packcollate.integrations.trl`,
-  `trl_preference`, `trl_vision`; needs the `trl` extra).
+- `PackedSFTTrainer`, `PackedDPOTrainer`, `PackedRewardTrainer`, `PackedGRPOTrainer`, `PackedRLOOTrainer`:
+  TRL (`packcollate.integrations.trl`, `trl_preference`, `trl_vision`, `trl_rl`; needs the `trl` extra).
 - `PackingGuardCallback`: stops a `Trainer` run whose attention backend would mix packed examples
   (`callbacks`).
 - The checks a trainer runs before its first step, each given the trainer (`preflight`): mask

@@ -1,5 +1,8 @@
 """TRL `SFTTrainer` integration: `PackedSFTTrainer`, TRL's dataset preparation with our collator.
 
+Also re-exported here: `PackedDPOTrainer`, `PackedRewardTrainer` (`trl_preference`) and `PackedGRPOTrainer`,
+`PackedRLOOTrainer` (`trl_rl`).
+
     from packcollate.integrations.trl import PackedSFTTrainer
 
     trainer = PackedSFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds,
@@ -47,6 +50,7 @@ from ..collate.text import BaseCollator, PackedCollator
 from ..errors import InputError
 from .trainer import PackingTrainerMixin
 from .trl_preference import PackedDPOTrainer, PackedRewardTrainer  # noqa: F401  (re-exported)
+from .trl_rl import PackedGRPOTrainer, PackedRLOOTrainer  # noqa: F401  (re-exported)
 from .trl_vision import ProcessThenPack, pack_trl_vision, processed_lengths
 
 logger = logging.getLogger("packcollate")
