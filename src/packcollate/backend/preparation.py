@@ -67,7 +67,8 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
         use_backend(unwrap_model(model), attn_implementation)
     mixers = restart.token_mixers(model)
     attention = restart.per_bucket_attention_layers(model)
-    restarted = [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, "attention") for name, layer in attention]
+    kind = "mask-reading" if restart.mask_reading_layers(model) else "attention"
+    restarted = [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, kind) for name, layer in attention]
     for _, layer, kind in restarted:
         restart.restart_layer(layer, kind)
     configs = [module.config for module in model.modules() if isinstance(getattr(module, "config", None), PretrainedConfig)]

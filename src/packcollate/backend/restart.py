@@ -54,7 +54,7 @@ import torch
 from ..errors import UnsupportedError
 from ..layout import PACKING_KEYS, SequenceLayout, example_index
 from . import state
-from .buckets import RECURRENT_COST, bucket_plan
+from .buckets import RECURRENT_COST, SAME_LENGTH_COST, bucket_plan
 
 # class names of layers that carry state along the sequence (Mamba mixers, short convolutions, gated
 # delta nets, lightning/linear attention, RG-LRU, RWKV time and channel mixing, xLSTM)
@@ -480,6 +480,9 @@ def _merge_outputs(outputs: list, counts: list[tuple[int, int]], back: torch.Ten
     if not isinstance(first, torch.Tensor):
         return first  # None or a flag
     if all(o.dim() >= 2 and tuple(o.shape[:2]) == c for o, c in zip(outputs, counts)):
+        outputs = _same_trailing_shape(outputs)
+        if outputs is None:
+            return None
         flat = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outputs]).index_select(0, back)
         return flat.view(*shape, *flat.shape[1:])
     if all(o is first for o in outputs):
@@ -488,22 +491,43 @@ def _merge_outputs(outputs: list, counts: list[tuple[int, int]], back: torch.Ten
 
 
 def run_per_example(forward, args: tuple, kwargs: dict, layout: SequenceLayout,
-                    shape: tuple[int, int], attention_layer: bool = False):
+                    shape: tuple[int, int], attention_layer: bool = False, cost=RECURRENT_COST):
     """`forward` on the examples of a packed call, one call per length bucket.
 
-    Per-token arguments `(B, S, ...)` become `(G, L, ...)` right-padded buckets (`buckets.bucket_plan`),
-    the packed layout's kwargs are dropped, caches, states and padding masks are
-    None; per-token outputs come back `(B, S, ...)` in token order. An `attention_layer` (attention
-    written inside the model) keeps its causal mask, cut to each bucket, and its ALiBi biases.
+    Per-token arguments `(B, S, ...)` become `(G, L, ...)` right-padded buckets (`buckets.bucket_plan`
+    under `cost`), the packed layout's kwargs are dropped, caches, states and padding masks are
+    None; per-token outputs come back `(B, S, ...)` in token order. An `attention_layer` keeps its
+    one-example mask, cut to each bucket, and its ALiBi biases.
     """
     named = _bound_arguments(forward, args, kwargs)
-    plan = bucket_plan(layout, layout.cu_seq_lens.device, RECURRENT_COST)
+    plan = bucket_plan(layout, layout.cu_seq_lens.device, cost)
     outputs, counts = [], []
     for bucket in plan.buckets:
         outputs.append(forward(**_bucket_arguments(named, shape, bucket.gather, bucket.count, bucket.width,
                                                    attention_layer)))
         counts.append((bucket.count, bucket.width))
     return _merge_outputs(outputs, counts, plan.back, shape)
+
+
+def _same_trailing_shape(outputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Per-bucket outputs `(G, L, ...)` with one trailing shape. Integer outputs whose last dimension
+    follows the bucket (an indexer's top-k indices, `min(k, L)` of them) are padded to the widest by
+    repeating their last index (selecting a key twice selects it once); None for any other mismatch."""
+    trailing = {tuple(o.shape[2:]) for o in outputs}
+    if len(trailing) == 1:
+        return outputs
+    if any(o.dtype.is_floating_point or o.dim() < 3 for o in outputs) or len({t[:-1] for t in trailing}) != 1:
+        return None
+    widest = max(t[-1] for t in trailing)
+    return [o if o.shape[-1] == widest else torch.cat([o, o[..., -1:].expand(*o.shape[:-1], widest - o.shape[-1])], -1)
+            for o in outputs]
+
+
+def _packed_tokens_elsewhere(hidden, shape: tuple[int, int]) -> bool:
+    """Hidden states holding the packed row's tokens in another layout (XLNet's `(S, B, D)`): a layer
+    packcollate cannot cut per example there."""
+    return (isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and tuple(hidden.shape[:2]) != shape
+            and hidden.shape[0] * hidden.shape[1] == shape[0] * shape[1] and shape[1] in hidden.shape[:2])
 
 
 def _hidden_states(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -525,10 +549,18 @@ def _cross_attention(forward, args: tuple, kwargs: dict) -> bool:
 _RUNNING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("packcollate_running", default=frozenset())
 
 
+#: what `restart_layer` restarts: token mixers, attention layers (right-padded length buckets), attention
+#: layers of a model with a layer that reads the mask (one bucket per distinct length: `SAME_LENGTH_COST`)
+LAYER_KINDS = ("mixer", "attention", "mask-reading")
+
+
 def restart_layer(layer: torch.nn.Module, kind: str) -> None:
-    """Give a token mixer (`kind="mixer"`) or an attention layer written inside the model
-    (`kind="attention"`) the forward that runs its packed examples apart (`_restarted_forward`);
+    """Give a token mixer (`kind="mixer"`), an attention layer written inside the model
+    (`kind="attention"`) or an attention layer of a model whose layers read the mask
+    (`kind="mask-reading"`) the forward that runs its packed examples apart (`_restarted_forward`);
     idempotent. A bound method, so a deep copy of the model restarts its own layers."""
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"restart_layer: kind must be one of {LAYER_KINDS}, got {kind!r}")
     if "_packcollate_kind" not in layer.__dict__:
         layer.__dict__["_packcollate_inner_forward"] = layer.__dict__.get("forward")  # accelerate's, or None
         layer.__dict__["_packcollate_kind"] = kind
@@ -544,7 +576,8 @@ def _restarted_forward(self, *args, **kwargs):
     """The layer's own forward on its packed examples apart, as the module docstring says; any other
     call (no packed forward in progress, another backend, a tower's own sequence) runs it as it is."""
     inner = self.__dict__.get("_packcollate_inner_forward") or functools.partial(type(self).forward, self)
-    attention_layer = self.__dict__["_packcollate_kind"] == "attention"
+    kind = self.__dict__["_packcollate_kind"]
+    attention_layer = kind != "mixer"
     packed = state.current()
     if packed is None and state.in_backward():
         raise UnsupportedError(
@@ -562,8 +595,8 @@ def _restarted_forward(self, *args, **kwargs):
     layout, shape = packed.layout, packed.shape
     hidden = _hidden_states(inner, args, kwargs)
     matches = isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and tuple(hidden.shape[:2]) == shape
-    if attention_layer and not matches:  # another sequence (a vision or audio tower's): not the packed row
-        return inner(*args, **kwargs)
+    if attention_layer and not matches and not _packed_tokens_elsewhere(hidden, shape):
+        return inner(*args, **kwargs)  # another sequence (a vision or audio tower's): not the packed row
     if not matches:
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise UnsupportedError(
@@ -577,7 +610,8 @@ def _restarted_forward(self, *args, **kwargs):
         return inner(*args, **_layout_kwargs(inner, layout, shape, kwargs))
     token = _RUNNING.set(_RUNNING.get() | {id(self)})
     try:
-        return run_per_example(inner, args, kwargs, layout, shape, attention_layer)
+        return run_per_example(inner, args, kwargs, layout, shape, attention_layer,
+                               SAME_LENGTH_COST if kind == "mask-reading" else RECURRENT_COST)
     except (RuntimeError, TypeError, AttributeError, IndexError) as error:
         raise UnsupportedError(
             f"{type(self).__name__}: packcollate could not run this layer's packed examples apart "
