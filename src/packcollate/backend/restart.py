@@ -132,7 +132,7 @@ def _passed_on(node, parent) -> bool:
     return isinstance(parent, ast.BoolOp)
 
 
-def _mask_reads(source: str) -> list[str]:
+def mask_reads(source: str) -> list[str]:
     """The expressions in which the methods of `source` (a class) read a mask parameter themselves:
     index it, take its dtype or shape, add, concatenate or combine it, … (not passing it on)."""
     try:
@@ -164,7 +164,7 @@ def reads_attention_mask(cls: type) -> bool:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return False
-    return bool(_mask_reads(source))
+    return bool(mask_reads(source))
 
 
 def _reads_mask_inside(module: torch.nn.Module) -> bool:
