@@ -125,14 +125,17 @@ def test_indices_are_applied_on_one_sequence():
     torch.testing.assert_close(got, expected.transpose(1, 2))
 
 
-def test_packed_row_in_another_layout_refuses():
-    """XLNet's attention takes the packed row as `(S, B, D)`: it cannot run per example, so it refuses
-    (it trained on mixed examples before)."""
-    model = build("xlnet")
+@pytest.mark.parametrize("model_type, layer", [("xlnet", "XLNetRelativeAttention"), ("cpmant", "CpmAntAttention")])
+def test_attention_handed_another_sequence_inside_the_model_refuses(model_type, layer):
+    """An attention layer that runs per example but is handed something else than the packed row inside
+    the model's own call: XLNet's `(S, B, D)` layout, CPM-Ant's row with its prompt tokens prepended (and
+    its own mask over all of it). Both trained on mixed examples before; now one line names the layer."""
+    model = build(model_type)
     batch = PackedCollator()(proof_features(lengths=(11, 27, 5)), return_tensors="pt")
-    with pytest.raises(UnsupportedError, match=r"^XLNetRelativeAttention: ") as error:
-        model(**batch)
-    assert "\n" not in str(error.value)
+    for use_cache in (False, True):
+        with pytest.raises(UnsupportedError, match=rf"^{layer}: ") as error:
+            model(**batch, use_cache=use_cache)
+        assert "\n" not in str(error.value)
 
 
 READERS = {

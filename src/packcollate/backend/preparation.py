@@ -158,6 +158,10 @@ def _before_model(attention_per_bucket: bool, units: list, model, args, kwargs):
         raise
     if outer is None or layout is not None:
         outer = PackedForward(active, shape, layout, attention_per_bucket)
+    elif outer.layout is not None and shape != outer.shape:
+        # a tower's own call (pixels, audio frames): not the packed row, its layers run as they are; inside
+        # the packed model's own call, a restarted layer handed another sequence refuses (`restart.py`)
+        outer = PackedForward(outer.active, shape, None, outer.attention_per_bucket)
     state.push(outer)
 
 

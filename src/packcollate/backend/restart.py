@@ -523,13 +523,6 @@ def _same_trailing_shape(outputs: list[torch.Tensor]) -> list[torch.Tensor] | No
             for o in outputs]
 
 
-def _packed_tokens_elsewhere(hidden, shape: tuple[int, int]) -> bool:
-    """Hidden states holding the packed row's tokens in another layout (XLNet's `(S, B, D)`): a layer
-    packcollate cannot cut per example there."""
-    return (isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and tuple(hidden.shape[:2]) != shape
-            and hidden.shape[0] * hidden.shape[1] == shape[0] * shape[1] and shape[1] in hidden.shape[:2])
-
-
 def _hidden_states(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The first argument: the layer's `(B, S, D)` input."""
     if args:
@@ -595,9 +588,7 @@ def _restarted_forward(self, *args, **kwargs):
     layout, shape = packed.layout, packed.shape
     hidden = _hidden_states(inner, args, kwargs)
     matches = isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and tuple(hidden.shape[:2]) == shape
-    if attention_layer and not matches and not _packed_tokens_elsewhere(hidden, shape):
-        return inner(*args, **kwargs)  # another sequence (a vision or audio tower's): not the packed row
-    if not matches:
+    if not matches:  # inside the packed model's own call (a tower's call has no layout: `preparation.py`)
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise UnsupportedError(
             f"{type(self).__name__}: packcollate runs this layer's packed examples apart and expected hidden "
