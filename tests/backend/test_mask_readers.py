@@ -115,6 +115,20 @@ def test_block_sparse_indices_refuse():
         _packed_call(block_indices=torch.zeros(1, 2, 12, 1, dtype=torch.int64))
 
 
+def test_a_mask_made_for_other_tokens_refuses():
+    """A 4-D mask whose queries are not the call's (one example's mask reaching a layer that runs on the
+    packed row): one line naming the layer, not a broadcast."""
+    with pytest.raises(UnsupportedError, match=r"^attn_implementation='packcollate': _Layer hands a mask of shape"):
+        _packed_call_with_mask(torch.zeros(1, 1, 7, 7))
+
+
+def _packed_call_with_mask(mask):
+    q, k, v = qkv(1, 12)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    return packcollate_attention(_Layer(), q, k, v, mask, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
+                                 max_length_k=7)
+
+
 def test_indices_are_applied_on_one_sequence():
     """One sequence per row: the selected keys only, as eager folds them into the mask."""
     q, k, v = qkv(1, 6)

@@ -256,6 +256,12 @@ def packcollate_attention(
         # own (with a cache; layers flagged bidirectional), or the one example's mask of a layer that runs
         # per bucket: honour it, inside the examples the kwargs name, on the keys an indexer selected; a
         # query with no key left (padding) attends everywhere, so it stays finite
+        if attention_mask.shape[-2] not in (1, seq) or attention_mask.shape[-1] < key.shape[2]:
+            raise UnsupportedError(
+                f"attn_implementation='packcollate': {type(module).__name__} hands a mask of shape "
+                f"{tuple(attention_mask.shape)} to attention over {seq} queries and {key.shape[2]} keys (a mask made "
+                f"for other tokens: one example's, or the packed row's); train this architecture with padding"
+            )
         mask = attention_mask[..., : key.shape[2]]
         same = _same_example(batch, seq, query.device, kwargs) if key.shape[2] == seq else None
         if selected is not None:
