@@ -190,8 +190,10 @@ def _selected_keys(module, indices, batch: int, seq: int, kv_length: int) -> tor
             f"{tuple(indices.shape)} ({indices.dtype}), expected top-k key indices ({batch}, {seq}, k) (integers); "
             f"train this architecture with padding and its own attention backend"
         )
-    selected = torch.zeros(batch, seq, kv_length, dtype=torch.bool, device=indices.device)
-    return selected.scatter(-1, indices.long().clamp(0, kv_length - 1), True)[:, None]
+    indices = indices.long()
+    indices = indices.masked_fill((indices < 0) | (indices >= kv_length), kv_length)  # -1: no key (a spare column)
+    selected = torch.zeros(batch, seq, kv_length + 1, dtype=torch.bool, device=indices.device)
+    return selected.scatter(-1, indices, True)[:, None, :, :kv_length]
 
 
 def packcollate_attention(
@@ -256,7 +258,7 @@ def packcollate_attention(
         # own (with a cache; layers flagged bidirectional), or the one example's mask of a layer that runs
         # per bucket: honour it, inside the examples the kwargs name, on the keys an indexer selected; a
         # query with no key left (padding) attends everywhere, so it stays finite
-        if attention_mask.shape[-2] not in (1, seq) or attention_mask.shape[-1] < key.shape[2]:
+        if attention_mask.shape[-2] not in (1, seq) or 1 < attention_mask.shape[-1] < key.shape[2]:
             raise UnsupportedError(
                 f"attn_implementation='packcollate': {type(module).__name__} hands a mask of shape "
                 f"{tuple(attention_mask.shape)} to attention over {seq} queries and {key.shape[2]} keys (a mask made "
