@@ -134,7 +134,10 @@ def _passed_on(node, parent) -> bool:
 
 def mask_reads(source: str) -> list[str]:
     """The expressions in which the methods of `source` (a class) read a mask parameter themselves:
-    index it, take its dtype or shape, add, concatenate or combine it, … (not passing it on)."""
+    index it, take its dtype or shape, add, concatenate or combine it, … (not passing it on). A helper
+    function the mask is handed to is not followed: `_read_stateful_classes` and `_reads_mask_inside`
+    look into the classes a layer builds; a reader they miss still gets the sequence map or None, never
+    a packed `N x N` mask, and `packcollate check` proves the result numerically."""
     try:
         tree = ast.parse(textwrap.dedent(source))
     except SyntaxError:
