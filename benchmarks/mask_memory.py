@@ -59,7 +59,6 @@ def run_mode(mode: str, tokens: int, layers: int) -> dict:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from sparse_indexer_step import deepseek_v32_config
-
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)

@@ -30,7 +30,12 @@ import torch
 
 import packcollate
 from packcollate import PackedCollator, PaddedCollator
-from packcollate.tools.bench import library_versions, round_robin_summary, save_result, time_round_robin
+from packcollate.tools.bench import (
+    library_versions,
+    round_robin_summary,
+    save_result,
+    time_round_robin,
+)
 
 MEDIAN_LENGTH, SIGMA, MIN_LENGTH, MAX_LENGTH = 120, 0.9, 8, 1024
 VOCAB = 4096

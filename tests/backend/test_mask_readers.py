@@ -12,8 +12,8 @@ compressed windows. Families this transformers does not have are skipped (read a
 
 import pytest
 import torch
-
 from transformers import CONFIG_MAPPING
+
 from packcollate import PackedCollator
 from packcollate.backend import restart
 from packcollate.backend.attention import packcollate_attention

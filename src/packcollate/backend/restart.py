@@ -152,13 +152,13 @@ def mask_reads(source: str) -> list[str]:
             continue
         parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(function):
-            if isinstance(node, ast.Name) and node.id in names and isinstance(node.ctx, ast.Load):
-                if not _passed_on(node, parents.get(node)):
-                    reads.append(ast.unparse(parents.get(node, node)))
+            if (isinstance(node, ast.Name) and node.id in names and isinstance(node.ctx, ast.Load)
+                    and not _passed_on(node, parents.get(node))):
+                reads.append(ast.unparse(parents.get(node, node)))
     return reads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reads_attention_mask(cls: type) -> bool:
     """Whether `cls`'s own methods read the attention mask they receive (`attention_mask[:, 0]`, its
     dtype, `torch.cat([attention_mask, bias])`, …) rather than only passing it on: read from its
