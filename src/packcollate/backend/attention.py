@@ -173,8 +173,27 @@ def _decode_attention(query, key, value, opts: AttentionOptions, sinks) -> torch
 
 
 #: Keyword arguments some models hand their attention function that change its logits (T5's and
-#: Inkling's relative `position_bias`, Inkling's per-token `sinks`, ALiBi): refused, never ignored.
-LOGIT_TERMS = ("position_bias", "sinks", "alibi", "attention_bias")
+#: Inkling's relative `position_bias`, Inkling's per-token `sinks`, ALiBi, MiniMax-M3's block-sparse
+#: `block_indices`): refused, never ignored.
+LOGIT_TERMS = ("position_bias", "sinks", "alibi", "attention_bias", "block_indices")
+#: The keyword argument of a sparse-attention indexer's selection (DeepSeek-V3.2 and its kin hand their
+#: top-k key indices `(B, S, k)` to every backend but eager/sdpa): applied on the dense path.
+SPARSE_INDICES = "indices"
+
+
+def _selected_keys(module, indices, batch: int, seq: int, kv_length: int) -> torch.Tensor:
+    """`(B, 1, S, S_kv)` bool: the keys a sparse-attention indexer selected for each query, from its top-k
+    key indices `(B, S, k)` (what eager/sdpa fold into the mask as `~index_mask`)."""
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (batch, seq) or indices.dtype.is_floating_point:
+        raise UnsupportedError(
+            f"attn_implementation='packcollate': {type(module).__name__} passes {SPARSE_INDICES!r} of shape "
+            f"{tuple(indices.shape)} ({indices.dtype}), expected top-k key indices ({batch}, {seq}, k) (integers); "
+            f"train this architecture with padding and its own attention backend"
+        )
+    indices = indices.long()
+    indices = indices.masked_fill((indices < 0) | (indices >= kv_length), kv_length)  # -1: no key (a spare column)
+    selected = torch.zeros(batch, seq, kv_length + 1, dtype=torch.bool, device=indices.device)
+    return selected.scatter(-1, indices, True)[:, None, :, :kv_length]
 
 
 def packcollate_attention(
@@ -206,6 +225,9 @@ def packcollate_attention(
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     batch, heads, seq, _ = query.shape
+    indices = kwargs.get(SPARSE_INDICES)
+    selected = (_selected_keys(module, indices, batch, seq, key.shape[2]) if isinstance(indices, torch.Tensor)
+                else None)
     # blocks shape a causal prefill/training call only (decoding gets transformers' 4-D mask)
     blocks = checked_block_ids(kwargs.get(BLOCK_IDS), batch, seq) if causal and key.shape[2] == seq else None
     opts = AttentionOptions(
@@ -217,12 +239,35 @@ def packcollate_attention(
         has_sinks=s_aux is not None,
         bidirectional_blocks=blocks is not None,
     )
+    if selected is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
+        # an indexer's selection without a 4-D mask: exact only where each row is one sequence
+        layout = layout_of_call(batch, seq, attention_mask, kwargs) if key.shape[2] == seq else None
+        if key.shape[2] != seq or attention_mask is not None or not (layout is None or layout.full_rows):
+            raise UnsupportedError(
+                f"attn_implementation='packcollate': {type(module).__name__} passes {SPARSE_INDICES!r} (an indexer's "
+                f"top-k keys) without the 4-D mask it selected them under, so they may lie in another packed example; "
+                f"call packcollate.prepare(model) (its attention layers then run each example apart)"
+            )
+        allowed = window_mask(seq, opts.sliding_window, opts.causal, query.device)
+        if allowed is None:
+            allowed = torch.ones(seq, seq, dtype=torch.bool, device=query.device)
+            allowed = allowed.tril() if opts.causal else allowed
+        attention_mask = allowed.expand(batch, 1, seq, seq)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         # a mask the caller built (create_causal_mask passes 4-D masks through untouched), or transformers'
-        # own (with a cache; layers flagged bidirectional): honour it, inside the examples the kwargs name;
-        # a query with no key left (padding) attends everywhere, so it stays finite
+        # own (with a cache; layers flagged bidirectional), or the one example's mask of a layer that runs
+        # per bucket: honour it, inside the examples the kwargs name, on the keys an indexer selected; a
+        # query with no key left (padding) attends everywhere, so it stays finite
+        if attention_mask.shape[-2] not in (1, seq) or 1 < attention_mask.shape[-1] < key.shape[2]:
+            raise UnsupportedError(
+                f"attn_implementation='packcollate': {type(module).__name__} hands a mask of shape "
+                f"{tuple(attention_mask.shape)} to attention over {seq} queries and {key.shape[2]} keys (a mask made "
+                f"for other tokens: one example's, or the packed row's); train this architecture with padding"
+            )
         mask = attention_mask[..., : key.shape[2]]
         same = _same_example(batch, seq, query.device, kwargs) if key.shape[2] == seq else None
+        if selected is not None:
+            same = selected if same is None else same & selected
         if same is not None:
             mask = mask & same if mask.dtype == torch.bool else mask.masked_fill(~same, torch.finfo(mask.dtype).min)
         if mask.dtype == torch.bool:

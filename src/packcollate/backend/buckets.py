@@ -37,6 +37,10 @@ ATTENTION_COST = CostModel(work_exponent=2, bucket_cost=64 * 64)
 # 32 and 256 tokens a bucket equally fast, 1024 1.45x slower, one bucket for all 3.7x slower (its
 # PyTorch scan grows faster than linearly with the padded length).
 RECURRENT_COST = CostModel(work_exponent=1, bucket_cost=128)
+#: No padding at all: one bucket per distinct length. For attention layers that read the mask (a
+#: sparse indexer's top-k over a right-padded row may break exact ties between keys another way than
+#: over the example alone, and its `min(k, L)` follows the row's width).
+SAME_LENGTH_COST = CostModel(work_exponent=1, bucket_cost=0.0)
 
 
 def plan_buckets(lengths, cost: CostModel) -> list[tuple[np.ndarray, np.ndarray]]:

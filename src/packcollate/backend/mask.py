@@ -16,6 +16,7 @@ memory quadratic in `S` like sdpa.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,20 +65,47 @@ def _transformers_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mas
                      allow_is_causal_skip=False, **kwargs)
 
 
-def _internal_attention_width(config) -> int | None:
-    """For a model whose attention is computed inside it: the longest example of a packed forward (a
-    plain causal mask that wide, cut per bucket), 0 for any other forward (the mask eager builds); None
-    for every other model. Raises for a model that needs `prepare` and runs outside a prepared forward.
-    A dict lookup for models that need nothing (no break under `torch.compile`)."""
-    mixers, internal = stateful_classes(type(config)) if config is not None else ((), False)
-    if not (mixers or internal):
+def _longest_example(layout, seq: int) -> tuple[int, int, int]:
+    """`(row, column, length)` of the first token of the longest example of `layout` over `(B, S)` tokens."""
+    lengths = np.asarray(layout.lengths())
+    longest = int(lengths.argmax())
+    start = int(layout.cu_seq_lens[longest])
+    if layout.token_index is not None:
+        start = int(layout.token_index[start])
+    return start // seq, start % seq, int(lengths[longest])
+
+
+def _per_bucket_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                     kwargs) -> torch.Tensor | None:
+    """For a model whose attention layers run per bucket (`restart.per_bucket_attention_layers`: attention
+    computed inside the model, or a layer that reads the 4-D mask itself): eager's 4-D float mask. In a
+    packed forward, over the packed row: the mask of its longest example alone, `(1, 1, L, L)`, evaluated
+    with `mask_function` at that example's tokens (causal, its sliding window, chunks), which the
+    restarted layers cut per bucket to `(G, 1, L_b, L_b)`: `O(L^2)` here, `O(sum G_b * L_b^2)` in the
+    layers, never `N x N`. Any other call (no packing, a cache, a tower's own sequence): eager's own mask.
+
+    None for every other model (a dict lookup: no break under `torch.compile`). Raises for a model that
+    needs `prepare` and runs outside a prepared forward."""
+    config = kwargs.get("config")
+    if config is None or not stateful_classes(type(config)):
         return None
     packed = state.current()
     if packed is None:
         require_prepared(config)
-    if not packed.internal_attention:  # the prepared model's own layers say so (its modeling file may hold towers)
+    if not packed.attention_per_bucket:  # the prepared model's own layers say so (its modeling file may hold towers)
         return None
-    return packed.layout.max_length if packed.active and packed.layout is not None else 0
+    from transformers.masking_utils import eager_mask
+
+    dense = {"dtype": kwargs.get("dtype", torch.float32), "device": kwargs.get("device", "cpu"),
+             "use_vmap": kwargs.get("use_vmap", False)}
+    layout = packed.layout if packed.active else None
+    if (layout is not None and (batch_size, q_length) == packed.shape and q_length == kv_length
+            and not (q_offset or kv_offset)):
+        row, column, width = _longest_example(layout, q_length)
+        mask = eager_mask(row + 1, width, width, column, column, mask_function=mask_function, **dense)
+        return mask[row:]
+    return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
+                      attention_mask=attention_mask, **dense)
 
 
 def packcollate_mask(
@@ -101,26 +129,21 @@ def packcollate_mask(
           which knows where the queries sit among the keys;
         - for a model whose layers are flagged bidirectional under a mask that is causal somewhere
           (PaliGemma; see the module docstring): transformers' own mask too;
-        - for a model whose attention is computed inside it (BLOOM, MPT, GPT-Neo, …): eager's 4-D
-          mask, causal and as wide as the longest packed example (cut per bucket by its restarted
-          layers), or eager's own mask outside a packed forward.
+        - for a model whose attention layers run per bucket (attention computed inside the model:
+          BLOOM, MPT, GPT-Neo, …; or a layer that reads the 4-D mask itself: DeepSeek-V3.2's indexer,
+          DeepSeek-V4, Doge, …): eager's 4-D mask of the longest packed example alone, cut per
+          bucket by the restarted layers (`_per_bucket_mask`), or eager's own mask outside a packed
+          forward.
 
-    Raises `NotPreparedError` for a model that carries state along the sequence or computes attention
-    inside it and runs outside a forward `packcollate.prepare` prepared (`preparation.require_prepared`).
+    Raises `NotPreparedError` for a model that carries state along the sequence, computes attention
+    inside it or reads the mask in its layers, and runs outside a forward `packcollate.prepare`
+    prepared (`preparation.require_prepared`).
     """
     config = kwargs.get("config")
-    width = _internal_attention_width(config)
-    if width is not None:
-        # a model whose attention is written inside it adds the mask itself: eager's 4-D mask; for a
-        # packed forward (its layers run their examples apart, `restart.py`) a plain causal one, as wide
-        # as the longest example, cut per bucket
-        from transformers.masking_utils import causal_mask_function, eager_mask
-
-        dense = {"dtype": kwargs.get("dtype", torch.float32), "device": kwargs.get("device", "cpu")}
-        if width and q_length == kv_length and not (q_offset or kv_offset):
-            return eager_mask(batch_size, width, width, mask_function=causal_mask_function, **dense)
-        return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
-                          attention_mask=attention_mask, **dense)
+    per_bucket = _per_bucket_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                  attention_mask, kwargs)
+    if per_bucket is not None:
+        return per_bucket
     device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
     if (q_length != kv_length or q_offset or kv_offset
             or flagged_layers_under_causal_mask(config, mask_function, batch_size, q_length, device)):

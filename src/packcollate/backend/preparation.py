@@ -4,8 +4,10 @@
 changes nothing else. Most models need nothing more: their attention goes through the backend, which
 keeps packed examples apart from the `cu_seq_lens_*` / `position_ids` / mask reaching every call.
 Layers that carry state along the sequence (Mamba mixers, short convolutions, gated delta nets, …)
-or compute attention inside the model (BLOOM, MPT, GPT-Neo, …) do not call the backend; for them
-`prepare(model)` (idempotent; returns the model) changes that one model:
+or compute attention inside the model (BLOOM, MPT, GPT-Neo, …) do not call the backend, and layers
+that read the 4-D mask themselves (sparse-attention indexers, block biases, dynamic masks:
+DeepSeek-V3.2, DeepSeek-V4, Doge, …) need one example's mask; for them `prepare(model)`
+(idempotent; returns the model) changes that one model:
 
 - each such layer gets the forward of `restart.restart_layer`: its packed examples run apart;
 - every transformers model inside it (the causal LM, its decoder, a VLM's text model) gets a
@@ -64,25 +66,26 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     if attn_implementation is not None:
         use_backend(unwrap_model(model), attn_implementation)
     mixers = restart.token_mixers(model)
-    internal = restart.internal_attention_layers(model)
-    restarted = [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, "attention") for name, layer in internal]
+    attention = restart.per_bucket_attention_layers(model)
+    kind = "mask-reading" if restart.mask_reading_layers(model) else "attention"
+    restarted = [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, kind) for name, layer in attention]
     for _, layer, kind in restarted:
         restart.restart_layer(layer, kind)
     configs = [module.config for module in model.modules() if isinstance(getattr(module, "config", None), PretrainedConfig)]
     # what each config needs, known before any forward (a dict lookup when traced); a modeling file that
     # defines stateful layers (perhaps only in another tower) gets the hooks too: its mask function checks them
-    flagged = any(restart.stateful_classes(type(config)) != ((), False) for config in configs)
+    flagged = any(restart.stateful_classes(type(config)) for config in configs)
     if restarted or flagged:
-        internal_only = restart.attention_all_internal(model)  # the model's masks are theirs, not a tower's only
+        per_bucket = restart.attention_per_bucket(model)  # the model's masks are its own layers', not a tower's only
         units = _checkpointed_units(model, [name for name, _, _ in restarted])
         for module in model.modules():
             if isinstance(module, PreTrainedModel) and not module.__dict__.get("_packcollate_forward_hooks"):
-                module.register_forward_pre_hook(functools.partial(_before_model, internal_only, units), with_kwargs=True)
+                module.register_forward_pre_hook(functools.partial(_before_model, per_bucket, units), with_kwargs=True)
                 module.register_forward_hook(_after_model, with_kwargs=True, always_call=True)
                 module.__dict__["_packcollate_forward_hooks"] = True
                 if callable(getattr(module, "prepare_inputs_for_generation", None)):  # it can generate
                     own = getattr(module, "create_masks_for_generate", None)  # a model's own, else transformers'
-                    module.__dict__["_packcollate_create_masks"] = (own or create_masks_for_generate, internal_only)
+                    module.__dict__["_packcollate_create_masks"] = (own or create_masks_for_generate, per_bucket)
                     module.create_masks_for_generate = types.MethodType(_create_masks_inside, module)
     shield_vision_tower(model)
     return model
@@ -140,7 +143,7 @@ def _padded(kwargs: dict) -> bool:
             and not bool(mask.all()))
 
 
-def _before_model(internal_attention: bool, units: list, model, args, kwargs):
+def _before_model(attention_per_bucket: bool, units: list, model, args, kwargs):
     """Model-level pre-hook: the outermost call sets the packed forward; an inner model (the decoder of
     a causal LM) refines it only when its call carries the layout. The checkpointed `units` holding
     restarted layers will recompute with it (`_InPackedForward`)."""
@@ -154,7 +157,11 @@ def _before_model(internal_attention: bool, units: list, model, args, kwargs):
         state.push(outer)  # the forward hook runs however the call ends, and pops exactly one
         raise
     if outer is None or layout is not None:
-        outer = PackedForward(active, shape, layout, internal_attention)
+        outer = PackedForward(active, shape, layout, attention_per_bucket)
+    elif outer.layout is not None and shape != outer.shape:
+        # a tower's own call (pixels, audio frames): not the packed row, its layers run as they are; inside
+        # the packed model's own call, a restarted layer handed another sequence refuses (`restart.py`)
+        outer = PackedForward(outer.active, shape, None, outer.attention_per_bucket)
     state.push(outer)
 
 
@@ -166,9 +173,9 @@ def _create_masks_inside(self, *args, **kwargs):
     """`generate` builds the masks of a compileable cache itself, outside the model's forward: inside the
     model's (unpacked) forward state instead, so the mask function knows the model is prepared. A bound
     method: a deep copy of the model calls its own."""
-    create_masks, internal_attention = self.__dict__["_packcollate_create_masks"]
+    create_masks, attention_per_bucket = self.__dict__["_packcollate_create_masks"]
     active = getattr(getattr(self, "config", None), "_attn_implementation", None) == BACKEND_NAME
-    state.push(PackedForward(active, None, None, internal_attention))
+    state.push(PackedForward(active, None, None, attention_per_bucket))
     try:
         return create_masks(*args, **kwargs)
     finally:
@@ -227,7 +234,7 @@ def check_prepared(model: torch.nn.Module) -> None:
     attention inside the model and `prepare` did not restart them (read from the model itself: pure
     state-space models included, which no mask function ever sees)."""
     missing = sorted({type(layer).__name__ for _, layer in [*restart.token_mixers(model),
-                                                             *restart.internal_attention_layers(model)]
+                                                             *restart.per_bucket_attention_layers(model)]
                       if not restart.is_restarted(layer)})
     if missing:
         raise NotPreparedError(
@@ -242,11 +249,16 @@ def require_prepared(config) -> None:
     `restart.stateful_classes`); called by the mask function outside any prepared forward."""
     if config is None:
         return
-    mixers, internal = restart.stateful_classes(type(config))
-    if not (mixers or internal):
+    needs = restart.stateful_classes(type(config))
+    if not needs:
         return
-    what = (f"{', '.join(mixers)} carry state along the sequence" if mixers
-            else "its attention is computed inside the model, not through the attention backend")
+    if needs.mixers:
+        what = f"{', '.join(needs.mixers)} carry state along the sequence"
+    elif needs.mask_readers:
+        what = (f"{', '.join(needs.mask_readers)} read the 4-D attention mask themselves and must see one example's "
+                f"mask, not the packed row's")
+    else:
+        what = "its attention is computed inside the model, not through the attention backend"
     raise NotPreparedError(
         f"{config.model_type}: attn_implementation={BACKEND_NAME!r} keeps packed examples apart in this model only once "
         f"it is prepared ({what}); call packcollate.prepare(model) before training or generating (PackedTrainer and "

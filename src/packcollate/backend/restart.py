@@ -18,7 +18,15 @@ mixer") sees its examples apart:
 
 Attention layers written inside the model (no `AttentionInterface`: BLOOM, MPT, XGLM, GPT-Neo, …)
 run their examples apart the same way, with the plain causal mask the packcollate mask function
-hands such models, cut to each bucket (and BLOOM's ALiBi biases).
+hands such models, cut to each bucket (and BLOOM's ALiBi biases). So do attention layers that read
+the 4-D mask themselves before (or instead of) handing it to the backend (`reads_attention_mask`:
+sparse-attention indexers fed `attention_mask[:, 0]` (DeepSeek-V3.2, GLM-MoE-DSA, HY-V4, AXK2,
+dots3), a block bias concatenated to it (DeepSeek-V4), a dynamic mask built on it (Doge)): once one
+layer of a model reads the mask, every attention layer of that model runs per bucket, so the one
+mask transformers builds per forward can be the causal mask of one example, `(1, 1, L, L)` with
+`L` the longest example, cut per bucket to `(G, 1, L_b, L_b)`: each reader sees an ordinary unpacked
+batch (its top-k selects inside the example, its block bias and window count from the example's
+start). Memory is `sum_b G_b * L_b ** 2` per layer, linear in the number of examples (not `N x N`).
 
 `restart_layer` gives such a layer the forward that does this (`prepare` calls it): it reads the packed forward in
 progress (`state.current()`, the layout travelling with the call). Layers are found at run time by
@@ -30,12 +38,14 @@ to continue from); padded batches (a 2-D `attention_mask` with zeros) run as tra
 
 from __future__ import annotations
 
+import ast
 import contextvars
 import functools
 import importlib
 import inspect
 import re
 import sys
+import textwrap
 import types
 from dataclasses import dataclass
 
@@ -44,7 +54,7 @@ import torch
 from ..errors import UnsupportedError
 from ..layout import PACKING_KEYS, SequenceLayout, example_index
 from . import state
-from .buckets import RECURRENT_COST, bucket_plan
+from .buckets import RECURRENT_COST, SAME_LENGTH_COST, bucket_plan
 
 # class names of layers that carry state along the sequence (Mamba mixers, short convolutions, gated
 # delta nets, lightning/linear attention, RG-LRU, RWKV time and channel mixing, xLSTM)
@@ -106,6 +116,99 @@ def _writes_attention_inside(module: torch.nn.Module) -> bool:
     return names_interface(cls) is False and not any(names_interface(type(m)) for m in module.modules())
 
 
+# parameter names under which a layer receives the attention mask
+_MASK_PARAMETERS = frozenset({"attention_mask", "causal_mask", "attn_mask", "mask"})
+
+
+def _passed_on(node, parent) -> bool:
+    """The mask name `node` only passed on: a call argument, an `is None` test, `isinstance`, a branch
+    of a conditional expression, an operand of `or`/`and` (a default)."""
+    if isinstance(parent, ast.keyword) or (isinstance(parent, ast.Call) and node in parent.args):
+        return True
+    if isinstance(parent, ast.Compare):
+        return all(isinstance(c, ast.Constant) and c.value is None for c in parent.comparators)
+    if isinstance(parent, ast.IfExp):
+        return node is not parent.test
+    return isinstance(parent, ast.BoolOp)
+
+
+def mask_reads(source: str) -> list[str]:
+    """The expressions in which the methods of `source` (a class) read a mask parameter themselves:
+    index it, take its dtype or shape, add, concatenate or combine it, … (not passing it on). A helper
+    function the mask is handed to is not followed: `_read_stateful_classes` and `_reads_mask_inside`
+    look into the classes a layer builds; a reader they miss still gets the sequence map or None, never
+    a packed `N x N` mask, and `packcollate check` proves the result numerically."""
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+    except SyntaxError:
+        return []
+    reads = []
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        arguments = function.args
+        names = _MASK_PARAMETERS & {a.arg for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]}
+        if not names:
+            continue
+        parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(function):
+            if (isinstance(node, ast.Name) and node.id in names and isinstance(node.ctx, ast.Load)
+                    and not _passed_on(node, parents.get(node))):
+                reads.append(ast.unparse(parents.get(node, node)))
+    return reads
+
+
+@functools.cache
+def reads_attention_mask(cls: type) -> bool:
+    """Whether `cls`'s own methods read the attention mask they receive (`attention_mask[:, 0]`, its
+    dtype, `torch.cat([attention_mask, bias])`, …) rather than only passing it on: read from its
+    source (AST), at run time. False when the source cannot be read."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
+    return bool(mask_reads(source))
+
+
+def _reads_mask_inside(module: torch.nn.Module) -> bool:
+    """An attention layer going through the AttentionInterface that reads the mask itself, or holds a
+    layer that does (an indexer)."""
+    cls = type(module)
+    return (bool(ATTENTION_CLASS.search(cls.__name__)) and bool(names_interface(cls))
+            and any(reads_attention_mask(type(m)) for m in module.modules()))
+
+
+def mask_reading_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost attention layers of `model` that read the 4-D mask themselves (sparse indexers,
+    block biases, dynamic masks; see the module docstring), found from their source at run time."""
+    return _outermost(model, _reads_mask_inside)
+
+
+def interface_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost attention layers of `model` that go through the AttentionInterface (and are not
+    token mixers): in a model with a mask-reading layer, all of them run per bucket."""
+    return _outermost(model, lambda m: bool(ATTENTION_CLASS.search(type(m).__name__)) and bool(names_interface(type(m)))
+                      and not is_token_mixer(m))
+
+
+def per_bucket_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The attention layers `prepare` runs per bucket: those written inside the model, and, when any
+    attention layer reads the mask itself, every attention layer of the model."""
+    internal = internal_attention_layers(model)
+    if not mask_reading_layers(model):
+        return internal
+    layers = dict(internal)
+    layers.update(interface_attention_layers(model))
+    names = list(layers)
+    return [(name, layers[name]) for name in names if not any(name.startswith(other + ".") for other in names)]
+
+
+def attention_per_bucket(model: torch.nn.Module) -> bool:
+    """Every attention layer of `model` runs per bucket (`per_bucket_attention_layers`): the mask
+    function then hands the causal mask of one example, cut per bucket."""
+    return attention_all_internal(model) or bool(mask_reading_layers(model))
+
+
 def internal_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The outermost attention layers of `model` that compute attention themselves, not through
     transformers' `AttentionInterface` (BLOOM, MPT, XGLM, GPT-2-era models): read from their source
@@ -132,15 +235,37 @@ def _outermost(model: torch.nn.Module, predicate) -> list[tuple[str, torch.nn.Mo
 
 
 _CONV_SOURCE = re.compile(r"nn\.Conv1d\([^)]*groups\s*=")
+
+
+@dataclass(frozen=True)
+class StatefulClasses:
+    """What a model of one config class needs `prepare` for, read from its modeling file.
+
+    Attributes:
+        mixers: class names of its token mixers (layers carrying state along the sequence).
+        internal: every attention class it defines computes attention inside the model.
+        mask_readers: class names of its attention layers that read the 4-D mask themselves.
+    """
+
+    mixers: tuple[str, ...] = ()
+    internal: bool = False
+    mask_readers: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.mixers or self.internal or self.mask_readers)
+
+
 # config class -> what its models need `prepare` for (read once per class; a dict lookup, so that
 # `torch.compile` traces it without a break once the class is known)
-_STATEFUL: dict[type, tuple[tuple[str, ...], bool]] = {}
+_STATEFUL: dict[type, StatefulClasses] = {}
 
 
-def stateful_classes(config_class: type) -> tuple[tuple[str, ...], bool]:
+def stateful_classes(config_class: type) -> StatefulClasses:
     """What a model of `config_class` needs `prepare` for, read from its modeling file (no model is
-    built): the class names of its token mixers, and whether every attention class it defines computes
-    attention inside the model. `((), False)` when the modeling file cannot be found (remote code)."""
+    built): its token mixers, whether every attention class it defines computes attention inside the
+    model, and its attention classes (going through the AttentionInterface) that read the mask
+    themselves or build a class that does (an indexer). Empty when the modeling file cannot be found
+    (remote code: `prepare` reads the model itself)."""
     found = _STATEFUL.get(config_class)
     if found is None:
         found = _STATEFUL[config_class] = _read_stateful_classes(config_class)
@@ -148,25 +273,27 @@ def stateful_classes(config_class: type) -> tuple[tuple[str, ...], bool]:
 
 
 @torch.compiler.disable
-def _read_stateful_classes(config_class: type) -> tuple[tuple[str, ...], bool]:
+def _read_stateful_classes(config_class: type) -> StatefulClasses:
     name = config_class.__module__.replace(".configuration_", ".modeling_")
     try:
         module = importlib.import_module(name)
     except ImportError:
-        return (), False
+        return StatefulClasses()
     classes = [value for value in vars(module).values()
                if isinstance(value, type) and issubclass(value, torch.nn.Module) and value.__module__ == name]
-    mixers = []
+    sources = {}
     for cls in classes:
         try:
-            source = inspect.getsource(cls)
+            sources[cls] = inspect.getsource(cls)
         except (OSError, TypeError):
-            source = ""
-        if TOKEN_MIXER_CLASS.search(cls.__name__) or _CONV_SOURCE.search(source):
-            mixers.append(cls.__name__)
+            sources[cls] = ""
+    mixers = [cls.__name__ for cls in classes if TOKEN_MIXER_CLASS.search(cls.__name__) or _CONV_SOURCE.search(sources[cls])]
     attention = [cls for cls in classes if ATTENTION_CLASS.search(cls.__name__)]
     internal = bool(attention) and all(names_interface(cls) is False for cls in attention)
-    return tuple(sorted(mixers)), internal
+    readers = [cls.__name__ for cls in attention if names_interface(cls) and any(
+        reads_attention_mask(inner) for inner in classes
+        if inner is cls or re.search(rf"\b{re.escape(inner.__name__)}\(", sources[cls]))]
+    return StatefulClasses(tuple(sorted(mixers)), internal, tuple(sorted(readers)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,11 +421,14 @@ def _bound_arguments(forward, args: tuple, kwargs: dict) -> dict:
 
 
 def _split_value(value, shape: tuple[int, int], take):
-    """A per-token tensor `(B, S, ...)` (or a tuple of them) gathered by `take`; anything else as is."""
+    """A per-token tensor `(B, S, ...)` (or a tuple of them, or a dict of either: DeepSeek-V4's rotary
+    tables per layer type) gathered by `take`; anything else as is."""
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == shape:
         return take(value.reshape(shape[0] * shape[1], *value.shape[2:]))
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
         return type(value)(_split_value(v, shape, take) for v in value)
+    if isinstance(value, dict):
+        return {key: _split_value(v, shape, take) for key, v in value.items()}
     return value
 
 
@@ -353,6 +483,9 @@ def _merge_outputs(outputs: list, counts: list[tuple[int, int]], back: torch.Ten
     if not isinstance(first, torch.Tensor):
         return first  # None or a flag
     if all(o.dim() >= 2 and tuple(o.shape[:2]) == c for o, c in zip(outputs, counts)):
+        outputs = _same_trailing_shape(outputs)
+        if outputs is None:
+            return None
         flat = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outputs]).index_select(0, back)
         return flat.view(*shape, *flat.shape[1:])
     if all(o is first for o in outputs):
@@ -361,22 +494,36 @@ def _merge_outputs(outputs: list, counts: list[tuple[int, int]], back: torch.Ten
 
 
 def run_per_example(forward, args: tuple, kwargs: dict, layout: SequenceLayout,
-                    shape: tuple[int, int], attention_layer: bool = False):
+                    shape: tuple[int, int], attention_layer: bool = False, cost=RECURRENT_COST):
     """`forward` on the examples of a packed call, one call per length bucket.
 
-    Per-token arguments `(B, S, ...)` become `(G, L, ...)` right-padded buckets (`buckets.bucket_plan`),
-    the packed layout's kwargs are dropped, caches, states and padding masks are
-    None; per-token outputs come back `(B, S, ...)` in token order. An `attention_layer` (attention
-    written inside the model) keeps its causal mask, cut to each bucket, and its ALiBi biases.
+    Per-token arguments `(B, S, ...)` become `(G, L, ...)` right-padded buckets (`buckets.bucket_plan`
+    under `cost`), the packed layout's kwargs are dropped, caches, states and padding masks are
+    None; per-token outputs come back `(B, S, ...)` in token order. An `attention_layer` keeps its
+    one-example mask, cut to each bucket, and its ALiBi biases.
     """
     named = _bound_arguments(forward, args, kwargs)
-    plan = bucket_plan(layout, layout.cu_seq_lens.device, RECURRENT_COST)
+    plan = bucket_plan(layout, layout.cu_seq_lens.device, cost)
     outputs, counts = [], []
     for bucket in plan.buckets:
         outputs.append(forward(**_bucket_arguments(named, shape, bucket.gather, bucket.count, bucket.width,
                                                    attention_layer)))
         counts.append((bucket.count, bucket.width))
     return _merge_outputs(outputs, counts, plan.back, shape)
+
+
+def _same_trailing_shape(outputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Per-bucket outputs `(G, L, ...)` with one trailing shape. Integer outputs whose last dimension
+    follows the bucket (an indexer's top-k indices, `min(k, L)` of them) are padded to the widest by
+    repeating their last index (selecting a key twice selects it once); None for any other mismatch."""
+    trailing = {tuple(o.shape[2:]) for o in outputs}
+    if len(trailing) == 1:
+        return outputs
+    if any(o.dtype.is_floating_point or o.dim() < 3 for o in outputs) or len({t[:-1] for t in trailing}) != 1:
+        return None
+    widest = max(t[-1] for t in trailing)
+    return [o if o.shape[-1] == widest else torch.cat([o, o[..., -1:].expand(*o.shape[:-1], widest - o.shape[-1])], -1)
+            for o in outputs]
 
 
 def _hidden_states(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -398,10 +545,18 @@ def _cross_attention(forward, args: tuple, kwargs: dict) -> bool:
 _RUNNING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("packcollate_running", default=frozenset())
 
 
+#: what `restart_layer` restarts: token mixers, attention layers (right-padded length buckets), attention
+#: layers of a model with a layer that reads the mask (one bucket per distinct length: `SAME_LENGTH_COST`)
+LAYER_KINDS = ("mixer", "attention", "mask-reading")
+
+
 def restart_layer(layer: torch.nn.Module, kind: str) -> None:
-    """Give a token mixer (`kind="mixer"`) or an attention layer written inside the model
-    (`kind="attention"`) the forward that runs its packed examples apart (`_restarted_forward`);
+    """Give a token mixer (`kind="mixer"`), an attention layer written inside the model
+    (`kind="attention"`) or an attention layer of a model whose layers read the mask
+    (`kind="mask-reading"`) the forward that runs its packed examples apart (`_restarted_forward`);
     idempotent. A bound method, so a deep copy of the model restarts its own layers."""
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"restart_layer: kind must be one of {LAYER_KINDS}, got {kind!r}")
     if "_packcollate_kind" not in layer.__dict__:
         layer.__dict__["_packcollate_inner_forward"] = layer.__dict__.get("forward")  # accelerate's, or None
         layer.__dict__["_packcollate_kind"] = kind
@@ -417,7 +572,8 @@ def _restarted_forward(self, *args, **kwargs):
     """The layer's own forward on its packed examples apart, as the module docstring says; any other
     call (no packed forward in progress, another backend, a tower's own sequence) runs it as it is."""
     inner = self.__dict__.get("_packcollate_inner_forward") or functools.partial(type(self).forward, self)
-    attention_layer = self.__dict__["_packcollate_kind"] == "attention"
+    kind = self.__dict__["_packcollate_kind"]
+    attention_layer = kind != "mixer"
     packed = state.current()
     if packed is None and state.in_backward():
         raise UnsupportedError(
@@ -435,9 +591,7 @@ def _restarted_forward(self, *args, **kwargs):
     layout, shape = packed.layout, packed.shape
     hidden = _hidden_states(inner, args, kwargs)
     matches = isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and tuple(hidden.shape[:2]) == shape
-    if attention_layer and not matches:  # another sequence (a vision or audio tower's): not the packed row
-        return inner(*args, **kwargs)
-    if not matches:
+    if not matches:  # inside the packed model's own call (a tower's call has no layout: `preparation.py`)
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise UnsupportedError(
             f"{type(self).__name__}: packcollate runs this layer's packed examples apart and expected hidden "
@@ -450,7 +604,8 @@ def _restarted_forward(self, *args, **kwargs):
         return inner(*args, **_layout_kwargs(inner, layout, shape, kwargs))
     token = _RUNNING.set(_RUNNING.get() | {id(self)})
     try:
-        return run_per_example(inner, args, kwargs, layout, shape, attention_layer)
+        return run_per_example(inner, args, kwargs, layout, shape, attention_layer,
+                               SAME_LENGTH_COST if kind == "mask-reading" else RECURRENT_COST)
     except (RuntimeError, TypeError, AttributeError, IndexError) as error:
         raise UnsupportedError(
             f"{type(self).__name__}: packcollate could not run this layer's packed examples apart "

@@ -30,14 +30,16 @@ class PackedForward:
         active: the model runs on the packcollate backend (else its layers run as they are).
         shape: `(B, S)` of the call's tokens, or None when it has none.
         layout: the packed layout of those tokens, or None when each row is one sequence.
-        internal_attention: every attention layer of the model computes attention inside the model
-            (BLOOM, MPT, GPT-Neo, …): the mask function hands it eager causal masks.
+        attention_per_bucket: every attention layer of the model runs its packed examples per bucket
+            (`restart.per_bucket_attention_layers`: attention computed inside the model, BLOOM, MPT,
+            GPT-Neo, …; or a model with a layer that reads the 4-D mask itself, DeepSeek-V3.2, Doge, …):
+            the mask function hands it eager's mask of one example, cut per bucket.
     """
 
     active: bool
     shape: tuple[int, int] | None
     layout: SequenceLayout | None
-    internal_attention: bool = False
+    attention_per_bucket: bool = False
 
 
 _STACK: ContextVar[tuple[PackedForward | None, ...]] = ContextVar("packcollate_forward", default=())
