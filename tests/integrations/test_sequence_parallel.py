@@ -6,6 +6,7 @@ an example straddling the shard edge; the cases cover grouped-query K/V split ov
 one K/V head repeated over them, Qwen2 with the sequence-weighted loss, and gradient checkpointing.
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -24,7 +25,13 @@ from packcollate.integrations.sequence_parallel import (
     shifted_labels,
 )
 from packcollate.objectives.losses import count_loss_examples, sequence_weighted_loss
-from tests.helpers import build_prepared, sequence_parallel_case, sequence_parallel_rows, tiny_backend_model
+from tests.helpers import (
+    build_prepared,
+    sequence_parallel_case,
+    sequence_parallel_rows,
+    tiny_backend_model,
+    tiny_model,
+)
 from tests.scripts.two_ranks import launch
 
 CASES = ("llama_gqa", "llama_mqa", "qwen2_sequence", "llama_checkpointed")
@@ -158,3 +165,25 @@ def test_one_rank_equals_the_model_and_its_loss(one_rank):
     assert_close(expected.loss, sequence_parallel_loss(logits, shard), "loss")
     with pytest.raises(InputError, match="loss_weighting"):
         sequence_parallel_loss(logits, shard, loss_weighting="example")
+
+
+# ---------------------------------------------------------------------------------------------
+# PackedTrainer under accelerate's ParallelismConfig(sp_backend="deepspeed"): DeepSpeed's Ulysses
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
+def test_packed_trainer_under_deepspeed_ulysses_equals_one_process(tmp_path, free_port):
+    out = tmp_path / "ulysses.pt"
+    launch("ulysses_trainer_step.py", str(out), port=free_port, timeout=300)
+    saved = torch.load(out)
+    row = saved["row"]
+    assert "cu_seq_lens_q" not in row and row["input_ids"].shape[1] == 128  # padded to the budget, no offsets
+    assert len(row["position_ids"][0].eq(0).nonzero()) >= 3  # several examples in the row
+    torch.set_num_threads(1)
+    model = tiny_model()
+    loss = model(**row).loss
+    loss.backward()
+    assert abs(float(loss) - saved["loss"]) < 1e-4 * float(loss)  # the log rounds
+    for name, p in model.named_parameters():
+        assert_close(p.grad, saved["grads"][name], f"gradient of {name}")

@@ -33,11 +33,15 @@ example, also one cut by a shard edge, attends exactly as in one process:
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 import torch.distributed as dist
 
 from ..backend import restart
 from ..backend.sequence_parallel import SequenceShard, keep_shard_when_recomputed, kv_repeats, shard_scope
+from ..collate.text import PackedCollator
 from ..errors import InputError, LayoutError, MissingKeyError, UnsupportedError
 from ..layout import BACKEND_NAME, FLASH_KWARGS, IGNORE_INDEX, example_index
 from ..unwrap import unwrap_model
@@ -251,3 +255,83 @@ def count_shard_targets(shard_batches, *, loss_weighting: str = "token", group=N
         raise InputError("count_shard_targets: expected at least one shard, got none")
     dist.all_reduce(total, group=group)
     return total if loss_weighting == "token" else total // size
+
+
+# ---------------------------------------------------------------------------------------------
+# PackedTrainer / PackedSFTTrainer: DeepSpeed's Ulysses (ALST) through accelerate's ParallelismConfig
+# ---------------------------------------------------------------------------------------------
+
+
+def deepspeed_sequence_parallel(trainer) -> int:
+    """Set a trainer up for `ParallelismConfig(sp_backend="deepspeed", sp_size=N)` (`TrainingArguments(
+    parallelism_config=…)` or accelerate's config); returns `N` (1: not asked, nothing done).
+
+    DeepSpeed's Ulysses wraps the attention function the model runs (`UlyssesSPAttentionHF`): it
+    exchanges heads for tokens, all-gathers `position_ids` and calls the packcollate backend on the whole
+    row, which finds the examples from those restarting positions; its loader (`UlyssesSPDataLoaderAdapter`)
+    shifts the labels over the whole row before it splits every `(1, N)` tensor into `N` shards. So:
+
+    - the model must run `attn_implementation="packcollate"` (transformers' sdpa under Ulysses gets no
+      mask: packed examples would attend to each other) and carry no state along the sequence;
+      accelerate only names its built-in kernels in `sp_attn_implementation`, so it is set here;
+    - the collator emits no `cu_seq_lens_*` (the loader would split them as tokens) and pads each row
+      to a multiple of `N` (`pad_to_multiple_of`; with gloo, whose all-gather needs equal shapes, to
+      the token budget `max_tokens_per_batch`, which is then required): the pad is an example of its
+      own, never a target;
+    - `per_device_train_batch_size=1` (DeepSpeed reshapes by it; a packed batch is one row) and
+      `loss_weighting="token"` (transformers reduces the model's token-mean loss over the ranks).
+
+    Raises `UnsupportedError` / `InputError` (one line) before the first step otherwise.
+    """
+    pc = getattr(trainer.accelerator, "parallelism_config", None)
+    if pc is None or not getattr(pc, "sp_enabled", False):
+        return 1
+    size = pc.sp_size
+    model = trainer.model
+    inner = unwrap_model(model)
+    name = type(inner).__name__
+    where = f"ParallelismConfig(sp_backend={pc.sp_backend!r}, sp_size={size})"
+    stateful = sorted({type(layer).__name__ for _, layer in [*restart.token_mixers(model),
+                                                              *restart.internal_attention_layers(model)]})
+    if stateful:
+        raise UnsupportedError(f"{where}: {name} has layers that carry state along the sequence or attend inside "
+                               f"the model ({', '.join(stateful)}); each rank would see one shard: train it unsplit")
+    backend = getattr(inner.config, "_attn_implementation", None)
+    if backend != BACKEND_NAME:
+        raise UnsupportedError(f"{where}: {name} runs attn_implementation={backend!r}; DeepSpeed's Ulysses gives it no "
+                               f"mask and packed examples would attend to each other: build it with "
+                               f"attn_implementation={BACKEND_NAME!r}")
+    text = inner.config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None)
+    if heads is not None:
+        kv_repeats(heads, getattr(text, "num_key_value_heads", None) or heads, size, f" ({name}, {where})")
+    if trainer.args.per_device_train_batch_size != 1:
+        raise InputError(f"{where}: expected per_device_train_batch_size=1 (DeepSpeed reshapes by it; a packed batch "
+                         f"is one row: size it with max_tokens_per_batch), got {trainer.args.per_device_train_batch_size}")
+    if trainer.loss_weighting != "token":
+        raise UnsupportedError(f"{where}: loss_weighting={trainer.loss_weighting!r} is not split across ranks; "
+                               f"expected 'token' (the token mean over each row)")
+    collator = trainer.data_collator
+    if not isinstance(collator, PackedCollator):
+        raise UnsupportedError(f"{where}: expected packcollate's PackedCollator, got {type(collator).__name__}")
+    multiple = size
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        budget = trainer.max_tokens_per_batch
+        if budget is None:
+            raise InputError(f"{where} on gloo: expected max_tokens_per_batch (every row is padded to it: DeepSpeed's "
+                             f"loader all-gathers the ranks' rows, and gloo needs them of one length), got None")
+        multiple = math.lcm(budget, size)
+    trainer.data_collator = dataclasses.replace(collator, return_flash_attn_kwargs=False, pad_to_multiple_of=multiple)
+    handler = pc.sp_handler
+    if handler is None:
+        from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+        handler = pc.sp_handler = DeepSpeedSequenceParallelConfig()
+    handler.sp_attn_implementation = BACKEND_NAME  # accelerate validates only its built-in names
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise UnsupportedError(f"{where}: DeepSpeed is not installed (pip install deepspeed)") from error
+    if dist.is_available() and dist.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # the process group torchrun started
+    return size
