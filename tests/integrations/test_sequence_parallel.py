@@ -61,10 +61,9 @@ def assert_close(expected: torch.Tensor, got: torch.Tensor, what: str, rtol: flo
     assert error < rtol, f"{what}: relative difference {error:.2e}"
 
 
-def check_run(saved: dict, rows: list[int]) -> None:
-    for case in CASES:
+def check_run(saved: dict, rows: list[int], cases=CASES) -> None:
+    for case, got in zip(cases, (saved[case] for case in cases)):
         loss, grads, logits = one_process(case, rows)
-        got = saved[case]
         assert_close(logits, got["logits"], f"{case} logits")
         assert_close(loss, got["loss"], f"{case} loss")
         for name, grad in grads.items():
@@ -78,10 +77,13 @@ def test_two_ranks_equal_one_process(tmp_path, free_port):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="4 gloo ranks need at least 2 cores")
-def test_two_data_parallel_by_two_sequence_parallel_ranks_equal_one_process(tmp_path, free_port):
+def test_two_data_parallel_by_two_sequence_parallel_ranks_and_one_group_of_four_equal_one_process(tmp_path, free_port):
     out = tmp_path / "dpsp.pt"
     launch("sequence_parallel_step.py", str(out), "--dp", "2", port=free_port, nproc=4)
-    check_run(torch.load(out), rows=[0, 1])
+    saved = torch.load(out)
+    check_run(saved, rows=[0, 1])
+    saved["llama_gqa"] = saved["llama_gqa_world"]  # one group of 4 ranks: shards of 8, 8, 8 and 9 tokens
+    check_run(saved, rows=[0], cases=["llama_gqa"])
 
 
 # ---------------------------------------------------------------------------------------------

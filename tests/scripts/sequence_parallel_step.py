@@ -7,7 +7,8 @@ For each case of `CASES` (tiny Llama / Qwen2 configs, fp32, random weights) ever
 (`sequence_parallel_forward`), takes its loss share (`sequence_parallel_loss`) and backward; the
 gradients are then summed over the world (each rank computed part of them), the shares summed
 into the loss, and the logits gathered into the row. With `--dp 2` the world holds two groups, each
-its own row (data parallel x sequence parallel), and the counts span both rows. Rank 0 saves
+its own row (data parallel x sequence parallel), and the counts span both rows; then the 4 ranks split
+one row as one group (`llama_gqa`: 2 K/V heads over 4 ranks, each repeated). Rank 0 saves
 everything; the test computes the same in one process.
 """
 
@@ -69,6 +70,18 @@ def main(out: str, dp: int) -> None:
             dist.all_reduce(p.grad)  # each rank computed part of every gradient
         saved[case] = {"loss": total, "logits": gather_row(logits.detach(), shard["sequence_shard"], group),
                        "grads": {name: p.grad for name, p in model.named_parameters()}}
+    if dp > 1:  # and the whole world as one group of 4: 2 K/V heads repeated to one per rank
+        model, rows, weighting = sequence_parallel_case("llama_gqa")
+        prepare_sequence_parallel(model, None)
+        shard = shard_packed_batch(rows[0], None)
+        logits = sequence_parallel_forward(model, shard).logits
+        loss = sequence_parallel_loss(logits, shard, loss_weighting=weighting)
+        loss.backward()
+        dist.all_reduce(total := loss.detach().clone())
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+        saved["llama_gqa_world"] = {"loss": total, "logits": gather_row(logits.detach(), shard["sequence_shard"], None),
+                                    "grads": {name: p.grad for name, p in model.named_parameters()}}
     if rank == 0:
         torch.save(saved, out)
     exit_now()
