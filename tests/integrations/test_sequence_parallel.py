@@ -8,15 +8,18 @@ one K/V head repeated over them, Qwen2 with the sequence-weighted loss, and grad
 
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from packcollate.backend.sequence_parallel import kv_repeats
-from packcollate.errors import InputError, LayoutError, UnsupportedError
+from packcollate import PackedCollator, PaddedCollator
+from packcollate.errors import InputError, LayoutError, PackcollateError, UnsupportedError
 from packcollate.integrations.sequence_parallel import (
     SHARD_KEY,
+    deepspeed_sequence_parallel,
     prepare_sequence_parallel,
     sequence_parallel_forward,
     sequence_parallel_loss,
@@ -189,3 +192,35 @@ def test_packed_trainer_under_deepspeed_ulysses_equals_one_process(tmp_path, fre
     assert abs(float(loss) - saved["loss"]) < 1e-4 * float(loss)  # the log rounds
     for name, p in model.named_parameters():
         assert_close(p.grad, saved["grads"][name], f"gradient of {name}")
+
+
+def ulysses_trainer(model, **overrides):
+    """What `deepspeed_sequence_parallel` reads of a trainer, under ParallelismConfig(sp_backend="deepspeed", sp_size=2)."""
+    config = SimpleNamespace(sp_enabled=True, sp_size=2, sp_backend="deepspeed", sp_handler=None)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(parallelism_config=config), model=model,
+                              args=SimpleNamespace(per_device_train_batch_size=1), loss_weighting="token",
+                              data_collator=PackedCollator(), max_tokens_per_batch=128)
+    for key, value in overrides.items():
+        setattr(trainer.args if key == "per_device_train_batch_size" else trainer, key, value)
+    return trainer
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"model": "sdpa"}, "packed examples would attend to each other"),
+    ({"model": "lfm2"}, "carry state along the sequence"),
+    ({"per_device_train_batch_size": 4}, "expected per_device_train_batch_size=1"),
+    ({"loss_weighting": "sequence"}, "loss_weighting='sequence' is not split across ranks"),
+    ({"data_collator": PaddedCollator()}, "expected packcollate's PackedCollator"),
+])
+def test_trainer_under_deepspeed_ulysses_refuses_before_the_first_step(overrides, message):
+    model = {"sdpa": lambda: tiny_model("sdpa"), "lfm2": lambda: build_prepared("lfm2")}.get(overrides.pop("model", None), tiny_model)()
+    with pytest.raises(PackcollateError, match=message) as error:
+        deepspeed_sequence_parallel(ulysses_trainer(model, **overrides))
+    assert "\n" not in str(error.value)
+
+
+def test_trainer_without_sequence_parallelism_is_left_alone():
+    trainer = ulysses_trainer(tiny_model())
+    trainer.accelerator.parallelism_config = None
+    collator = trainer.data_collator
+    assert deepspeed_sequence_parallel(trainer) == 1 and trainer.data_collator is collator
