@@ -183,7 +183,7 @@ def test_packed_trainer_under_deepspeed_ulysses_equals_one_process(tmp_path, fre
     launch("ulysses_trainer_step.py", str(out), port=free_port, timeout=300)
     saved = torch.load(out)
     row = saved["row"]
-    assert "cu_seq_lens_q" not in row and row["input_ids"].shape[1] == 128  # padded to the budget, no offsets
+    assert "cu_seq_lens_q" not in row and row["input_ids"].shape[1] % 128 == 0  # padded to the budget, no offsets
     assert len(row["position_ids"][0].eq(0).nonzero()) >= 3  # several examples in the row
     torch.set_num_threads(1)
     model = tiny_model()
@@ -194,10 +194,10 @@ def test_packed_trainer_under_deepspeed_ulysses_equals_one_process(tmp_path, fre
         assert_close(p.grad, saved["grads"][name], f"gradient of {name}")
 
 
-def ulysses_trainer(model, **overrides):
+def ulysses_trainer(model, cls=SimpleNamespace, **overrides):
     """What `deepspeed_sequence_parallel` reads of a trainer, under ParallelismConfig(sp_backend="deepspeed", sp_size=2)."""
     config = SimpleNamespace(sp_enabled=True, sp_size=2, sp_backend="deepspeed", sp_handler=None)
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(parallelism_config=config), model=model,
+    trainer = cls(accelerator=SimpleNamespace(parallelism_config=config), model=model,
                               args=SimpleNamespace(per_device_train_batch_size=1), loss_weighting="token",
                               data_collator=PackedCollator(), max_tokens_per_batch=128)
     for key, value in overrides.items():
@@ -217,6 +217,14 @@ def test_trainer_under_deepspeed_ulysses_refuses_before_the_first_step(overrides
     with pytest.raises(PackcollateError, match=message) as error:
         deepspeed_sequence_parallel(ulysses_trainer(model, **overrides))
     assert "\n" not in str(error.value)
+
+
+def test_trl_trainers_under_deepspeed_ulysses_are_refused():
+    """PackedSFTTrainer under Ulysses: gradients 0.3-0.9% off one process (TRL 1.16, loss within 1e-6): refused."""
+    sft = type("SFTTrainer", (SimpleNamespace,), {"__module__": "trl.trainer.sft_trainer"})
+    trainer = ulysses_trainer(tiny_model(), cls=type("PackedSFTTrainer", (sft,), {}))
+    with pytest.raises(UnsupportedError, match="TRL's SFTTrainer under DeepSpeed's Ulysses"):
+        deepspeed_sequence_parallel(trainer)
 
 
 def test_trainer_without_sequence_parallelism_is_left_alone():
