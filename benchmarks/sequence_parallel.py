@@ -130,12 +130,12 @@ def main() -> None:
         row = {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed_row(length, args.example_length, args.vocab).items()}
         measured = {}
         if rank == 0:  # one process, the whole row
-            runs = [step(model, optimizer, lambda: model(**row).loss, device) for _ in range(args.repeats + 1)][1:]
+            runs = [step(model, optimizer, lambda row=row: model(**row).loss, device) for _ in range(args.repeats + 1)][1:]
             measured["one"] = runs
         dist.barrier()
         shard = shard_packed_batch(row)
 
-        def split_step():
+        def split_step(shard=shard):
             logits = sequence_parallel_forward(model, shard).logits
             return sequence_parallel_loss(logits, shard) * world
 

@@ -14,9 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from packcollate.backend.sequence_parallel import kv_repeats
 from packcollate import PackedCollator, PaddedCollator
-from packcollate.errors import InputError, LayoutError, PackcollateError, UnsupportedError
+from packcollate.backend.sequence_parallel import kv_repeats
+from packcollate.errors import (
+    InputError,
+    LayoutError,
+    PackcollateError,
+    UnsupportedError,
+)
 from packcollate.integrations.sequence_parallel import (
     SHARD_KEY,
     deepspeed_sequence_parallel,

@@ -40,7 +40,12 @@ import torch
 import torch.distributed as dist
 
 from ..backend import restart
-from ..backend.sequence_parallel import SequenceShard, keep_shard_when_recomputed, kv_repeats, shard_scope
+from ..backend.sequence_parallel import (
+    SequenceShard,
+    keep_shard_when_recomputed,
+    kv_repeats,
+    shard_scope,
+)
 from ..collate.text import PackedCollator
 from ..errors import InputError, LayoutError, MissingKeyError, UnsupportedError
 from ..layout import BACKEND_NAME, FLASH_KWARGS, IGNORE_INDEX, example_index
