@@ -293,6 +293,39 @@ def assert_same_change(a: dict, b: dict, rtol=1e-5):
         assert float((a[name] - b[name]).norm() / scale) < rtol, name
 
 
+# ---------------------------------------------------------------------------------------------
+# Sequence parallelism (integrations/test_sequence_parallel.py, scripts/sequence_parallel_step.py)
+# ---------------------------------------------------------------------------------------------
+
+#: Two packed rows: 33 tokens (odd: 2 ranks get 16 and 17; the 12-token example spans tokens 7-18 and so
+#: the shard edge at 16), and 40 tokens with a one-token example.
+SEQUENCE_PARALLEL_LENGTHS = ([7, 12, 5, 9], [10, 1, 16, 13])
+
+
+def sequence_parallel_rows(vocab: int = 128) -> list[dict]:
+    """The packed rows of `SEQUENCE_PARALLEL_LENGTHS` (`PackedCollator`; a third of each example a prompt)."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for lengths in SEQUENCE_PARALLEL_LENGTHS:
+        examples = [{"input_ids": rng.integers(3, vocab, n).tolist(),
+                     "completion_mask": [0] * (n // 3) + [1] * (n - n // 3)} for n in lengths]
+        rows.append(PackedCollator()(examples))
+    return rows
+
+
+def sequence_parallel_case(case: str):
+    """(model, rows, loss_weighting) of a sequence-parallel case: `llama_gqa` (4 heads, 2 K/V heads),
+    `llama_mqa` (1 K/V head: repeated over the ranks), `qwen2_sequence` (Qwen2, sequence-weighted loss),
+    `llama_checkpointed` (the GQA Llama, gradient checkpointing on). fp32, seeded, packcollate backend."""
+    kv = 1 if case == "llama_mqa" else 2
+    model_type = "qwen2" if case.startswith("qwen2") else "llama"
+    torch.manual_seed(0)
+    config = CONFIG_MAPPING[model_type](vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="packcollate")
+    return model, sequence_parallel_rows(), "sequence" if case.endswith("sequence") else "token"
+
+
 def long_prompt_eval_set():
     """8 eval examples of 300 tokens every 4th (prompt 100 tokens): cut at 64, two have no target left."""
     return prompt_completion_dataset(n=8, seed=1, long_every=4)

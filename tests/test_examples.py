@@ -70,6 +70,13 @@ def test_fsdp2_loop_two_processes(free_port):
     assert "step 2: loss" in out and "2 ranks, FSDP2: rank 0 holds" in out
 
 
+def test_sequence_parallel_two_processes(free_port):
+    out = run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+              "sequence_parallel.py", "--steps", "2", "--chain", "3", timeout=240)
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("sequence-parallel loss equals one process: yes (max difference "), out[-2000:]
+
+
 def test_check_my_model():
     out = run(sys.executable, "check_my_model.py", "llama")
     assert "exact" in out

@@ -32,10 +32,10 @@ def exit_now(code: int = 0) -> None:
     os._exit(code)
 
 
-def launch(worker: str, *args: str, port: int, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run `tests/scripts/<worker>` on 2 ranks; assert it exits 0, with the end of its output if not."""
+def launch(worker: str, *args: str, port: int, timeout: int = 240, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run `tests/scripts/<worker>` on `nproc` ranks (2); assert it exits 0, with the end of its output if not."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
                str(HERE / worker), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

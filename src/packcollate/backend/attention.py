@@ -61,6 +61,7 @@ from .kernels import (
     window_mask,
 )
 from .mask import packcollate_mask
+from .sequence_parallel import shard_of_call, ulysses_attention
 from .traced import chunk_size, traceable_attention
 
 logger = logging.getLogger("packcollate")
@@ -212,7 +213,31 @@ def packcollate_attention(
     """Attention for transformers' `AttentionInterface`: q `(B, H, S, D)`, k/v `(B, H_kv, S_kv, D)` -> `(B, S, H, D_v)`.
 
     Sequences are kept apart as described in the module docstring. Returns no attention weights.
+    Inside a sequence-parallel forward (`sequence_parallel.shard_scope`) the call holds this rank's
+    shard of one packed row: it attends over the whole row (`sequence_parallel.ulysses_attention`).
     """
+    options = {"dropout": dropout, "scaling": scaling, "sliding_window": sliding_window, "softcap": softcap}
+    shard = shard_of_call()
+    if shard is not None:
+        out = ulysses_attention(_attention, module, query, key, value, attention_mask, shard, s_aux, {**options, **kwargs})
+        return out, None
+    return _attention(module, query, key, value, attention_mask, s_aux=s_aux, **options, **kwargs)
+
+
+def _attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`packcollate_attention` over whole rows (every call outside a sequence-parallel forward)."""
     if kwargs.get("output_attentions"):
         _warn_once("weights", "packcollate attention returns no attention weights (output_attentions is ignored)")
     refused = [name for name in LOGIT_TERMS if isinstance(kwargs.get(name), torch.Tensor)]

@@ -9,13 +9,34 @@
   columns, split lengths, the launch.
 - `count_label_tokens`, `micro_batches`: the token-mean loss in plain PyTorch / accelerate loops
   (`packcollate.integrations.loops`).
+- `prepare_sequence_parallel`, `shard_packed_batch`, `sequence_parallel_forward`,
+  `sequence_parallel_loss`, `count_shard_targets`: one packed row split across a sequence-parallel
+  process group in hand-written loops (Ulysses; `packcollate.integrations.sequence_parallel`).
 """
 
 from .callbacks import PackingGuardCallback
 from .loops import count_label_tokens, micro_batches
+from .sequence_parallel import (
+    count_shard_targets,
+    prepare_sequence_parallel,
+    sequence_parallel_forward,
+    sequence_parallel_loss,
+    shard_packed_batch,
+)
 from .trainer import PackedTrainer, PackingTrainerMixin
 
-__all__ = ["PackedTrainer", "PackingGuardCallback", "PackingTrainerMixin", "count_label_tokens", "micro_batches"]
+__all__ = [
+    "PackedTrainer",
+    "PackingGuardCallback",
+    "PackingTrainerMixin",
+    "count_label_tokens",
+    "count_shard_targets",
+    "micro_batches",
+    "prepare_sequence_parallel",
+    "sequence_parallel_forward",
+    "sequence_parallel_loss",
+    "shard_packed_batch",
+]
 
 
 def __getattr__(name):

@@ -25,7 +25,11 @@
   `max_seq_length` or the model's context (an example longer than the model's positions is an
   error there, not mid-run; and that no mask column was removed: `integrations.preflight`);
 - reports `eval_loss` as the token mean over the eval set's targets, whatever the batching
-  (`integrations.eval_loss`).
+  (`integrations.eval_loss`);
+- with accelerate's `ParallelismConfig(sp_backend="deepspeed", sp_size=N)`, splits each packed row
+  across `N` ranks with DeepSpeed's Ulysses on the packcollate backend (`PackedTrainer`; TRL's
+  trainers are refused), or refuses before the first step
+  (`integrations.sequence_parallel.deepspeed_sequence_parallel`).
 
 The loss needs nothing extra: `Trainer` divides the summed token loss of every micro-batch by the
 label tokens of the whole optimizer step, gathered over gradient accumulation and over ranks
@@ -53,6 +57,7 @@ from .preflight import (
     check_trainer_splits,
 )
 from .sequence_loss import SequenceWeightedLossMixin
+from .sequence_parallel import deepspeed_sequence_parallel
 from .streams import is_stream, stream_dataloader
 
 logger = logging.getLogger("packcollate")
@@ -124,6 +129,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
             prepare(self.model)
         assert_fsdp_active(self.args, self.accelerator)
         self.data_collator = data_collator if data_collator is not None else PackedCollator()
+        deepspeed_sequence_parallel(self)  # accelerate's ParallelismConfig(sp_backend="deepspeed", sp_size=N)
         if check_packing:
             from .callbacks import PackingGuardCallback
 
