@@ -65,3 +65,11 @@ def test_example_without_targets_weighs_nothing():
     per_example = per_example_token_loss(logits, labels, cu)
     assert per_example[1] == 0
     assert sequence_weighted_loss(logits, labels, cu) == pytest.approx((per_example[0] + per_example[2]).item() / 2)
+
+
+def test_a_label_minus_one_is_refused_not_trained_as_token_zero():
+    """[17] H3: `loss_weighting="sequence"`'s loss read a label -1 as token 0."""
+    logits = torch.randn(1, 5, 11)
+    labels = torch.tensor([[-100, 3, -1, -100, 4]])
+    with pytest.raises(ValueError, match="got -1 at token 2"):
+        sequence_weighted_loss(logits, labels, torch.tensor([0, 3, 5]))

@@ -130,3 +130,13 @@ def test_masked_tokens_do_not_leak_nan():
 def test_bad_offsets_are_named(cu, message):
     with pytest.raises(ValueError, match=message):
         segment_sum(torch.ones(5), cu)
+
+
+@pytest.mark.parametrize("label", [-1, 7, 100])
+def test_token_logprobs_refuses_labels_outside_the_vocabulary(label):
+    """[17] H3: a label -1 (or >= V) used to be gathered as token 0 (clamped); only ids in [0, V) or -100."""
+    from packcollate.objectives.segments import token_logprobs
+
+    logits, labels = torch.randn(1, 4, 7), torch.tensor([[1, 2, label, -100]])
+    with pytest.raises(ValueError, match=rf"labels: expected token ids in \[0, 7\).*got {label} at token 2"):
+        token_logprobs(logits, labels, torch.tensor([0, 4]))

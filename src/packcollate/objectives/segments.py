@@ -173,6 +173,14 @@ def token_logprobs(
         cu = _checked(torch.as_tensor(cu_seq_lens, device=logits.device).long(), total)
         target[segment_starts(cu, total)[1:]] = IGNORE_INDEX
     valid = target != IGNORE_INDEX
+    vocab = flat_logits.shape[-1]
+    out_of_range = valid & ((target < 0) | (target >= vocab))
+    if bool(out_of_range.any()):  # one device sync; a label -1 would otherwise be read as token 0
+        t = int(out_of_range.nonzero()[0, 0]) + 1
+        raise LayoutError(
+            f"labels: expected token ids in [0, {vocab}) (the logits' vocabulary) or {IGNORE_INDEX}, got "
+            f"{int(flat_labels[t])} at token {t}"
+        )
     predicted = flat_logits[:-1]
     predicted = predicted if predicted.dtype == torch.float64 else predicted.float()
     picked = predicted.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1) - predicted.logsumexp(dim=-1)
