@@ -205,6 +205,8 @@ class TokenBudgetStream(IterableDataset):
         self._one_shot = isinstance(examples, Iterator)  # a generator / iterator: one pass only
         # set by a pass in a DataLoader worker process; in shared memory, so the main process's copy sees it
         self._worker_pass = torch.zeros((), dtype=torch.bool).share_memory_()
+        # (epoch, steps) of the last pass read to its end, also when a worker process read it
+        self._finished = torch.full((2,), -1, dtype=torch.long).share_memory_()
         self._passes = 0
 
     # -- the plan (the same on every rank) ----------------------------------------------------------
@@ -319,6 +321,7 @@ class TokenBudgetStream(IterableDataset):
                 continue
             self._yielded += 1
             yield step[self.rank]
+        self._finished[0], self._finished[1] = self.epoch, planned
         if planned < start:
             raise InputError(
                 f"state: expected steps_yielded within the pass (epoch {self.epoch} has {planned} steps), got {start}; "
@@ -378,6 +381,10 @@ class TokenBudgetStream(IterableDataset):
                 f"state: expected a state of this stream's configuration {self._configuration()}, got one saved with "
                 f"{differ} (its steps are another plan's: examples would be skipped or repeated)"
             )
-        self.set_epoch(epoch)
-        self.seed = seed
+        self.epoch, self.seed = epoch, seed
         self._skip = self._yielded = skip
+
+    def steps_in_pass(self, epoch: int) -> int | None:
+        """The steps of `epoch`'s pass when it was read to its end (here or in a worker process), else None."""
+        finished_epoch, steps = self._finished.tolist()
+        return steps if finished_epoch == epoch else None
