@@ -135,8 +135,6 @@ def test_bad_offsets_are_named(cu, message):
 @pytest.mark.parametrize("label", [-1, 7, 100])
 def test_token_logprobs_refuses_labels_outside_the_vocabulary(label):
     """[17] H3: a label -1 (or >= V) used to be gathered as token 0 (clamped); only ids in [0, V) or -100."""
-    from packcollate.objectives.segments import token_logprobs
-
     logits, labels = torch.randn(1, 4, 7), torch.tensor([[1, 2, label, -100]])
     with pytest.raises(ValueError, match=rf"labels: expected token ids in \[0, 7\).*got {label} at token 2"):
         token_logprobs(logits, labels, torch.tensor([0, 4]))
@@ -150,7 +148,11 @@ def test_token_logprobs_refuses_labels_outside_the_vocabulary(label):
 def test_float_or_decreasing_offsets_are_refused_everywhere(cu, message, reduce):
     """[17]: float offsets were truncated (`.long()`), and segment_lengths / segment_starts / padding_mask
     took decreasing offsets as negative segments."""
-    from packcollate.objectives.segments import padding_mask, segment_last_index, segment_lengths, segment_starts
+    from packcollate.objectives.segments import (
+        padding_mask,
+        segment_lengths,
+        segment_starts,
+    )
 
     call = {"sum": lambda: segment_sum(torch.ones(5), cu), "lengths": lambda: segment_lengths(cu),
             "starts": lambda: segment_starts(cu, 5), "padding_mask": lambda: padding_mask(cu),
@@ -162,8 +164,6 @@ def test_float_or_decreasing_offsets_are_refused_everywhere(cu, message, reduce)
 @pytest.mark.parametrize("mask", [torch.tensor([1, 2, 0, 1, 1]), torch.tensor([1.0, 0.5, 0.0, 1.0, 1.0])])
 def test_masks_that_are_not_0_or_1_are_refused(mask):
     """[17]: a mask of 2 or 0.5 was read as True."""
-    from packcollate.objectives.segments import segment_last_index
-
     cu = torch.tensor([0, 2, 5])
     for call in (lambda: segment_sum(torch.ones(5), cu, mask), lambda: segment_mean(torch.ones(5), cu, mask),
                  lambda: segment_last_index(cu, mask)):

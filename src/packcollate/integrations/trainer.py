@@ -53,7 +53,12 @@ from .preflight import (
     check_trainer_splits,
 )
 from .sequence_loss import SequenceWeightedLossMixin
-from .streams import SaveStreamPosition, is_stream, read_stream_position, stream_dataloader
+from .streams import (
+    SaveStreamPosition,
+    is_stream,
+    read_stream_position,
+    stream_dataloader,
+)
 
 logger = logging.getLogger("packcollate")
 
