@@ -143,3 +143,16 @@ def test_padded_tokens_refuses_a_batch_size_that_is_not_positive(batch_size):
         padded_tokens(np.array([3, 4, 5]), batch_size)
     with pytest.raises(ValueError, match="batch_size: expected a positive int"):
         length_stats(np.array([3, 4, 5]), batch_size)
+
+
+@pytest.mark.parametrize("as_dataset", [True, False])
+def test_a_length_column_that_lies_is_refused(as_dataset):
+    """[17] H4: a `length` of 1 on 100-token rows made a 4,000-token batch under a 200-token budget
+    (map-style: PackedTrainer's budget plans from this column)."""
+    rows = {"input_ids": [[1] * 100] * 40, "length": [100] * 39 + [1]}
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_dict(rows) if as_dataset else [{"input_ids": i, "length": n}
+                                                               for i, n in zip(rows["input_ids"], rows["length"])]
+    with pytest.raises(ValueError, match="row 39: key 'length': expected the 100 tokens of its 'input_ids' .*got 1"):
+        token_counts(data)
+    assert token_counts(datasets.Dataset.from_dict({"input_ids": [[1] * 3], "length": [3]})).tolist() == [3]

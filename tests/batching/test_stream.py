@@ -119,3 +119,103 @@ def test_count_batches_without_a_budget():
     ranks = all_ranks(stream_of([5] * 11), 2, max_tokens=None, max_examples=4, buffer_size=4, shuffle=False)
     sizes = [[len(b) for b in batches] for batches in ranks]
     assert all(max(s) <= 4 for s in sizes) and sum(map(sum, sizes)) == 11 and len(ranks[0]) == len(ranks[1])
+
+
+# [17]: resumes, lengths the budget trusted, and errors that surfaced deep
+
+
+@pytest.mark.parametrize("key, value", [
+    ("seed", "x"), ("seed", -1), ("seed", 1.7), ("seed", None), ("epoch", -1), ("epoch", 1.7),
+    ("steps_yielded", None), ("steps_yielded", -2),
+])
+def test_load_state_dict_is_validated_and_atomic(key, value):
+    """A bad value is named and nothing changes (`seed='x'` used to set the epoch, then raise)."""
+    stream = TokenBudgetStream(stream_of([5] * 20), 10)
+    before = stream.state_dict()
+    with pytest.raises(InputError, match=f"state\\['{key}'\\]: expected a non-negative int, got {value!r}"):
+        stream.load_state_dict({"epoch": 3, "seed": 1, "steps_yielded": 2, key: value})
+    assert stream.state_dict() == before and stream._skip == 0
+
+
+def test_steps_beyond_the_pass_are_refused():
+    stream = TokenBudgetStream(stream_of([5] * 20), 10)
+    steps = len(list(stream))
+    state = {**stream.state_dict(), "steps_yielded": steps + 3}
+    stream.load_state_dict(state)
+    with pytest.raises(InputError, match=f"expected steps_yielded within the pass \\(epoch 0 has {steps} steps\\), got {steps + 3}"):
+        list(stream)
+
+
+@pytest.mark.parametrize("other", [{"max_tokens": 20}, {"buffer_size": 4}, {"strategy": "greedy"}, {"shuffle": False}])
+def test_a_state_of_another_configuration_is_refused(other):
+    """H5: a state saved by a stream of another budget resumed a different plan (29 examples never seen)."""
+    examples = stream_of(np.random.default_rng(0).integers(1, 10, 60))
+    options = {"max_tokens": 10, "buffer_size": 8}
+    saved = TokenBudgetStream(examples, **options)
+    batches = iter(saved)
+    next(batches), next(batches)
+    resumed = TokenBudgetStream(examples, **{**options, **other})
+    with pytest.raises(InputError, match=f"state: expected a state of this stream's configuration .*got one saved with .*'{next(iter(other))}'"):
+        resumed.load_state_dict(saved.state_dict())
+
+
+def test_a_state_counted_in_a_worker_process_is_refused():
+    """H5: with `num_workers=1` the state said 0 steps after 5 batches (the worker counted them)."""
+    stream = TokenBudgetStream(stream_of([5] * 40), 10)
+    loader = iter(DataLoader(stream, batch_size=None, num_workers=1))
+    for _ in range(5):
+        next(loader)
+    with pytest.raises(InputError, match="iterated in a DataLoader worker process"):
+        stream.state_dict()
+    del loader
+    assert stream.state_dict_of(5)["steps_yielded"] == 5
+
+
+def test_a_generator_stream_trains_its_pass_and_refuses_another():
+    """H6: a generator yielded nothing in the next epoch, silently."""
+    examples = stream_of([5] * 20)
+    stream = TokenBudgetStream((example for example in examples), 10)
+    assert sum(len(batch) for batch in stream) == 20
+    stream.set_epoch(1)
+    with pytest.raises(InputError, match="expected a re-iterable stream for another pass \\(epoch 1\\), got a one-shot generator"):
+        list(stream)
+
+
+def test_the_budget_counts_what_the_collator_packs():
+    """H4: a `length` field of 1 on 100-token examples, and `(1, L)` ids (counted 1 by `len`), made batches of
+    thousands of tokens under a budget of 100-200."""
+    lying = [{"input_ids": [1] * 100, "length": 1}] * 40
+    with pytest.raises(InputError, match="stream example 0, key 'length': expected the 100 tokens of its 'input_ids'"):
+        list(TokenBudgetStream(lying, 200))
+    for ids in (torch.ones(1, 60, dtype=torch.long), np.ones((1, 60), dtype=np.int64), [[1] * 60]):
+        batches = list(TokenBudgetStream([{"input_ids": ids}] * 10, 100))
+        assert [len(batch) for batch in batches] == [1] * 10
+
+
+@pytest.mark.parametrize("example, message", [
+    ({"length": 10**30}, "stream example 1, key 'length': expected at most 1099511627776 tokens, got 10{30}"),
+    ({"input_ids": []}, "stream example 1, key 'input_ids': expected at least one token, got 0 tokens"),
+    ({"input_ids": 7}, "stream example 1, key 'input_ids': expected a sequence of token ids, got int"),
+])
+def test_bad_lengths_are_named_with_their_key(example, message):
+    with pytest.raises(InputError, match=message.replace("10{30}", "1" + "0" * 30)):
+        list(TokenBudgetStream([{"length": 3}, example], 10 ** 6))
+
+
+def test_an_example_over_the_budget_is_warned_about(caplog):
+    stream = TokenBudgetStream(stream_of([3, 40, 50, 4]), 10, overflow="own_batch")
+    with caplog.at_level("WARNING", logger="packcollate"):
+        batches = list(stream)
+    assert sorted(len(b[0]["input_ids"]) for b in batches if len(b) == 1 and len(b[0]["input_ids"]) > 10) == [40, 50]
+    warnings = [r.getMessage() for r in caplog.records if "over the budget" in r.getMessage()]
+    assert len(warnings) == 1 and "stream example 1: 40 tokens, over the budget max_tokens=10" in warnings[0]
+
+
+@pytest.mark.parametrize("pair", [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]},
+                                  {"chosen_ids": [2, 3], "rejected_ids": [3]}])
+def test_preference_pairs_never_get_a_padding_copy(pair):
+    """A rank left without a batch at the end gets a target-free copy; a preference pair's loss has no labels to
+    mask, so the end is refused in one line (it raised `KeyError: 'input_ids'`)."""
+    examples = [{**pair, "length": 3}]
+    with pytest.raises(InputError, match="a rank is left without a batch, and its padding batch must have no targets"):
+        all_ranks(examples, 2, max_tokens=10)

@@ -267,3 +267,10 @@ def test_per_example_scalar_key_not_in_passthrough_keys(value, given):
 def test_errors_name_the_first_bad_example_not_a_later_one():
     features = [GOOD, {"input_ids": [1, -1]}, {"input_ids": [-5]}]
     raises(features, ValueError, "example 1", "got -1 at position 1")
+
+
+@pytest.mark.parametrize("label", [-1, -2, -101])
+def test_a_label_that_is_neither_a_token_nor_ignored_is_refused(label):
+    """[17] H3: a label -1 used to pass through and train as token 0; labels are token ids or -100."""
+    features = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [IGNORE, label]}]
+    raises(features, ValueError, "example 1, key 'labels'", f"got {label} at position 1")

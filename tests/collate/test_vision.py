@@ -166,7 +166,7 @@ def test_errors_name_example_key_expected_and_given():
     with pytest.raises(ValueError, match=r"example 2, key 'pixel_values': expected shape"):
         PackedVisionCollator(model=model)([features[0], features[1], narrow])
     wrong_grid = {**features[0], "image_grid_thw": torch.tensor([[1, 2, 2]])}
-    with pytest.raises(ValueError, match="example 0: get_rope_index"):
+    with pytest.raises(ValueError, match=r"example 0, key 'pixel_values': expected 4 patch rows for its image_grid_thw"):
         PackedVisionCollator(model=model)([wrong_grid, features[1]])
     with pytest.raises(ValueError, match="example 0, key 'input_ids': expected one example's tokens"):
         PackedVisionCollator(model=model)([{**features[1], "input_ids": torch.ones(2, 3, dtype=torch.long)}])
@@ -268,3 +268,66 @@ def test_mistral3_images_of_one_size_are_not_padded():
     features = [f for f in vision_proof_features(model.config) if "pixel_values" in f][-1:] * 2
     batch = PackedVisionCollator(model=model)(features)
     assert torch.equal(batch["pixel_values"], torch.cat([f["pixel_values"] for f in features]))
+
+
+# ---------------------------------------------------------------------------------------------
+# [17] H2: every example's placeholders against its own images
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "idefics3"])
+def test_images_of_one_example_never_fill_anothers_placeholders(family):
+    """Example 0 has two images' placeholders and one image, example 1 one placeholder block and two images:
+    the batch's totals agree, so the joined images used to fill the placeholders in order (example 0 trained
+    on example 1's image). Each example alone raises in the model; packed, the collator names example 0."""
+    model = model_of(family)
+    one, _, two, _ = vision_proof_features(model.config, seed=5)
+    swapped = [{**two, "pixel_values": one["pixel_values"]}, {**one, "pixel_values": two["pixel_values"]}]
+    with pytest.raises(ValueError, match=r"example 0, key 'input_ids': expected \d+ image placeholder tokens per image "
+                                         r"row as in the whole batch .*its images would fill another example's"):
+        PackedVisionCollator(model=model)(swapped)
+    PackedVisionCollator(model=model)([two, one])  # as given: accepted
+
+
+def test_qwen2_vl_pixel_rows_of_one_example_never_move_to_another():
+    """Qwen2-VL: example 0's patch rows short by 4, example 3's long by 4 (grids and placeholders intact): the
+    joined rows used to be read as example 0's image, 4 rows of it from example 3."""
+    model = model_of("qwen2_vl")
+    features = vision_proof_features(model.config, seed=6)
+    first, last = features[0], features[3]
+    moved = [{**first, "pixel_values": first["pixel_values"][:-4]}, features[1],
+             {**last, "pixel_values": torch.cat([first["pixel_values"][-4:], last["pixel_values"]])}]
+    rows = int(first["image_grid_thw"].prod())
+    with pytest.raises(ValueError, match=rf"example 0, key 'pixel_values': expected {rows} patch rows for its "
+                                         rf"image_grid_thw .*got shape \({rows - 4}, "):
+        PackedVisionCollator(model=model)(moved)
+
+
+def test_qwen2_vl_grids_of_one_example_never_move_to_another():
+    """The grids (and rows) of examples 0 and 3 swapped: every example's placeholders disagree with its own grid."""
+    model = model_of("qwen2_vl")
+    features = vision_proof_features(model.config, seed=7)
+    vision = ("pixel_values", "image_grid_thw")
+    swapped = [{**features[0], **{k: features[3][k] for k in vision}}, {**features[3], **{k: features[0][k] for k in vision}}]
+    with pytest.raises(ValueError, match=r"example 0, key 'input_ids': expected \d+ image placeholder tokens for its "
+                                         r"image_grid_thw"):
+        PackedVisionCollator(model=model)(swapped)
+
+
+def test_placeholders_without_images_and_images_without_placeholders_are_named():
+    model = model_of("llava_next")
+    with_image, text_only = vision_proof_features(model.config, seed=8)[:2]
+    lost = {**with_image, "input_ids": text_only["input_ids"]}
+    with pytest.raises(ValueError, match="example 1, key 'input_ids': expected image placeholder tokens exactly when "
+                                         "the example has images, got 0 placeholders and its images"):
+        PackedVisionCollator(model=model)([with_image, lost])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pixel_values_are_refused(bad):
+    model = model_of("llava")
+    features = vision_proof_features(model.config, seed=9)
+    pixels = features[2]["pixel_values"].clone()
+    pixels[1, 0, 3, 3] = bad
+    with pytest.raises(ValueError, match="example 2, key 'pixel_values': expected finite values, got 1 NaN or infinite"):
+        PackedVisionCollator(model=model)([features[0], features[1], {**features[2], "pixel_values": pixels}])

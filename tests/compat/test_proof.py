@@ -23,3 +23,13 @@ def test_half_precision_trial_leaves_the_shared_model_untouched():
     assert trial.verdict == EXACT
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
     assert proofs.prove_backend(model, proof, "packcollate").trial(False).verdict == EXACT
+
+
+def test_the_flex_attention_probe_leaves_the_callers_random_state_as_it_was():
+    """[17] H7: the probe drew its query from the global generator (`torch.randn`)."""
+    from packcollate.compat import backend_unavailable
+
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    backend_unavailable("flex_attention")
+    assert torch.equal(torch.get_rng_state(), before)

@@ -99,3 +99,34 @@ def test_trainer_resumes_mid_stream(tmp_path):
     run(tmp_path / "half", 2)
     resumed = run(tmp_path / "half", 4, resume=str(tmp_path / "half" / "checkpoint-2"))
     assert_same_change(whole, resumed, rtol=1e-6)
+
+
+@pytest.mark.parametrize("save_at", [4, 5])
+def test_trainer_resumes_mid_stream_after_the_first_pass(tmp_path, save_at):
+    """[17] H5: a checkpoint saved in a later pass over a stream resumed in the first pass's plan (the Trainer
+    counts a stream's steps as one endless epoch): some batches were trained twice, others never. Saved at
+    the end of a pass (4) or inside one (5); a checkpoint without the stream's position is refused."""
+    dataset = prompt_completion_dataset(n=12).to_iterable_dataset()
+
+    def run(output, max_steps, resume=None):
+        model = tiny_model()
+        args = arguments(output, max_steps=max_steps, save_strategy="steps", save_steps=save_at, learning_rate=0.1)
+        trainer = PackedTrainer(model=model, args=args, train_dataset=dataset, max_tokens_per_batch=150,
+                                check_packing=False)
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    per_pass = len(list(PackedTrainer(model=tiny_model(), args=arguments(tmp_path, max_steps=1), train_dataset=dataset,
+                                      max_tokens_per_batch=150, check_packing=False).get_train_dataloader()))
+    assert per_pass == 2  # the checkpoint lies after the first pass: at the end of the second, or in the third
+    whole = run(tmp_path / "whole", 8)
+    run(tmp_path / "half", save_at)
+    checkpoint = tmp_path / "half" / f"checkpoint-{save_at}"
+    resumed = run(tmp_path / "half", 8, resume=str(checkpoint))
+    assert_same_change(whole, resumed, rtol=1e-6)
+    from packcollate.errors import InputError
+    from packcollate.integrations.streams import STREAM_POSITION_FILE
+
+    (checkpoint / STREAM_POSITION_FILE).unlink()
+    with pytest.raises(InputError, match=f"expected {STREAM_POSITION_FILE} in .*pass ignore_data_skip=True"):
+        run(tmp_path / "half", 8, resume=str(checkpoint))

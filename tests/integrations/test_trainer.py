@@ -91,14 +91,20 @@ def test_token_budget_follows_the_rows_a_dataset_shows(tmp_path, view):
 
 
 def test_token_budget_reads_the_length_column(tmp_path):
-    """A `length` column is the sampler's measure, though the Trainer removes it as an unused column."""
+    """A `length` column is read though the Trainer removes it as an unused column; one that disagrees with
+    the tokens the collator packs is refused ([17] H4: a `length` of 1000 used to be trusted)."""
     dataset = prompt_completion_dataset(n=12)
-    dataset = dataset.add_column("length", [1000] * len(dataset))  # each example alone fills the budget
-    trainer = PackedTrainer(model=tiny_model(), args=arguments(tmp_path), train_dataset=dataset,
-                            max_tokens_per_batch=1000, check_packing=False)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    trainer = PackedTrainer(model=tiny_model(), args=arguments(tmp_path), train_dataset=dataset.add_column("length", lengths),
+                            max_tokens_per_batch=max(lengths), check_packing=False)
     batches = list(trainer.get_train_dataloader())
-    assert len(batches) == 12
-    assert all(len(batch["cu_seq_lens_q"]) == 2 for batch in batches)
+    assert sorted(n for batch in batches for n in np.diff(batch["cu_seq_lens_q"].numpy())) == sorted(lengths)
+    assert all(batch["input_ids"].shape[1] <= max(lengths) for batch in batches)
+    lying = dataset.add_column("length", [1000] * len(dataset))
+    trainer = PackedTrainer(model=tiny_model(), args=arguments(tmp_path), train_dataset=lying,
+                            max_tokens_per_batch=1000, check_packing=False)
+    with pytest.raises(ValueError, match="row 0: key 'length': expected the 34 tokens of its 'input_ids'"):
+        trainer.get_train_dataloader()
 
 
 def test_long_validation_examples_never_crash(tmp_path):

@@ -65,3 +65,22 @@ def test_example_without_targets_weighs_nothing():
     per_example = per_example_token_loss(logits, labels, cu)
     assert per_example[1] == 0
     assert sequence_weighted_loss(logits, labels, cu) == pytest.approx((per_example[0] + per_example[2]).item() / 2)
+
+
+def test_a_label_minus_one_is_refused_not_trained_as_token_zero():
+    """[17] H3: `loss_weighting="sequence"`'s loss read a label -1 as token 0."""
+    logits = torch.randn(1, 5, 11)
+    labels = torch.tensor([[-100, 3, -1, -100, 4]])
+    with pytest.raises(ValueError, match="got -1 at token 2"):
+        sequence_weighted_loss(logits, labels, torch.tensor([0, 3, 5]))
+
+
+@pytest.mark.parametrize("num_examples", [0, -1, 1.5, torch.tensor(-2)])
+def test_num_examples_below_this_batchs_examples_is_refused(num_examples):
+    """[17]: num_examples=0 gave inf/NaN, -1 flipped the loss's sign, 1.5 was accepted."""
+    logits = torch.randn(1, 5, 11)
+    labels = torch.tensor([[-100, 3, 2, -100, 4]])
+    with pytest.raises(ValueError, match="num_examples: expected an int >= 2"):
+        sequence_weighted_loss(logits, labels, torch.tensor([0, 3, 5]), num_examples)
+    no_targets = torch.full((1, 5), -100)
+    assert sequence_weighted_loss(logits, no_targets, torch.tensor([0, 3, 5]), 0).item() == 0.0

@@ -130,3 +130,43 @@ def test_masked_tokens_do_not_leak_nan():
 def test_bad_offsets_are_named(cu, message):
     with pytest.raises(ValueError, match=message):
         segment_sum(torch.ones(5), cu)
+
+
+@pytest.mark.parametrize("label", [-1, 7, 100])
+def test_token_logprobs_refuses_labels_outside_the_vocabulary(label):
+    """[17] H3: a label -1 (or >= V) used to be gathered as token 0 (clamped); only ids in [0, V) or -100."""
+    logits, labels = torch.randn(1, 4, 7), torch.tensor([[1, 2, label, -100]])
+    with pytest.raises(ValueError, match=rf"labels: expected token ids in \[0, 7\).*got {label} at token 2"):
+        token_logprobs(logits, labels, torch.tensor([0, 4]))
+
+
+@pytest.mark.parametrize("cu, message", [
+    (torch.tensor([0.0, 2.5, 5.0]), "expected integer offsets .*got dtype torch.float32"),
+    (torch.tensor([0, 4, 2, 5]), "empty or negative segments at \\[1\\]"),
+])
+@pytest.mark.parametrize("reduce", ["sum", "lengths", "starts", "padding_mask", "last"])
+def test_float_or_decreasing_offsets_are_refused_everywhere(cu, message, reduce):
+    """[17]: float offsets were truncated (`.long()`), and segment_lengths / segment_starts / padding_mask
+    took decreasing offsets as negative segments."""
+    from packcollate.objectives.segments import (
+        padding_mask,
+        segment_lengths,
+        segment_starts,
+    )
+
+    call = {"sum": lambda: segment_sum(torch.ones(5), cu), "lengths": lambda: segment_lengths(cu),
+            "starts": lambda: segment_starts(cu, 5), "padding_mask": lambda: padding_mask(cu),
+            "last": lambda: segment_last_index(cu)}[reduce]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("mask", [torch.tensor([1, 2, 0, 1, 1]), torch.tensor([1.0, 0.5, 0.0, 1.0, 1.0])])
+def test_masks_that_are_not_0_or_1_are_refused(mask):
+    """[17]: a mask of 2 or 0.5 was read as True."""
+    cu = torch.tensor([0, 2, 5])
+    for call in (lambda: segment_sum(torch.ones(5), cu, mask), lambda: segment_mean(torch.ones(5), cu, mask),
+                 lambda: segment_last_index(cu, mask)):
+        with pytest.raises(ValueError, match="mask: expected True/False or 0/1 values, got (2|0.5)"):
+            call()
+    assert segment_sum(torch.ones(5), cu, torch.tensor([1, 0, 0, 1, 1])).tolist() == [1.0, 2.0]

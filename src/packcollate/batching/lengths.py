@@ -93,6 +93,15 @@ def token_counts(rows, column: str = "input_ids", where=None) -> np.ndarray | No
         i = int(bad[0])
         given = int(counts[i]) if key == "length" else "an empty list"
         raise InputError(f"{where(i)}: key {key!r}: expected {_EXPECTED[key == 'length']}, got {given}")
+    if key == "length" and column in columns:  # the budget trusts `length`: it must be what the collator packs
+        tokens = _arrow_counts(rows, column, where) if hasattr(rows, "with_format") else _row_counts(rows, column, where)
+        wrong = np.flatnonzero(tokens != counts)
+        if len(wrong):
+            i = int(wrong[0])
+            raise InputError(
+                f"{where(i)}: key 'length': expected the {int(tokens[i])} tokens of its {column!r} (the token budget "
+                f"counts them), got {int(counts[i])}"
+            )
     return counts
 
 

@@ -50,9 +50,11 @@ on its own and the plan would no longer be shared.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import InputError, check_non_negative_int, check_positive_int
@@ -62,32 +64,71 @@ from .ranks import check_state_keys, distributed_default
 
 DEFAULT_BUFFER_SIZE = 1024
 
+logger = logging.getLogger("packcollate")
+
+
+#: The largest token count an example may claim (int64 arithmetic of the packer stays exact far below it).
+MAX_EXAMPLE_TOKENS = 2**40
+
+
+def token_count(value) -> int:
+    """Tokens of one example's ids: `L` for `(L,)`, and for a processor's batched `(1, L)` (what the
+    collators emit for it), never the `1` of `len` on a `(1, L)` value."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and len(shape) == 2 and shape[0] == 1:
+        return int(shape[1])
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple)):
+        return len(value[0])
+    return len(value)
+
 
 def example_tokens(example: Mapping, position: int, column: str = "input_ids") -> int:
-    """Tokens of one streamed example: its `length` field, else `len(example[column])`.
+    """Tokens of one streamed example: `len(example[column])` (a `(1, L)` value counts `L`), checked
+    against its `length` field when it has both; the `length` field alone when it has no `column`.
 
-    Raises InputError (a ValueError) naming the stream `position` when the example has neither or is empty.
+    Raises InputError (a ValueError) naming the stream `position` and the key when the example has
+    neither, is empty, or its `length` is not a positive int or disagrees with its tokens.
     """
     if not isinstance(example, Mapping):
         raise InputError(f"stream example {position}: expected a dict of features, got {type(example).__name__}")
-    if "length" in example:
-        value = example["length"]
-    elif column in example:
-        value = len(example[column])
-    else:
+    if column in example:
+        try:
+            tokens = token_count(example[column])
+        except TypeError:
+            raise InputError(f"stream example {position}, key {column!r}: expected a sequence of token ids, got "
+                             f"{type(example[column]).__name__}") from None
+        if tokens < 1:
+            raise InputError(f"stream example {position}, key {column!r}: expected at least one token, got 0 tokens")
+        if "length" in example and example["length"] != tokens:
+            raise InputError(
+                f"stream example {position}, key 'length': expected the {tokens} tokens of its {column!r} (the token "
+                f"budget counts them), got {example['length']!r}"
+            )
+        return tokens
+    if "length" not in example:
         raise InputError(f"stream example {position}: expected a 'length' or {column!r} key, got keys {sorted(example)}")
-    if type(value) is int and value >= 1:  # the common case, checked without an ABC lookup per example
-        return value
-    return check_positive_int(f"stream example {position}, key 'length'", value)
+    value = example["length"]
+    value = check_positive_int(f"stream example {position}, key 'length'", value)
+    if value > MAX_EXAMPLE_TOKENS:
+        raise InputError(f"stream example {position}, key 'length': expected at most {MAX_EXAMPLE_TOKENS} tokens, got {value}")
+    return value
 
 
 def padding_example(example: Mapping) -> dict:
     """A copy of `example` with every label -100: a batch of it has no targets.
 
-    Per-token keys other than `labels` are kept (the collator checks them against `input_ids`).
+    Per-token keys other than `labels` are kept (the collator checks them against `input_ids`). An
+    example without `input_ids` (a preference pair: its loss has no labels to mask) cannot be made
+    target-free: InputError naming it, never a padding copy that would be trained.
     """
+    if "input_ids" not in example:
+        raise InputError(
+            f"stream end: a rank is left without a batch, and its padding batch "
+            f"must have no targets (labels -100), which needs 'input_ids'; got keys {sorted(example)} (a preference "
+            f"pair's loss cannot be masked). Give the stream at least num_replicas examples more, or use fewer ranks"
+        )
     padded = copy.deepcopy(dict(example))
-    padded["labels"] = [IGNORE_INDEX] * len(padded["input_ids"])
+    padded["labels"] = [IGNORE_INDEX] * token_count(padded["input_ids"])
     return padded
 
 
@@ -161,11 +202,24 @@ class TokenBudgetStream(IterableDataset):
         self.padding_batches = 0
         self._skip = 0  # steps the next pass skips (load_state_dict)
         self._yielded = 0  # steps of this pass handed out so far
+        self._one_shot = isinstance(examples, Iterator)  # a generator / iterator: one pass only
+        # set by a pass in a DataLoader worker process; in shared memory, so the main process's copy sees it
+        self._worker_pass = torch.zeros((), dtype=torch.bool).share_memory_()
+        # (epoch, steps) of the last pass read to its end, also when a worker process read it
+        self._finished = torch.full((2,), -1, dtype=torch.long).share_memory_()
+        self._passes = 0
 
     # -- the plan (the same on every rank) ----------------------------------------------------------
 
     def steps(self) -> Iterator[list[list[dict]]]:
         """Every step of the current epoch's pass, for all ranks: `num_replicas` batches (lists of examples)."""
+        if self._one_shot and self._passes:
+            raise InputError(
+                f"examples: expected a re-iterable stream for another pass (epoch {self.epoch}), got a one-shot "
+                f"{type(self.examples).__name__} already read by an earlier pass; pass a list, a "
+                f"datasets.IterableDataset or a torch IterableDataset (or train one pass: max_steps within it)"
+            )
+        self._passes += 1
         rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
         self.examples_read = self.oversized_examples = self.padding_batches = 0
         buffer: list[dict] = []
@@ -178,6 +232,13 @@ class TokenBudgetStream(IterableDataset):
                     raise InputError(
                         f"stream example {self.examples_read}: expected at most max_tokens={self.max_tokens} tokens, "
                         f"got {tokens}; use overflow='own_batch' to give it a batch of its own"
+                    )
+                if not self.oversized_examples:
+                    logger.warning(
+                        "stream example %d: %d tokens, over the budget max_tokens=%d: it gets a batch of its own, over "
+                        "the budget (reported once per pass; counted in oversized_examples); give the collator "
+                        "max_seq_length to truncate or split such examples",
+                        self.examples_read, tokens, self.max_tokens,
                     )
                 self.oversized_examples += 1
             self.examples_read += 1
@@ -250,13 +311,22 @@ class TokenBudgetStream(IterableDataset):
             )
         if hasattr(self.examples, "set_epoch"):
             self.examples.set_epoch(self.epoch)
+        if worker is not None:
+            self._worker_pass.fill_(True)  # shared with the main process's copy: its state_dict refuses
         start, self._skip = self._skip, 0
         self._yielded = start
-        for index, step in enumerate(self.steps()):
-            if index < start:
+        planned = 0
+        for planned, step in enumerate(self.steps(), start=1):
+            if planned <= start:
                 continue
             self._yielded += 1
             yield step[self.rank]
+        self._finished[0], self._finished[1] = self.epoch, planned
+        if planned < start:
+            raise InputError(
+                f"state: expected steps_yielded within the pass (epoch {self.epoch} has {planned} steps), got {start}; "
+                f"the state is not of this stream"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Plan `epoch` next (forwarded to the stream's own `set_epoch`, which reshuffles a `datasets` stream)."""
@@ -265,18 +335,56 @@ class TokenBudgetStream(IterableDataset):
             self._skip = self._yielded = 0
         self.epoch = int(epoch)
 
+    def _configuration(self) -> dict:
+        """What the plan of a pass depends on besides `(seed, epoch)`: a state resumes only the same plan."""
+        return {"max_tokens": self.max_tokens, "by_count": self.by_count, "buffer_size": self.buffer_size,
+                "strategy": self.strategy, "shuffle": self.shuffle, "overflow": self.overflow,
+                "length_column": self.length_column}
+
     def state_dict(self) -> dict:
-        """`{"epoch", "seed", "steps_yielded", "num_replicas"}`: enough to resume this pass.
+        """`{"epoch", "seed", "steps_yielded", "num_replicas", "configuration"}`: enough to resume this pass.
 
         `steps_yielded` counts batches handed out; a prefetching `DataLoader` takes some before they
-        are trained on: save the number of steps trained instead when they differ.
+        are trained on: save the number of steps trained instead when they differ. A stream iterated
+        in a `DataLoader` worker process (`num_workers=1`) is refused: the steps were counted there.
         """
-        return {"epoch": self.epoch, "seed": self.seed, "steps_yielded": self._yielded, "num_replicas": self.num_replicas}
+        if self._worker_pass.item():
+            raise InputError(
+                "state_dict: this stream was iterated in a DataLoader worker process (num_workers=1), which counts "
+                "its steps in its own copy; use num_workers=0 to save a state, or build one from the steps you "
+                "trained: {**stream.state_dict_of(steps_trained)}"
+            )
+        return self.state_dict_of(self._yielded)
+
+    def state_dict_of(self, steps: int) -> dict:
+        """The state of this pass after `steps` steps (e.g. the steps trained, behind a prefetching loader)."""
+        return {"epoch": self.epoch, "seed": self.seed, "steps_yielded": check_non_negative_int("steps", steps),
+                "num_replicas": self.num_replicas, "configuration": self._configuration()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume: the next pass skips the first `steps_yielded` steps (reading, not collating, them)."""
+        """Resume: the next pass skips the first `steps_yielded` steps (reading, not collating, them).
+
+        Every value is checked before anything changes: a state of another configuration (budget,
+        buffer, strategy, shuffle, replicas) is refused, and a `steps_yielded` beyond the pass raises
+        when the pass ends before it.
+        """
+        if not isinstance(state, Mapping):
+            raise InputError(f"state: expected a dict from state_dict(), got {type(state).__name__}")
         check_state_keys(state, ("epoch", "seed", "steps_yielded"), self.num_replicas)
-        skip = check_non_negative_int("steps_yielded", state["steps_yielded"])
-        self.set_epoch(state["epoch"])
-        self.seed = int(state["seed"])
+        epoch = check_non_negative_int("state['epoch']", state["epoch"])
+        seed = check_non_negative_int("state['seed']", state["seed"])
+        skip = check_non_negative_int("state['steps_yielded']", state["steps_yielded"])
+        saved = state.get("configuration", self._configuration())
+        if saved != self._configuration():
+            differ = {k: saved.get(k) for k in self._configuration() if saved.get(k) != self._configuration()[k]}
+            raise InputError(
+                f"state: expected a state of this stream's configuration {self._configuration()}, got one saved with "
+                f"{differ} (its steps are another plan's: examples would be skipped or repeated)"
+            )
+        self.epoch, self.seed = epoch, seed
         self._skip = self._yielded = skip
+
+    def steps_in_pass(self, epoch: int) -> int | None:
+        """The steps of `epoch`'s pass when it was read to its end (here or in a worker process), else None."""
+        finished_epoch, steps = self._finished.tolist()
+        return steps if finished_epoch == epoch else None

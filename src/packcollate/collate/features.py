@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, InputTypeError, MissingKeyError
-from ..layout import PACKING_KEYS, cumulative
+from ..layout import IGNORE_INDEX, PACKING_KEYS, cumulative
 
 #: Per-token keys whose values are 0/1 masks over `input_ids`.
 MASK_KEYS = ("completion_mask", "assistant_masks")
@@ -163,6 +163,18 @@ def _check_lengths_match(key: str, lengths: np.ndarray, expected: np.ndarray, wh
         )
 
 
+def _check_labels(labels: np.ndarray, lengths: np.ndarray) -> None:
+    """Labels `(N,)` are token ids (>= 0) or -100; anything else (-1, a mask value) would be read as a token."""
+    bad = (labels < 0) & (labels != IGNORE_INDEX)
+    if bad.any():
+        t = int(np.flatnonzero(bad)[0])
+        i, j = _example_of_token(t, lengths)
+        raise InputError(
+            f"example {i}, key 'labels': expected token ids (>= 0) or {IGNORE_INDEX} (not trained on), got "
+            f"{int(labels[t])} at position {j}"
+        )
+
+
 def _check_keys(features: Sequence[Mapping]) -> list[str]:
     if isinstance(features, Mapping) or not isinstance(features, Sequence):
         raise InputTypeError(f"expected a list of feature dicts, got {_describe(features)}")
@@ -272,6 +284,8 @@ def flatten_features(features: Sequence[Mapping], passthrough_keys: Sequence[str
                     f"padded: pass them unpadded), got {zeros} zeros"
                 )
             continue  # an all-ones mask carries no information; never emitted with a packed batch
+        if key == "labels":
+            _check_labels(values, lengths)
         if key == "labels" or values.dtype.kind in "iu":
             values = values.astype(np.int64, copy=False)
         tokens[key] = values

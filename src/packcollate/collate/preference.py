@@ -31,34 +31,57 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError, MissingKeyError
+from ..errors import InputError, MissingKeyError, is_int
 from ..layout import cumulative, packing_keys, positions, to_torch
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
+#: Keys of a single sequence that a reward pair must not carry (they would be silently ignored).
+IGNORED_PAIR_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def _ids(example: dict, index: int, key: str, allow_empty: bool = False) -> np.ndarray:
+    """`example[key]` as `(L,)` int64 token ids; InputError unless a flat list of ids in [0, 2**63)."""
     if not isinstance(example, dict) or key not in example:
         given = sorted(example) if isinstance(example, dict) else type(example).__name__
         raise MissingKeyError(f"example {index}: expected a key {key!r} (a list of token ids), got {given}")
-    ids = np.asarray(example[key])
-    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)) or (ids.size == 0 and not allow_empty):
+    value = example[key]
+    ids = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu") or (ids.size == 0 and not allow_empty):
         raise InputError(
             f"example {index}, key {key!r}: expected a non-empty 1-D list of int token ids, got "
-            f"{type(example[key]).__name__} of shape {ids.shape} and dtype {ids.dtype}"
+            f"{type(value).__name__} of shape {ids.shape} and dtype {ids.dtype}"
         )
+    if ids.size and (ids.min() < 0 or (ids.dtype.kind == "u" and ids.max() > _INT64_MAX)):
+        j = int(np.flatnonzero((ids < 0) | (ids > _INT64_MAX) if ids.dtype.kind == "u" else ids < 0)[0])
+        raise InputError(f"example {index}, key {key!r}: expected token ids in [0, 2**63), got {int(ids[j])} at position {j}")
     return ids.astype(np.int64, copy=False)
 
 
 def _floats(examples: Sequence[dict], key: str, dtype) -> torch.Tensor | None:
-    if key not in examples[0]:
+    """`(B,)` the per-pair number `key` of every example (None when no example has it); InputError for a
+    key in only some examples, or a value that is not one finite number (None, a string, NaN, inf)."""
+    has = [key in example for example in examples]
+    if not any(has):
         return None
-    missing = [i for i, example in enumerate(examples) if key not in example]
-    if missing:
-        raise MissingKeyError(
-            f"example {missing[0]}: expected a key {key!r} (example 0 has one), got {sorted(examples[missing[0]])}"
-        )
-    return torch.tensor([example[key] for example in examples], dtype=dtype)
+    if not all(has):
+        i = has.index(False)
+        j = has.index(True)
+        raise MissingKeyError(f"example {i}: expected a key {key!r} (example {j} has one: every pair or none), "
+                              f"got {sorted(examples[i])}")
+    values = [example[key] for example in examples]
+    for i, value in enumerate(values):
+        number = value.item() if isinstance(value, (torch.Tensor, np.ndarray)) and np.size(value) == 1 else value
+        if isinstance(number, (bool, np.bool_)) or not isinstance(number, (int, float, np.integer, np.floating)):
+            raise InputError(f"example {i}, key {key!r}: expected a finite number, got {type(value).__name__} {value!r}"[:200])
+    out = torch.tensor([float(v) for v in values], dtype=dtype)
+    if not bool(torch.isfinite(out).all()):
+        i = int((~torch.isfinite(out)).nonzero()[0, 0])
+        raise InputError(f"example {i}, key {key!r}: expected a finite number (a NaN loss is not an answer), "
+                         f"got {float(out[i])}")
+    return out
 
 
 class PackedPreferenceCollator:
@@ -73,7 +96,7 @@ class PackedPreferenceCollator:
     """
 
     def __init__(self, max_length: int | None = None, truncation_mode: str = "keep_start"):
-        if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
+        if max_length is not None and (not is_int(max_length) or max_length < 1):
             raise InputError(f"max_length: expected a positive int or None, got {max_length!r}")
         if truncation_mode not in TRUNCATION_MODES:
             raise InputError(f"truncation_mode: expected one of {TRUNCATION_MODES}, got {truncation_mode!r}")
@@ -120,6 +143,13 @@ class PackedPairCollator:
     def __call__(self, examples: Sequence[dict]) -> dict:
         if not examples:
             raise InputError("examples: expected at least one preference pair, got none")
+        for i, example in enumerate(examples):
+            ignored = [key for key in IGNORED_PAIR_KEYS if isinstance(example, dict) and key in example]
+            if ignored:
+                raise InputError(
+                    f"example {i}: expected a pair of 'chosen_ids' and 'rejected_ids', got also {ignored}, which this "
+                    f"collator would ignore (each sequence is unpadded); remove them, or tokenize into chosen/rejected ids"
+                )
         sequences = [_ids(ex, i, "chosen_ids") for i, ex in enumerate(examples)]
         sequences += [_ids(ex, i, "rejected_ids") for i, ex in enumerate(examples)]
         lengths = np.fromiter((len(s) for s in sequences), np.int64, len(sequences))

@@ -93,6 +93,11 @@ POSITION_OFFSETS = {"paligemma": 1}
 #: padded on the tile axis P; the model keeps each image's own tiles).
 SIZE_CROPPED_TOWERS = ("pixtral",)
 SIZE_CROPPED_FAMILIES = ("llava_next", "llava_onevision")
+#: Families whose every image row (an image, or a tile / crop of one, on the image axis) takes the same
+#: number of placeholder tokens: each example's placeholders are checked against its own rows, in
+#: proportion to the batch's (`PackedVisionCollator.check_images_per_example`).
+FIXED_TOKENS_PER_IMAGE = ("llava", "vipllava", "paligemma", "gemma3", "internvl", "aya_vision", "cohere2_vision",
+                          "idefics2", "idefics3", "smolvlm")
 # Vision inputs given per image or video to `get_rope_index` (the rest are pixels, not needed for positions).
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
@@ -353,6 +358,10 @@ class PackedVisionCollator(PackedCollator):
         keys = [key for key in self.vision_keys if any(key in visions[i] for i in kept)]
         for key in keys:
             parts = [(int(i), visions[i][key]) for i in kept if key in visions[i]]
+            for i, part in parts:
+                if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                    raise InputError(f"example {i}, key {key!r}: expected finite values, got "
+                                     f"{int((~torch.isfinite(part)).sum())} NaN or infinite values")
             if key == "pixel_values" and self._pad_images:
                 parts = self._padded_images(parts, visions)
             axis = self._image_axis if key in ("pixel_values", "pixel_attention_mask") else 0
@@ -389,6 +398,75 @@ class PackedVisionCollator(PackedCollator):
                 part = torch.nn.functional.pad(part, pad)
             padded.append((i, part))
         return padded
+
+    # -- every example's placeholders against its own images ----------------------------------
+
+    def _placeholder_counts(self, batch: dict, lengths: np.ndarray, kind: int) -> np.ndarray | None:
+        """`(k',)` image (`kind` 1) or video (2) placeholder tokens of each kept example, from `mm_token_type_ids`
+        when given, else the config's placeholder ids (one vectorised pass over the packed row); None when
+        neither tells them."""
+        n = int(lengths.sum())
+        if "mm_token_type_ids" in batch:
+            marks = np.asarray(batch["mm_token_type_ids"]).reshape(-1)[:n] == kind
+        else:
+            token = self._image_token if kind == 1 else self._video_token
+            if token is None:  # no model: the placeholders are unknown, nothing to check them by
+                return None
+            marks = np.asarray(batch["input_ids"]).reshape(-1)[:n] == token
+        return np.add.reduceat(marks.astype(np.int64), cumulative(lengths)[:-1])
+
+    def check_images_per_example(self, batch: dict, visions: list[dict], kept: np.ndarray, lengths: np.ndarray) -> None:
+        """Refuse, naming the example, a batch where one example's placeholders do not match its own images.
+
+        Joined, the images of all examples fill the placeholders of all examples in order: an example
+        whose placeholders and images disagree (while the batch's totals agree) would be trained on
+        another example's image. Checked per kept example: grid families (`image_grid_thw`, Qwen-VL /
+        GLM-4V): placeholders `= sum(t*h*w) / merge**2` and `pixel_values` rows `= sum(t*h*w)` (videos:
+        rows); `FIXED_TOKENS_PER_IMAGE` families: placeholders in the batch's proportion to image rows;
+        every family: placeholders only with images and images only with placeholders.
+        """
+        images = self._placeholder_counts(batch, lengths, 1)
+        videos = self._placeholder_counts(batch, lengths, 2)
+        merge = getattr(getattr(self._config, "vision_config", None), "spatial_merge_size", None)
+        rows = np.zeros(len(kept), dtype=np.int64)
+        for slot, i in enumerate(kept.tolist()):
+            vision = visions[i]
+            pixels = vision.get("pixel_values")
+            rows[slot] = 0 if pixels is None else (pixels.shape[self._image_axis] if pixels.dim() > self._image_axis else 0)
+            for grid_key, pixel_key, count in (("image_grid_thw", "pixel_values", images),
+                                               ("video_grid_thw", "pixel_values_videos", videos)):
+                grid = vision.get(grid_key)
+                if grid is None:
+                    continue
+                patches = int(grid.reshape(-1, 3).prod(-1).sum())
+                given = vision.get(pixel_key)
+                if given is None or given.shape[0] != patches:
+                    raise InputError(
+                        f"example {i}, key {pixel_key!r}: expected {patches} patch rows for its {grid_key} "
+                        f"{grid.tolist()}, got {'none' if given is None else f'shape {tuple(given.shape)}'}"
+                    )
+                if grid_key == "image_grid_thw" and merge and count is not None and count[slot] != patches // merge**2:
+                    raise InputError(
+                        f"example {i}, key 'input_ids': expected {patches // merge**2} image placeholder tokens for its "
+                        f"image_grid_thw {grid.tolist()} (t*h*w / {merge}**2), got {int(count[slot])}; its images would "
+                        f"fill another example's placeholders"
+                    )
+            has_images = rows[slot] > 0 or vision.get("image_grid_thw") is not None
+            if images is not None and bool(images[slot]) != has_images:
+                raise InputError(
+                    f"example {i}, key 'input_ids': expected image placeholder tokens exactly when the example has images, "
+                    f"got {int(images[slot])} placeholders and {'its' if has_images else 'no'} images; its placeholders "
+                    f"would take another example's images"
+                )
+        if self._model_type in FIXED_TOKENS_PER_IMAGE and images is not None and rows.sum():
+            mismatched = np.flatnonzero(images * rows.sum() != rows * images.sum())
+            if len(mismatched):
+                slot = int(mismatched[0])
+                raise InputError(
+                    f"example {int(kept[slot])}, key 'input_ids': expected {images.sum() // max(rows.sum(), 1)} image "
+                    f"placeholder tokens per image row as in the whole batch ({int(images.sum())} for {int(rows.sum())}), "
+                    f"got {int(images[slot])} for its {int(rows[slot])}; its images would fill another example's placeholders"
+                )
 
     # -- positions ------------------------------------------------------------------------------
 
@@ -445,6 +523,8 @@ class PackedVisionCollator(PackedCollator):
         texts, visions = self._split(features)
         batch = super().__call__(texts, return_tensors="np")
         kept = self._kept_examples(texts)
+        lengths = np.fromiter((len(texts[i]["input_ids"]) for i in kept.tolist()), dtype=np.int64, count=len(kept))
+        self.check_images_per_example(batch, visions, kept, lengths)
         if self.mask_vision_tokens:
             placeholders = [t for t in (self._image_token, self._video_token) if t is not None]
             if placeholders:

@@ -58,7 +58,12 @@ from .preflight import (
 )
 from .sequence_loss import SequenceWeightedLossMixin
 from .sequence_parallel import deepspeed_sequence_parallel
-from .streams import is_stream, stream_dataloader
+from .streams import (
+    SaveStreamPosition,
+    is_stream,
+    read_stream_position,
+    stream_dataloader,
+)
 
 logger = logging.getLogger("packcollate")
 
@@ -124,7 +129,10 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         )
         self.budget_strategy = budget_strategy
         self._preflight_done = False
+        self.train_stream = None  # the TrainerStream of a stream's training batches
+        self.stream_position = None  # where a resumed checkpoint stood in that stream
         super().__init__(*args, **kwargs)
+        self.add_callback(SaveStreamPosition(self))
         if self.model is not None:
             prepare(self.model)
         assert_fsdp_active(self.args, self.accelerator)
@@ -204,9 +212,26 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
             if message:
                 logger.warning("%s", message)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; on a stream, a checkpoint resumes at the batch it stood at, in whichever pass
+        (`integrations.streams.TrainerStream`: the stream skips the trained batches, not the Trainer)."""
         self._preflight()
-        return super().train(*args, **kwargs)
+        self.stream_position = read_stream_position(self, resume_from_checkpoint)
+        if self.stream_position is None:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        ignore_data_skip = self.args.ignore_data_skip
+        self.args.ignore_data_skip = True
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.args.ignore_data_skip = ignore_data_skip
+            self.stream_position = None
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self.train_stream is not None:
+            self.train_stream.trained += 1
+        return loss
 
     def evaluate(self, *args, **kwargs):
         self._preflight()

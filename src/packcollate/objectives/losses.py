@@ -102,6 +102,15 @@ def sequence_weighted_loss(
     Returns a 0-d float32 tensor (float64 for float64 logits).
     """
     per_example = per_example_token_loss(logits, labels, cu_seq_lens)
+    here = examples_with_targets(labels.to(logits.device), cu_seq_lens).sum()
     if num_examples is None:
-        num_examples = examples_with_targets(labels.to(logits.device), cu_seq_lens).sum().clamp(min=1)
+        num_examples = here.clamp(min=1)
+    else:
+        count = torch.as_tensor(num_examples)
+        if count.numel() != 1 or count.dtype.is_floating_point or count.dtype == torch.bool or int(count) < int(here):
+            raise InputError(
+                f"num_examples: expected an int >= {int(here)} (the examples with targets of the whole step, over "
+                f"every micro-batch and rank: count_loss_examples), got {num_examples!r}"
+            )
+        num_examples = count.clamp(min=1)  # 0: a step without targets, this batch's loss is 0
     return per_example.sum() / torch.as_tensor(num_examples, device=per_example.device).to(per_example.dtype)

@@ -45,12 +45,7 @@ def _flat(values: torch.Tensor, cu_seq_lens, name: str = "values") -> tuple[torc
     """`(1, N, ...)` or `(N, ...)` -> `(N, ...)` (`N` read from `cu_seq_lens`; a leading 1 is read as
     the batch dim first), and the checked offsets as int64 on the values' device."""
     values = torch.as_tensor(values)
-    cu = torch.as_tensor(cu_seq_lens, device=values.device).long()
-    if cu.dim() != 1 or cu.numel() < 2:
-        raise LayoutError(
-            "cu_seq_lens: expected a 1-D tensor [0, l_0, l_0+l_1, …, N] of k+1 >= 2 offsets, got shape "
-            f"{tuple(cu.shape)}"
-        )
+    cu = _offsets(cu_seq_lens, values.device)
     total = int(cu[-1])
     if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == total:
         flat = values[0]
@@ -62,6 +57,31 @@ def _flat(values: torch.Tensor, cu_seq_lens, name: str = "values") -> tuple[torc
             f"got shape {tuple(values.shape)}"
         )
     return flat, _checked(cu, total)
+
+
+def _offsets(cu_seq_lens, device=None) -> torch.Tensor:
+    """`cu_seq_lens` as a 1-D int64 tensor of `k+1 >= 2` offsets (on `device`); LayoutError for floats or
+    bools (a fractional offset would be truncated) and other shapes. Monotonicity: `_checked`."""
+    cu = torch.as_tensor(cu_seq_lens, device=device)
+    if cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool:
+        raise LayoutError(f"cu_seq_lens: expected integer offsets [0, l_0, l_0+l_1, …, N], got dtype {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise LayoutError(
+            "cu_seq_lens: expected a 1-D tensor [0, l_0, l_0+l_1, …, N] of k+1 >= 2 offsets, got shape "
+            f"{tuple(cu.shape)}"
+        )
+    return cu.long()
+
+
+def _mask(mask, device) -> torch.Tensor:
+    """`mask` as a bool tensor on `device`; LayoutError for values other than 0/1 (True/False)."""
+    mask = torch.as_tensor(mask, device=device)
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            bad = mask[(mask != 0) & (mask != 1)][0]
+            raise LayoutError(f"mask: expected True/False or 0/1 values, got {bad.item()!r}")
+        mask = mask.bool()
+    return mask
 
 
 def _checked(cu: torch.Tensor, total: int) -> torch.Tensor:
@@ -79,13 +99,14 @@ def _checked(cu: torch.Tensor, total: int) -> torch.Tensor:
 
 def segment_lengths(cu_seq_lens: torch.Tensor) -> torch.Tensor:
     """Tokens of each segment `(k,)` int64 from `cu_seq_lens` `(k+1,)`."""
-    cu = torch.as_tensor(cu_seq_lens).long()
+    cu = _offsets(cu_seq_lens)
+    cu = _checked(cu, int(cu[-1]))
     return cu[1:] - cu[:-1]
 
 
 def segment_starts(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
     """`(N,)` bool, True at the first token of every segment."""
-    cu = torch.as_tensor(cu_seq_lens).long()
+    cu = _checked(_offsets(cu_seq_lens), total)
     starts = torch.zeros(total, dtype=torch.bool, device=cu.device)
     starts[cu[:-1]] = True
     return starts
@@ -99,7 +120,7 @@ def segment_sum(values: torch.Tensor, cu_seq_lens: torch.Tensor, mask: torch.Ten
     """
     flat, cu = _flat(values, cu_seq_lens)
     if mask is not None:
-        keep, _ = _flat(torch.as_tensor(mask, device=flat.device), cu, "mask")
+        keep, _ = _flat(_mask(mask, flat.device), cu, "mask")
         if keep.dim() != 1:
             raise LayoutError(f"mask: expected (N,) or (1, N), got shape {tuple(torch.as_tensor(mask).shape)}")
         flat = torch.where(keep.bool().reshape(-1, *([1] * (flat.dim() - 1))), flat, torch.zeros_like(flat))
@@ -118,7 +139,7 @@ def segment_mean(values: torch.Tensor, cu_seq_lens: torch.Tensor, mask: torch.Te
     if mask is None:
         counts = (cu[1:] - cu[:-1]).to(flat.dtype)
     else:
-        counts = segment_sum(torch.as_tensor(mask, device=flat.device).to(flat.dtype), cu).clamp(min=1)
+        counts = segment_sum(_mask(mask, flat.device).to(flat.dtype), cu).clamp(min=1)
     sums = segment_sum(flat, cu, mask)
     return sums / counts.reshape(-1, *([1] * (flat.dim() - 1)))
 
@@ -130,11 +151,11 @@ def segment_last_index(cu_seq_lens: torch.Tensor, mask: torch.Tensor | None = No
     `input_ids != pad_token_id`, the rule of Hugging Face's sequence-classification heads); a segment
     where it is never True falls back to its first token (what those heads pick in a row of pads).
     """
-    cu = torch.as_tensor(cu_seq_lens).long()
+    cu = _offsets(cu_seq_lens)
     if mask is None:
         cu = _checked(cu, int(cu[-1]))
         return cu[1:] - 1
-    keep, cu = _flat(torch.as_tensor(mask).to(cu.device), cu, "mask")
+    keep, cu = _flat(_mask(mask, cu.device), cu, "mask")
     positions = torch.arange(keep.shape[0], device=cu.device)
     candidates = torch.where(keep.bool(), positions, torch.full_like(positions, -1))
     last = torch.full((cu.numel() - 1,), -1, dtype=torch.long, device=cu.device)
@@ -146,7 +167,7 @@ def segment_last(values: torch.Tensor, cu_seq_lens: torch.Tensor, mask: torch.Te
     """Each segment's last token: `(N, ...)` or `(1, N, ...)` -> `(k, ...)` (e.g. hidden states
     `(1, N, D)` -> `(k, D)`); `mask` as in `segment_last_index`."""
     flat, cu = _flat(values, cu_seq_lens)
-    return flat[segment_last_index(cu, None if mask is None else torch.as_tensor(mask, device=flat.device))]
+    return flat[segment_last_index(cu, None if mask is None else _mask(mask, flat.device))]
 
 
 def token_logprobs(
@@ -170,9 +191,17 @@ def token_logprobs(
     total = flat_labels.shape[0]
     target = flat_labels[1:].clone()
     if cu_seq_lens is not None:
-        cu = _checked(torch.as_tensor(cu_seq_lens, device=logits.device).long(), total)
+        cu = _checked(_offsets(cu_seq_lens, logits.device), total)
         target[segment_starts(cu, total)[1:]] = IGNORE_INDEX
     valid = target != IGNORE_INDEX
+    vocab = flat_logits.shape[-1]
+    out_of_range = valid & ((target < 0) | (target >= vocab))
+    if bool(out_of_range.any()):  # one device sync; a label -1 would otherwise be read as token 0
+        t = int(out_of_range.nonzero()[0, 0]) + 1
+        raise LayoutError(
+            f"labels: expected token ids in [0, {vocab}) (the logits' vocabulary) or {IGNORE_INDEX}, got "
+            f"{int(flat_labels[t])} at token {t}"
+        )
     predicted = flat_logits[:-1]
     predicted = predicted if predicted.dtype == torch.float64 else predicted.float()
     picked = predicted.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1) - predicted.logsumexp(dim=-1)
