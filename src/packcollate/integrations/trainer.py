@@ -52,7 +52,7 @@ from .preflight import (
     check_trainer_keeps_masks,
     check_trainer_splits,
 )
-from .sequence_loss import SequenceWeightedLossMixin
+from .loss_weighting import LossWeightingMixin
 from .streams import is_stream, stream_dataloader
 
 logger = logging.getLogger("packcollate")
@@ -79,7 +79,7 @@ class _SetEpoch(TrainerCallback):
         self.sampler.set_epoch(int(state.epoch or 0))
 
 
-class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
+class PackingTrainerMixin(TokenMeanEvalLoss, LossWeightingMixin):
     """Packed batches for a `Trainer` subclass; put it first: `class T(PackingTrainerMixin, Trainer)`.
 
     Args:
@@ -91,7 +91,9 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         budget_strategy: `"bfd"` (default), `"ffd"` or `"greedy"` (see `TokenBudgetBatchSampler`).
         loss_weighting: `"token"` (default): the Trainer's token-mean loss; `"sequence"`: every example
             weighs the same (mean over the step's examples of each one's mean token loss, exact
-            across gradient accumulation and ranks; see `packcollate.objectives.losses`).
+            across gradient accumulation and ranks); `"sum"`: open-instruct's `--reduce_loss sum`, the
+            summed token loss / (gradient accumulation steps x ranks). See
+            `packcollate.integrations.loss_weighting`.
         check_packing: prove at train start that the model's attention backend keeps packed
             examples apart (`packcollate.compat.assert_packing_safe`); default True.
         data_collator: default `PackedCollator()`. The trainer is built with its own default
