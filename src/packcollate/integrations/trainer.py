@@ -19,6 +19,9 @@
   `eval_max_tokens_per_batch`) by a `TokenBudgetBatchSampler`, one plan per rank, re-planned every
   epoch; examples longer than the budget train in a batch of their own, with a warning;
 - with `check_packing=True` (default), runs `assert_packing_safe` on the model at train start;
+- refuses, at train start, a multi-process launch that would not train as one synchronised job
+  (`preflight.assert_processes`: on CPU without `use_cpu=True`), and says once that
+  `per_device_train_batch_size=1` without `max_tokens_per_batch` packs nothing;
 - batches an iterable dataset (a stream) with a `TokenBudgetStream`, the token budget or the
   per-device batch size, every rank the same number of steps (`integrations.streams`);
 - measures every split before the first step and says once how many examples exceed
@@ -49,6 +52,7 @@ from ..errors import InputError
 from .eval_loss import TokenMeanEvalLoss
 from .preflight import (
     assert_fsdp_active,
+    assert_processes,
     check_trainer_keeps_masks,
     check_trainer_splits,
 )
@@ -121,6 +125,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss, LossWeightingMixin):
         )
         self.budget_strategy = budget_strategy
         self._preflight_done = False
+        self._unpacked_warned = False
         super().__init__(*args, **kwargs)
         if self.model is not None:
             prepare(self.model)
@@ -201,8 +206,24 @@ class PackingTrainerMixin(TokenMeanEvalLoss, LossWeightingMixin):
                 logger.warning("%s", message)
 
     def train(self, *args, **kwargs):
+        assert_processes(self.accelerator)  # every launched process one rank of one synchronised job
         self._preflight()
+        self._warn_unpacked_batches()
         return super().train(*args, **kwargs)
+
+    def _warn_unpacked_batches(self) -> None:
+        """One example per micro-batch (`per_device_train_batch_size=1`, open-instruct's default) packs nothing:
+        say so once, unless a token budget batches instead or the rows are pre-packed (`seq_lengths`)."""
+        if self._unpacked_warned or self.max_tokens_per_batch is not None or self.args.per_device_train_batch_size != 1:
+            return
+        if "seq_lengths" in (getattr(self.train_dataset, "column_names", None) or ()):
+            return
+        self._unpacked_warned = True
+        logger.warning(
+            "per_device_train_batch_size=1 and no max_tokens_per_batch: every micro-batch holds one example, so "
+            "nothing is packed (no speed-up); pass max_tokens_per_batch=N (tokens per micro-batch per rank, at least "
+            "the longest example) to %s to pack examples up to a token budget", type(self).__name__,
+        )
 
     def evaluate(self, *args, **kwargs):
         self._preflight()
