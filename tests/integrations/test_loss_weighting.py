@@ -126,3 +126,29 @@ def test_sft_trainer_sequence_weighting(tmp_path):
     trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged[0] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-4)
+
+
+def test_sft_trainer_summed_loss(tmp_path):
+    """PackedSFTTrainer(loss_weighting="sum"): the first step's loss is the summed completion loss of its 8 examples
+    (one micro-batch, accumulation 1), not their token mean."""
+    pytest.importorskip("trl")
+    from packcollate.integrations.trl import PackedSFTTrainer
+    from packcollate.tools.toy import char_tokenizer
+    from tests.helpers import prompt_completion
+    from tests.helpers import tiny_chat_model as tiny_causal_lm
+    from tests.helpers import trl_config as config
+
+    trainer = PackedSFTTrainer(model=tiny_causal_lm(),
+                               args=config(tmp_path, per_device_train_batch_size=8, max_steps=1),
+                               train_dataset=prompt_completion(8), processing_class=char_tokenizer(),
+                               loss_weighting="sum")
+    reference = tiny_causal_lm()
+    with torch.no_grad():
+        total = 0.0
+        for row in trainer.train_dataset:
+            ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])  # TRL masks the prompt
+            targets = int((labels[1:] != -100).sum())
+            total += reference(input_ids=ids[None], labels=labels[None]).loss.item() * targets
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[0] == pytest.approx(total, rel=1e-4)

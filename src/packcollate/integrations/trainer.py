@@ -213,8 +213,11 @@ class PackingTrainerMixin(TokenMeanEvalLoss, LossWeightingMixin):
 
     def _warn_unpacked_batches(self) -> None:
         """One example per micro-batch (`per_device_train_batch_size=1`, open-instruct's default) packs nothing:
-        say so once, unless a token budget batches instead or the rows are pre-packed (`seq_lengths`)."""
+        say so once, unless a token budget batches instead, the rows are pre-packed (`seq_lengths`), or the
+        trainer's examples are pairs (DPO, reward models)."""
         if self._unpacked_warned or self.max_tokens_per_batch is not None or self.args.per_device_train_batch_size != 1:
+            return
+        if not self.loss_is_token_mean:  # DPO / reward pairs: one pair is still two sequences in one row
             return
         if "seq_lengths" in (getattr(self.train_dataset, "column_names", None) or ()):
             return
