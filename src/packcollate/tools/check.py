@@ -74,8 +74,9 @@ def main(args) -> int:
         args.task = "text-generation" if args.all else detected_task(args.model)
         if args.task == VISION_TASK:
             model_type = read_config_json(args.model).get("model_type") if config_file(args.model) else args.model
-            print(f"packcollate check: {model_type} is a vision-language family: checked as --task {VISION_TASK} "
-                  f"(PackedVisionCollator, the family's tiny copy)")
+            if not args.json:  # --json prints JSON only
+                print(f"packcollate check: {model_type} is a vision-language family: checked as --task {VISION_TASK} "
+                      f"(PackedVisionCollator, the family's tiny copy)")
             args.model = model_type
     if args.task == VISION_TASK:
         return vision_matrix.main(args)
