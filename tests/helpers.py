@@ -344,6 +344,19 @@ def padded_reference_change(dataset, model=None):
     return {n: -p.grad.detach().clone() for n, p in model.named_parameters()}, loss.item()
 
 
+def summed_loss_change(dataset, divisor: int, model=None) -> dict:
+    """-grad of (summed token loss over every target of `dataset`) / `divisor`, one example at a time: the step of
+    open-instruct's `--reduce_loss sum` over accumulation x ranks = `divisor`."""
+    model = model or tiny_model("eager")
+    for ids, mask in zip(dataset["input_ids"], dataset["completion_mask"]):
+        ids = torch.tensor(ids)
+        labels = ids.masked_fill(torch.tensor(mask) == 0, -100)
+        logits = model(input_ids=ids[None]).logits
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], labels[1:], ignore_index=-100, reduction="sum")
+        (nll / divisor).backward()
+    return {n: -p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
 def assert_same_change_within_an_ulp(expected, got):
     """Changes read back from float32 weights (`new - old`) are exact to one ulp of the weight: that
     much absolute slack per element, plus 1e-5 of the parameter's largest change."""

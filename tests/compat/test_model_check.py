@@ -66,3 +66,28 @@ def test_roberta_is_proven_with_its_position_offset():
     report = check_model("roberta", backends=["packcollate"])
     assert report.collator_options["position_ids_start"] == 2
     assert report.verdict("packcollate") == EXACT
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    ({"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads: expected a divisor of num_attention_heads=4"),
+    ({"num_attention_heads": 2, "max_position_embeddings": 0}, "max_position_embeddings: expected a positive int"),
+])
+def test_an_inconsistent_config_gets_no_verdict(options, fragment):
+    """The tiny copy would repair such a config and prove another architecture exact: refused instead."""
+    from transformers import LlamaConfig
+
+    from packcollate.compat import check_model
+
+    config = LlamaConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=1, vocab_size=64)
+    for key, value in options.items():  # after validation: a loaded config can hold anything
+        setattr(config, key, value)
+    with pytest.raises(ValueError, match=fragment):
+        check_model(config)
+
+
+@pytest.mark.parametrize("device", ["quantum", "tpu"])
+def test_an_unknown_device_is_named(device):
+    from packcollate.compat import check_model
+
+    with pytest.raises(ValueError, match=f"device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got '{device}'"):
+        check_model("llama", device=device)

@@ -28,3 +28,27 @@ def test_tiny_copy_of_a_composite_config():
     except Exception as error:  # noqa: BLE001 - read at run time: transformers 5.17's default does not validate
         pytest.skip(f"this transformers cannot build MusicGen's default config: {type(error).__name__}")
     assert check_architecture("musicgen", backends=["eager"])["backends"]
+
+
+def test_a_declared_layer_count_costs_nothing():
+    """A config declaring millions of layers (10**9 made `check` allocate 8 GB first) shrinks to two without a
+    list of that length: time and memory do not grow with the declared count."""
+    import time
+    import tracemalloc
+
+    from transformers import LlamaConfig
+
+    from packcollate.compat import tiny_config
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=64,
+                         num_hidden_layers=3 * 10**6)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        tiny = tiny_config(config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tiny.num_hidden_layers == 2
+    assert peak < 2 * 10**6, peak  # 3 M list entries alone would take 24 MB
+    assert time.perf_counter() - start < 5

@@ -181,3 +181,54 @@ def test_accelerate_launch_check_names_the_command():
     assert_processes(accelerator, 1)
     with pytest.raises(RuntimeError, match=r"expected 2 processes, got 1: .*accelerate launch --multi_gpu --num_processes 2"):
         assert_processes(accelerator, 2)
+
+
+@pytest.mark.parametrize("kind", ["plain", "deepspeed", "deepspeed-no-batch-size"])
+def test_two_cpu_processes_without_use_cpu_are_refused_at_train_start(kind, tmp_path, free_port):
+    """torchrun, 2 processes, no use_cpu=True: unsynchronised runs (plain), DeepSpeed's batch assertion, or every rank
+    training the whole dataset (DeepSpeed without train_batch_size). PackedTrainer refuses each with the fix."""
+    if kind.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    result = launch("launch_without_use_cpu.py", str(tmp_path), kind, port=free_port)
+    assert result.stdout.count("REFUSED: ") == 2, result.stdout[-2000:]  # both ranks
+    assert "use_cpu=True" in result.stdout and "(steps: 0)" in result.stdout
+
+
+class _Accelerator:
+    """What `assert_processes` reads of an `accelerate.Accelerator`."""
+
+    def __init__(self, num_processes, distributed_type):
+        self.num_processes, self.distributed_type = num_processes, distributed_type
+
+
+def test_assert_processes_reads_the_launch(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from packcollate.integrations.preflight import assert_processes
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_processes(_Accelerator(2, DistributedType.MULTI_CPU))
+    with pytest.raises(RuntimeError, match=r"^2 processes were launched but each trains as 1 of 1 .*use_cpu=True"):
+        assert_processes(_Accelerator(1, DistributedType.DEEPSPEED))
+    with pytest.raises(RuntimeError, match=r"^2 processes run without a distributed backend .*unsynchronised.*use_cpu=True"):
+        assert_processes(_Accelerator(2, DistributedType.NO))
+    monkeypatch.delenv("WORLD_SIZE")
+    assert_processes(_Accelerator(1, DistributedType.NO))  # one process, nothing launched
+
+
+def test_batch_size_one_without_a_budget_is_announced_once(tmp_path, caplog):
+    from tests.helpers import warnings_of
+
+    args = arguments(tmp_path, per_device_train_batch_size=1, max_steps=2)
+    trainer = PackedTrainer(model=tiny_model(), args=args, train_dataset=prompt_completion_dataset(), check_packing=False)
+    with caplog.at_level("WARNING", logger="packcollate"):
+        trainer.train()
+        trainer.train()
+    said = [r.getMessage() for r in warnings_of(caplog) if "per_device_train_batch_size=1" in r.getMessage()]
+    assert len(said) == 1 and "nothing is packed" in said[0] and "max_tokens_per_batch" in said[0], said
+    caplog.clear()
+    budget = PackedTrainer(model=tiny_model(), args=args, train_dataset=prompt_completion_dataset(),
+                           check_packing=False, max_tokens_per_batch=200)
+    with caplog.at_level("WARNING", logger="packcollate"):
+        budget.train()
+    assert not [r for r in warnings_of(caplog) if "per_device_train_batch_size=1" in r.getMessage()]

@@ -3,7 +3,7 @@
 The packed loss and gradients equal the padded reference — the mean over examples of each example's mean
 token loss — in a plain loop split into micro-batches; each example's loss is its own token mean (not the
 model's token mean), and an example without targets weighs nothing. In `PackedTrainer(loss_weighting="sequence")`:
-integrations/test_sequence_loss.py.
+integrations/test_loss_weighting.py.
 """
 
 import pytest
@@ -14,6 +14,7 @@ from packcollate.objectives.losses import (
     count_loss_examples,
     per_example_token_loss,
     sequence_weighted_loss,
+    summed_token_loss,
 )
 from tests.helpers import assert_same_change_within_an_ulp as assert_same_change
 from tests.helpers import padded_reference_change, prompt_completion_dataset, tiny_model
@@ -84,3 +85,25 @@ def test_num_examples_below_this_batchs_examples_is_refused(num_examples):
         sequence_weighted_loss(logits, labels, torch.tensor([0, 3, 5]), num_examples)
     no_targets = torch.full((1, 5), -100)
     assert sequence_weighted_loss(logits, no_targets, torch.tensor([0, 3, 5]), 0).item() == 0.0
+
+
+def test_summed_token_loss_of_a_packed_row_is_the_sum_over_its_examples():
+    """open-instruct's `--reduce_loss sum` on one packed row == the summed loss of each example alone (padded rows),
+    forward and backward; no prediction crosses an example boundary."""
+    from packcollate import PaddedCollator
+
+    dataset = prompt_completion_dataset(n=6)
+    rows = [{"input_ids": i, "completion_mask": m} for i, m in zip(dataset["input_ids"], dataset["completion_mask"])]
+    packed_model, padded_model = tiny_model(), tiny_model("eager")
+    batch = PackedCollator()(rows)
+    packed = summed_token_loss(packed_model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+    padded = PaddedCollator()(rows)
+    alone = summed_token_loss(padded_model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
+                              padded["labels"])
+    assert packed.item() == pytest.approx(alone.item(), rel=1e-6)
+    packed.backward()
+    alone.backward()
+    for (name, p), q in zip(packed_model.named_parameters(), padded_model.parameters()):
+        assert float((p.grad - q.grad).norm() / q.grad.norm()) < 1e-5, name
+    with pytest.raises(ValueError, match=r"labels: expected shape \(1, 5\)"):
+        summed_token_loss(torch.zeros(1, 5, 3), torch.zeros(1, 4, dtype=torch.long))

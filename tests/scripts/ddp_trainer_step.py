@@ -1,4 +1,4 @@
-"""Worker for integrations/test_trainer.py and integrations/test_sequence_loss.py: one PackedTrainer step on
+"""Worker for integrations/test_trainer.py and integrations/test_loss_weighting.py: one PackedTrainer step on
 2 ranks, weight change saved by rank 0.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/scripts/ddp_trainer_step.py OUT.pt [--loss-weighting sequence]

@@ -47,6 +47,19 @@ def test_check_cli_image_text_to_text(capsys):
         main(["check", "--task", "image-text-to-text", "llama"])
 
 
+def test_check_reads_the_task_from_the_config(capsys):
+    """`packcollate check qwen2_vl` (no --task): a vision-language family without a causal-LM class is checked as
+    the VLM it is, not refused for having no causal-LM head; Gemma 3 (both classes) stays a text check."""
+    from packcollate.tools.check import detected_task
+
+    assert cli.main(["check", "qwen2_vl", "--backend", "packcollate"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2_vl is a vision-language family: checked as --task image-text-to-text" in out
+    assert "packcollate use_cache=False exact" in out
+    assert (detected_task("gemma3"), detected_task("llama"), detected_task("llava")) == (
+        "text-generation", "text-generation", "image-text-to-text")
+
+
 # ---------------------------------------------------------------------------------------------
 # User input: one line, exit 2
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +132,13 @@ def bad_inputs(root: Path) -> list[tuple[str, list[str], list[str]]]:
     garbage_config = _write(root / "garbage_config" / "config.json", '{"model_type": "llama",\n  oops}').parent
     zero_heads = _write(root / "zero_heads" / "config.json", json.dumps({**LLAMA, "num_attention_heads": 0}, indent=1)).parent
     big_hidden = _write(root / "big_hidden" / "config.json", json.dumps({**LLAMA, "hidden_size": "big"}, indent=1)).parent
+    no_context = _write(root / "no_context" / "config.json",
+                        json.dumps({**LLAMA, "max_position_embeddings": 0}, indent=1)).parent
+    negative_context = _write(root / "negative_context" / "config.json",
+                              json.dumps({**LLAMA, "max_position_embeddings": -5}, indent=1)).parent
+    uneven_heads = _write(root / "uneven_heads" / "config.json",
+                          json.dumps({**LLAMA, "num_attention_heads": 4, "num_key_value_heads": 3}, indent=1)).parent
+    huge_vocab = _write(root / "huge_vocab" / "config.json", json.dumps({**LLAMA, "vocab_size": 10**12}, indent=1)).parent
     cases = [
         ("json array row", ["stats", str(paths["array_row"])], ["array_row.jsonl", "line 2", "JSON array"]),
         ("numeric input_ids", ["stats", str(paths["numeric_ids"])], ["numeric_ids.jsonl", "line 2", "'input_ids'"]),
@@ -147,6 +167,24 @@ def bad_inputs(root: Path) -> list[tuple[str, list[str], list[str]]]:
         ("garbage config (bench)", ["bench", "--preset", str(garbage_config)], ["garbage_config/config.json", "line 2"]),
         ("zero heads (bench)", ["bench", "--preset", str(zero_heads)], ["zero_heads/config.json", "'num_attention_heads'"]),
         ("string hidden size (bench)", ["bench", "--preset", str(big_hidden)], ["big_hidden/config.json", "'hidden_size'"]),
+        # a config no consistent model is built from: never "exact" about another architecture
+        ("context length 0 (check)", ["check", str(no_context)],
+         ["no_context/config.json", "line 8", "'max_position_embeddings'", "got 0"]),
+        ("negative context length (check)", ["check", str(negative_context)],
+         ["negative_context/config.json", "line 8", "'max_position_embeddings'", "got -5"]),
+        ("heads not divisible by kv heads (check)", ["check", str(uneven_heads)],
+         ["uneven_heads/config.json", "line 8", "'num_key_value_heads'", "num_attention_heads=4", "got 3"]),
+        ("heads not divisible by kv heads (bench)", ["bench", "--preset", str(uneven_heads)],
+         ["uneven_heads/config.json", "'num_key_value_heads'"]),
+        ("vocabulary of 10**12 (bench)", ["bench", "--preset", str(huge_vocab), "--steps", "1"],
+         ["--preset", "huge_vocab", "32,000,000,002,608 parameters", "GiB"]),
+        ("device quantum (check)", ["check", "llama", "--device", "quantum"], ["device", "'quantum'"]),
+        ("device tpu (check)", ["check", "llama", "--device", "tpu"], ["device", "'tpu'"]),
+        ("device tpu (bench)", ["bench", "--device", "tpu"], ["device", "'tpu'"]),
+        ("negative max-seq-length (check)", ["check", "llama", "--max-seq-length", "-5"], ["--max-seq-length", "-5"]),
+        ("zero steps (bench)", ["bench", "--steps", "0"], ["--steps", "got 0"]),
+        ("negative steps (bench)", ["bench", "--steps", "-3"], ["--steps", "got -3"]),
+        ("zero batch size (bench)", ["bench", "--batch-size", "0"], ["--batch-size", "got 0"]),
     ]
     return cases
 

@@ -11,6 +11,7 @@ explicitly, so no `[y/N]` prompt can appear on a terminal.
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 
 from ..errors import InputError, is_int
@@ -20,6 +21,11 @@ SIZE_KEYS = (
     "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
     "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_layer", "d_model", "num_heads", "num_layers",
 )
+#: Context lengths: when present (and not null) each must be a positive int (0 or less would make every
+#: example "too long", or a position table of no rows).
+POSITIVE_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
+#: (query heads, key/value heads): the query heads must be a multiple of the key/value heads (GQA groups).
+HEAD_PAIRS = (("num_attention_heads", "num_key_value_heads"), ("n_head", "n_head_kv"), ("num_heads", "num_kv_heads"))
 #: Sub-configs of composite configs, checked the same way.
 SUB_CONFIG_KEYS = ("text_config", "decoder", "language_config", "llm_config")
 
@@ -62,7 +68,67 @@ def check_config_json(file: Path) -> dict:
                 raise InputError(
                     f"{file}: line {_line_of(text, key)}: key {prefix + key!r}: expected a positive int, got {value!r}"
                 )
+        problem = config_values_problem(section)
+        if problem is not None:
+            key, message = problem
+            raise InputError(f"{file}: line {_line_of(text, key)}: key {prefix + key!r}: {message}")
     return values
+
+
+def _default_value(model_type, key):
+    """`key` of transformers' default config for `model_type` (None when there is none): a value the
+    architecture itself ships, such as XLNet's `max_position_embeddings=-1` (relative positions, no limit)."""
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.for_model(model_type), key, None)
+    except Exception:  # noqa: BLE001 - unknown or remote model type: no default to compare with
+        return None
+
+
+def config_values_problem(values, model_type=None) -> tuple[str, str] | None:
+    """`(key, "expected …, got …")` for the first value of a config (a mapping) no model can be built from
+    consistently: a context length of 0 or less (unless the architecture's own default is that value),
+    query heads that are not a multiple of the key/value heads. None when there is none. (Sizes that are
+    not positive ints: `SIZE_KEYS`, checked by `check_config_json`.)"""
+    model_type = model_type or values.get("model_type")
+    for key in POSITIVE_CONTEXT_KEYS:
+        value = values.get(key)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value <= 0:
+            if value != _default_value(model_type, key):
+                return key, f"expected a positive int (the model's context length), got {value!r}"
+    for heads_key, kv_key in HEAD_PAIRS:
+        heads, kv_heads = values.get(heads_key), values.get(kv_key)
+        if is_int(heads) and is_int(kv_heads) and kv_heads > 0 and heads % kv_heads:
+            return kv_key, (f"expected a divisor of {heads_key}={heads} (every key/value head serves a whole group of "
+                            f"query heads), got {kv_heads}")
+    return None
+
+
+def _attribute(config, key):
+    """`getattr(config, key, None)`, None too where a config refuses the attribute (per-layer sizes)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001 - e.g. "a per-layer attribute ... access it via the layer configs"
+        return None
+
+
+def check_config_values(config) -> None:
+    """Raise InputError for a config object (and its text sub-config) that `config_values_problem` refuses:
+    a tiny copy of it would not be the architecture asked about, so no verdict could be true."""
+    configs = [config]
+    try:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    except Exception:  # noqa: BLE001 - several text configs (MusicGen): the top level is checked
+        text = None
+    if text is not None and text is not config:
+        configs.append(text)
+    keys = (*POSITIVE_CONTEXT_KEYS, *(k for pair in HEAD_PAIRS for k in pair))
+    for part in configs:
+        problem = config_values_problem({key: _attribute(part, key) for key in keys}, part.model_type)
+        if problem is not None:
+            key, message = problem
+            raise InputError(f"{type(part).__name__}: {key}: {message}")
 
 
 def read_config_json(path) -> dict:

@@ -60,6 +60,21 @@ def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+def checked_device(device) -> torch.device:
+    """`device` as a `torch.device` this machine has; InputError in one line for a name torch does not know
+    (`"tpu"`, `"quantum"`) or a device that is not here (`"cuda"` without a GPU)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    try:
+        torch.empty(0, device=parsed)
+    except Exception as error:  # noqa: BLE001 - AssertionError (torch without CUDA), RuntimeError, …: one line
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"device: expected a device this machine has, got {device!r} ({message})") from None
+    return parsed
+
+
 def on_device(batch: Mapping, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 

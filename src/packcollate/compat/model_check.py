@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from ..errors import InputError, InputTypeError, one_line
+from ..errors import InputError, InputTypeError, check_positive_int, one_line
 from ..unwrap import unwrap_model, unwrapped_class
-from .configs import load_local_config
-from .equivalence import on_device
+from .configs import check_config_values, load_local_config
+from .equivalence import checked_device, on_device
 from .proof import (
     available_backends,
     collator_options,
@@ -138,14 +138,22 @@ def check_model(
             config is already in the local Hugging Face cache.
         backends: attention backends to prove (default `available_backends(device)`).
         device: where the tiny copy runs.
-        max_seq_length: the longest example planned, checked against the model's context length.
+        max_seq_length: the longest example planned (a positive int), checked against the model's context length.
         trust_remote_code: allow the config's own code (never set unless you pass it).
+
+    Raises InputError (one line) for a device this machine lacks, a `max_seq_length` that is not a positive
+    int, or a config no consistent model is built from (a context length of 0 or less, query heads not a
+    multiple of the key/value heads): a verdict on another architecture than the one asked about would lie.
 
     Returns:
         A `CompatReport`: `findings` (see `Finding.name`), per-backend verdicts `exact` /
         `contaminated` / `unsupported` with `use_cache` False and True, and the collator options.
     """
+    device = checked_device(device)
+    if max_seq_length is not None:
+        check_positive_int("max_seq_length", max_seq_length)
     resolved = _resolve_target(target, trust_remote_code)
+    check_config_values(resolved.config)
     backends = list(backends) if backends else available_backends(device)
     with one_thread():
         return _check_resolved(resolved, backends, device, max_seq_length)

@@ -90,7 +90,10 @@ def _pick_layers(layer_types: list | None, n_layers: int, shared_tail: int = 0, 
     `shared_tail` last layers that reuse earlier layers' key/value cache (Gemma 3n) are picked on
     their own, so both kinds of layer survive.
     """
-    types = [str(t) for t in layer_types] if layer_types else ["layer"] * n_layers
+    if not layer_types:  # one kind of layer: no list of `n_layers` entries (a config may declare 10**9 layers)
+        body = list(range(min(per_type, n_layers - shared_tail)))
+        return body + list(range(n_layers - shared_tail, n_layers - shared_tail + min(per_type, shared_tail)))
+    types = [str(t) for t in layer_types]
     keep: list[int] = []
     for start, stop in ((0, n_layers - shared_tail), (n_layers - shared_tail, n_layers)):
         seen: dict[str, int] = {}

@@ -47,8 +47,9 @@ class TokenMeanEvalLoss:
     loss_is_token_mean: bool = True
 
     def _token_mean_eval(self) -> bool:
-        """Only for the token-mean loss (a `loss_weighting="sequence"` trainer averages examples instead)."""
-        return self.loss_is_token_mean and getattr(self, "loss_weighting", "token") == "token"
+        """Only for a loss over tokens: `loss_weighting` "token" or "sum" (the sum trains the same per-token objective,
+        scaled; a `"sequence"` trainer averages examples instead)."""
+        return self.loss_is_token_mean and getattr(self, "loss_weighting", "token") in ("token", "sum")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._eval_sums is None:  # training (or not a token mean): the Trainer's own loss

@@ -24,7 +24,8 @@ Launch. Measured with accelerate 1.16, torch 2.13, on CPU:
 
 - `accelerate launch --num_processes 2 script.py` starts one process (no GPU, no `--multi_gpu`);
   `accelerate launch --multi_gpu --num_processes 2 script.py` or `torchrun --nproc_per_node 2
-  script.py` start two (gloo on CPU): `assert_processes` refuses the first;
+  script.py` start two (gloo on CPU): `assert_processes` refuses the first; two processes started without
+  `use_cpu=True` train unsynchronised or each alone (`assert_processes`, run by `PackedTrainer` at train start);
 - `accelerate launch --use_fsdp …` and `TrainingArguments(fsdp=…)` run DDP (`MULTI_CPU`, the model a
   `DistributedDataParallel`): accelerate's FSDP plugin is only used on accelerators
   (`assert_fsdp_active` refuses). FSDP2's own `torch.distributed.fsdp.fully_shard` works on CPU with
@@ -219,11 +220,50 @@ def assert_fsdp_active(args, accelerator) -> None:
     )
 
 
-def assert_processes(accelerator, expected: int | None) -> None:
-    """Raise RuntimeError when `expected` processes were asked for and another number runs."""
-    if expected is not None and accelerator.num_processes != expected:
+def launched_processes() -> int:
+    """How many processes the launcher started: torch.distributed's world size once a process group runs,
+    else the `WORLD_SIZE` that torchrun, `accelerate launch` and the `deepspeed` launcher set (1 without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() else 1
+
+
+#: The fix for a multi-process launch on CPU that the Trainer does not run as one job.
+_USE_CPU = ("on a machine without GPUs pass TrainingArguments(use_cpu=True) (--use_cpu on the command line; "
+            "accelerate launch --cpu)")
+
+
+def assert_processes(accelerator, expected: int | None = None) -> None:
+    """Raise RuntimeError (`LaunchError`) unless every launched process trains as one rank of one synchronised job.
+
+    `PackedTrainer` runs it at train start. Measured on CPU (accelerate 1.16, DeepSpeed 0.19) with 2 processes
+    started by torchrun or `accelerate launch` and no `use_cpu=True`: with DeepSpeed each rank believes it is
+    alone (`AssertionError: Check batch related parameters` when the config has a `train_batch_size`, otherwise
+    every rank trains the whole dataset); without it the ranks share the data but never average gradients (two
+    unsynchronised runs). Also raises when `expected` processes were asked for and another number runs
+    (`accelerate launch --num_processes 2` without `--multi_gpu` starts one on CPU).
+    """
+    from accelerate.utils import DistributedType
+
+    running = accelerator.num_processes
+    if expected is not None and running != expected:
         raise LaunchError(
-            f"expected {expected} processes, got {accelerator.num_processes}: on a machine without GPUs "
+            f"expected {expected} processes, got {running}: on a machine without GPUs "
             f"`accelerate launch --num_processes {expected}` starts one; use "
             f"`accelerate launch --multi_gpu --num_processes {expected}` or `torchrun --nproc_per_node {expected}`"
+        )
+    launched = launched_processes()
+    kind = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
+    if launched > 1 and running != launched:
+        raise LaunchError(
+            f"{launched} processes were launched but each trains as 1 of {running} (accelerate: {kind}): every rank "
+            f"would train the whole dataset alone (DeepSpeed: 'Check batch related parameters'); {_USE_CPU}"
+        )
+    if running > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise LaunchError(
+            f"{running} processes run without a distributed backend (accelerate: {kind}): their gradients would never "
+            f"be averaged, {running} unsynchronised runs; {_USE_CPU}"
         )

@@ -19,6 +19,9 @@
   `eval_max_tokens_per_batch`) by a `TokenBudgetBatchSampler`, one plan per rank, re-planned every
   epoch; examples longer than the budget train in a batch of their own, with a warning;
 - with `check_packing=True` (default), runs `assert_packing_safe` on the model at train start;
+- refuses, at train start, a multi-process launch that would not train as one synchronised job
+  (`preflight.assert_processes`: on CPU without `use_cpu=True`), and says once that
+  `per_device_train_batch_size=1` without `max_tokens_per_batch` packs nothing;
 - batches an iterable dataset (a stream) with a `TokenBudgetStream`, the token budget or the
   per-device batch size, every rank the same number of steps (`integrations.streams`);
 - measures every split before the first step and says once how many examples exceed
@@ -53,10 +56,11 @@ from ..errors import InputError
 from .eval_loss import TokenMeanEvalLoss
 from .preflight import (
     assert_fsdp_active,
+    assert_processes,
     check_trainer_keeps_masks,
     check_trainer_splits,
 )
-from .sequence_loss import SequenceWeightedLossMixin
+from .loss_weighting import LossWeightingMixin
 from .sequence_parallel import deepspeed_sequence_parallel
 from .streams import (
     SaveStreamPosition,
@@ -89,7 +93,7 @@ class _SetEpoch(TrainerCallback):
         self.sampler.set_epoch(int(state.epoch or 0))
 
 
-class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
+class PackingTrainerMixin(TokenMeanEvalLoss, LossWeightingMixin):
     """Packed batches for a `Trainer` subclass; put it first: `class T(PackingTrainerMixin, Trainer)`.
 
     Args:
@@ -101,7 +105,9 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         budget_strategy: `"bfd"` (default), `"ffd"` or `"greedy"` (see `TokenBudgetBatchSampler`).
         loss_weighting: `"token"` (default): the Trainer's token-mean loss; `"sequence"`: every example
             weighs the same (mean over the step's examples of each one's mean token loss, exact
-            across gradient accumulation and ranks; see `packcollate.objectives.losses`).
+            across gradient accumulation and ranks); `"sum"`: open-instruct's `--reduce_loss sum`, the
+            summed token loss / (gradient accumulation steps x ranks). See
+            `packcollate.integrations.loss_weighting`.
         check_packing: prove at train start that the model's attention backend keeps packed
             examples apart (`packcollate.compat.assert_packing_safe`); default True.
         data_collator: default `PackedCollator()`. The trainer is built with its own default
@@ -131,6 +137,7 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         self._preflight_done = False
         self.train_stream = None  # the TrainerStream of a stream's training batches
         self.stream_position = None  # where a resumed checkpoint stood in that stream
+        self._unpacked_warned = False
         super().__init__(*args, **kwargs)
         self.add_callback(SaveStreamPosition(self))
         if self.model is not None:
@@ -215,7 +222,9 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """`Trainer.train`; on a stream, a checkpoint resumes at the batch it stood at, in whichever pass
         (`integrations.streams.TrainerStream`: the stream skips the trained batches, not the Trainer)."""
+        assert_processes(self.accelerator)  # every launched process one rank of one synchronised job
         self._preflight()
+        self._warn_unpacked_batches()
         self.stream_position = read_stream_position(self, resume_from_checkpoint)
         if self.stream_position is None:
             return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -232,6 +241,23 @@ class PackingTrainerMixin(TokenMeanEvalLoss, SequenceWeightedLossMixin):
         if self.train_stream is not None:
             self.train_stream.trained += 1
         return loss
+
+    def _warn_unpacked_batches(self) -> None:
+        """One example per micro-batch (`per_device_train_batch_size=1`, open-instruct's default) packs nothing:
+        say so once, unless a token budget batches instead, the rows are pre-packed (`seq_lengths`), or the
+        trainer's examples are pairs (DPO, reward models)."""
+        if self._unpacked_warned or self.max_tokens_per_batch is not None or self.args.per_device_train_batch_size != 1:
+            return
+        if not self.loss_is_token_mean:  # DPO / reward pairs: one pair is still two sequences in one row
+            return
+        if "seq_lengths" in (getattr(self.train_dataset, "column_names", None) or ()):
+            return
+        self._unpacked_warned = True
+        logger.warning(
+            "per_device_train_batch_size=1 and no max_tokens_per_batch: every micro-batch holds one example, so "
+            "nothing is packed (no speed-up); pass max_tokens_per_batch=N (tokens per micro-batch per rank, at least "
+            "the longest example) to %s to pack examples up to a token budget", type(self).__name__,
+        )
 
     def evaluate(self, *args, **kwargs):
         self._preflight()

@@ -23,6 +23,16 @@ and over ranks it is `L`. DDP *averages* gradients over ranks, so multiply by th
         optimizer.step(); optimizer.zero_grad()
 
 `PackedTrainer` / `PackedSFTTrainer` do this with `loss_weighting="sequence"`.
+
+The summed token loss (open-instruct's `--reduce_loss sum`) weighs every target token by 1 and divides
+by a constant, never by a count of tokens: the loss of one optimizer step is
+
+    L = (1 / (G * W)) * sum over every target t of the step (all micro-batches, all ranks) of CE(t)
+
+with `G` the configured gradient accumulation steps and `W` the number of ranks (DDP and DeepSpeed
+average gradients over ranks: that is the `1 / W`). A step with more target tokens takes a larger
+step. In a loop: `(summed_token_loss(logits, labels) / accumulation_steps).backward()`;
+`PackedTrainer` / `PackedSFTTrainer` do this with `loss_weighting="sum"`.
 """
 
 from __future__ import annotations
@@ -82,6 +92,24 @@ def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seq_le
     targets = _targets(labels.to(logits.device), cu)
     counts = segment_sum(targets.to(nll.dtype), cu).clamp(min=1)
     return segment_sum(nll, cu) / counts
+
+
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sum of next-token cross-entropy over every target of a batch (not a mean).
+
+    Args:
+        logits: `(B, N, V)`: a packed row (`B = 1`) or a padded batch.
+        labels: `(B, N)`, unshifted (-100: not a target). Position `t` predicts `labels[:, t + 1]`; in a
+            packed row the first token of every example is -100, so no prediction crosses examples.
+    Returns a 0-d float32 tensor (float64 for float64 logits).
+    """
+    if logits.shape[:2] != labels.shape:
+        raise InputError(f"labels: expected shape {tuple(logits.shape[:2])} (the logits' first two dims), "
+                         f"got {tuple(labels.shape)}")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    predicted = logits[:, :-1].reshape(-1, logits.shape[-1]).to(dtype)
+    targets = labels[:, 1:].reshape(-1).to(logits.device)
+    return torch.nn.functional.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def sequence_weighted_loss(

@@ -3,6 +3,7 @@ once, and the model built from a preset."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from ...backend.attention import BACKEND_NAME
 from ...batching.sampler import TokenBudgetBatchSampler
 from ...collate.text import PackedCollator, PaddedCollator
 from ...compat.configs import load_local_config
+from ...errors import InputError, is_int
 from .config import MODES, PRESETS
 from .data import Data
 
@@ -218,6 +220,58 @@ def build_model(preset: str, vocab_size: int, dtype: torch.dtype, device: torch.
                              f"data's tokenizer ({vocab_size})")
     else:
         raise ValueError(f"--preset: expected one of {tuple(PRESETS)} or a local model directory, got {preset!r}")
+    check_fits(preset, config, dtype, device)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype, trust_remote_code=False)
     return prepare(model)
+
+
+def _parameters_on_meta(config) -> int:
+    """Parameters of the model `config` builds, counted on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimated_parameters(config) -> int | None:
+    """Parameters of the model `config` builds, without building it: counted on the meta device with one and
+    two layers and extrapolated to `num_hidden_layers` (a config may declare 10**9 layers); None when the
+    config does not build that way."""
+    layers = getattr(config, "num_hidden_layers", None)
+    try:
+        if not is_int(layers) or layers <= 2:
+            return _parameters_on_meta(config)
+        one, two = copy.deepcopy(config), copy.deepcopy(config)
+        one.num_hidden_layers, two.num_hidden_layers = 1, 2
+        first, second = _parameters_on_meta(one), _parameters_on_meta(two)
+    except Exception:  # noqa: BLE001 - no estimate: the real build reports its own error
+        return None
+    return first + (layers - 1) * (second - first)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new model on `device` (CUDA: `mem_get_info`; CPU on Linux: `MemAvailable`), or None."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # MemAvailable counts the page cache the kernel would give back; free pages alone undercount
+        with open("/proc/meminfo") as info:
+            return next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_fits(preset: str, config, dtype: torch.dtype, device: torch.device) -> None:
+    """InputError in one line, before anything is allocated, when the model's weights, gradients and AdamW
+    state (4 copies of the parameters, a lower bound: activations come on top) exceed the free memory."""
+    parameters, free = estimated_parameters(config), available_memory(device)
+    if parameters is None or free is None:
+        return
+    need = 4 * parameters * torch.finfo(dtype).bits // 8
+    if need > free:
+        raise InputError(
+            f"--preset {preset}: expected a model whose training state fits this machine, got {parameters:,} "
+            f"parameters: weights, gradients and AdamW state need {need / 2**30:,.1f} GiB in "
+            f"{str(dtype).replace('torch.', '')}, {free / 2**30:,.1f} GiB is free on {device}"
+        )

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from ...backend.attention import describe
+from ...compat.equivalence import checked_device
+from ...errors import check_non_negative_int, check_positive_int
 from ..versions import library_versions
 from .config import BUILTIN_DATASETS, DTYPES, MODES, NOISY_SPREAD, PRESETS
 from .data import load_data
@@ -140,13 +142,18 @@ def run_benchmark(
     """
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     kwargs = {k: v for k, v in locals().items() if k not in ("say", "command", "quiet", "out")}
-    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device_ = checked_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device_.type == "cuda"
     dtype_ = DTYPES[dtype or ("bf16" if on_cuda else "fp32")]
-    batch_size = batch_size or (8 if on_cuda else 16)
-    steps = steps or (40 if on_cuda else 8)
-    warmup = (3 if on_cuda else 1) if warmup is None else warmup
-    repeats = repeats or (1 if on_cuda else 3)
+    batch_size = (8 if on_cuda else 16) if batch_size is None else check_positive_int("--batch-size", batch_size)
+    steps = (40 if on_cuda else 8) if steps is None else check_positive_int("--steps", steps)
+    warmup = (3 if on_cuda else 1) if warmup is None else check_non_negative_int("--warmup", warmup)
+    repeats = (1 if on_cuda else 3) if repeats is None else check_positive_int("--repeats", repeats)
+    if memory_steps is not None:
+        check_non_negative_int("--memory-steps", memory_steps)
+    for flag, value in (("--max-tokens", max_tokens), ("--max-length", max_length), ("--threads", threads)):
+        if value is not None:
+            check_positive_int(flag, value)
     modes = list(modes) if modes else list(MODES)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
