@@ -183,13 +183,21 @@ def test_one_rank_equals_the_model_and_its_loss(one_rank):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
-def test_packed_trainer_under_deepspeed_ulysses_equals_one_process(tmp_path, free_port):
+@pytest.mark.parametrize("trainer", ["packed", "sft"])
+def test_packed_trainer_under_deepspeed_ulysses_equals_one_process(tmp_path, free_port, trainer):
+    """PackedTrainer, and PackedSFTTrainer (TRL's fused LM head on DeepSpeed's shift_labels, SFTConfig's
+    gradient checkpointing; fp32), split over 2 ranks: the loss and every gradient of one process."""
+    if trainer == "sft" and importlib.util.find_spec("trl") is None:
+        pytest.skip("needs the trl extra")
     out = tmp_path / "ulysses.pt"
-    launch("ulysses_trainer_step.py", str(out), port=free_port, timeout=300)
+    launch("ulysses_trainer_step.py", str(out), trainer, port=free_port, timeout=300)
     saved = torch.load(out)
     row = saved["row"]
     assert "cu_seq_lens_q" not in row and row["input_ids"].shape[1] % 128 == 0  # padded to the budget, no offsets
-    assert len(row["position_ids"][0].eq(0).nonzero()) >= 3  # several examples in the row
+    starts = row["position_ids"][0].eq(0).nonzero().flatten().tolist()
+    assert len(starts) >= 3  # several examples in the row
+    half = row["input_ids"].shape[1] // 2
+    assert any(a < half < b for a, b in zip(starts, starts[1:])), starts  # an example straddles the shard edge
     torch.set_num_threads(1)
     model = tiny_model()
     loss = model(**row).loss
@@ -203,8 +211,8 @@ def ulysses_trainer(model, cls=SimpleNamespace, **overrides):
     """What `deepspeed_sequence_parallel` reads of a trainer, under ParallelismConfig(sp_backend="deepspeed", sp_size=2)."""
     config = SimpleNamespace(sp_enabled=True, sp_size=2, sp_backend="deepspeed", sp_handler=None)
     trainer = cls(accelerator=SimpleNamespace(parallelism_config=config), model=model,
-                              args=SimpleNamespace(per_device_train_batch_size=1), loss_weighting="token",
-                              data_collator=PackedCollator(), max_tokens_per_batch=128)
+                  args=SimpleNamespace(per_device_train_batch_size=1), loss_weighting="token",
+                  data_collator=PackedCollator(), max_tokens_per_batch=128)
     for key, value in overrides.items():
         setattr(trainer.args if key == "per_device_train_batch_size" else trainer, key, value)
     return trainer
@@ -224,11 +232,18 @@ def test_trainer_under_deepspeed_ulysses_refuses_before_the_first_step(overrides
     assert "\n" not in str(error.value)
 
 
-def test_trl_trainers_under_deepspeed_ulysses_are_refused():
-    """PackedSFTTrainer under Ulysses: gradients 0.3-0.9% off one process (TRL 1.16, loss within 1e-6): refused."""
-    sft = type("SFTTrainer", (SimpleNamespace,), {"__module__": "trl.trainer.sft_trainer"})
-    trainer = ulysses_trainer(tiny_model(), cls=type("PackedSFTTrainer", (sft,), {}))
-    with pytest.raises(UnsupportedError, match="TRL's SFTTrainer under DeepSpeed's Ulysses"):
+def trl_like(name: str):
+    """A trainer class whose base is named like TRL's `name`, from a `trl.` module."""
+    base = type(name, (SimpleNamespace,), {"__module__": f"trl.trainer.{name.lower()}"})
+    return type(f"Packed{name}", (base,), {})
+
+
+def test_trl_trainers_other_than_sft_under_deepspeed_ulysses_are_refused():
+    """Only PackedTrainer and PackedSFTTrainer are proven equal to one process under Ulysses."""
+    with pytest.raises(UnsupportedError, match="TRL's DPOTrainer under DeepSpeed's Ulysses is not proven"):
+        deepspeed_sequence_parallel(ulysses_trainer(tiny_model(), cls=trl_like("DPOTrainer")))
+    trainer = ulysses_trainer(tiny_model(), cls=trl_like("SFTTrainer"), per_device_train_batch_size=4)
+    with pytest.raises(InputError, match="expected per_device_train_batch_size=1"):  # past the TRL check
         deepspeed_sequence_parallel(trainer)
 
 

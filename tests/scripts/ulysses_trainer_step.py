@@ -1,14 +1,16 @@
-"""Worker for integrations/test_sequence_parallel.py: one `PackedTrainer` step under DeepSpeed's Ulysses, 2 ranks.
+"""Worker for integrations/test_sequence_parallel.py: one trainer step under DeepSpeed's Ulysses, 2 ranks.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/scripts/ulysses_trainer_step.py OUT.pt
+    python -m torch.distributed.run --nproc_per_node 2 tests/scripts/ulysses_trainer_step.py OUT.pt [trainer]
 
-`TrainingArguments(deepspeed=ZeRO-2, parallelism_config=ParallelismConfig(sp_backend="deepspeed",
-sp_size=2), per_device_train_batch_size=1)` with `max_tokens_per_batch=128` on the tiny Llama
-(packcollate backend, gloo, CPU), one step: DeepSpeed's loader gives the group rank 0's first row,
-split in two. Each rank keeps the gradient its backward gives every parameter (a tensor hook, before
-DeepSpeed reduces them); their sum over the ranks divided by the world size is what ZeRO averages.
-Rank 0 saves that row (as its collator made it), the step's logged loss and those gradients; the
-test computes them in one process.
+`trainer`: `packed` (default: `PackedTrainer` and `TrainingArguments`) or `sft` (`PackedSFTTrainer`
+and TRL's `SFTConfig` defaults, gradient checkpointing included, but fp32), on the tiny Llama and the
+prompt/completion dataset (TRL turns its `completion_mask` into `labels`). Either with
+`deepspeed=ZeRO-2`, `parallelism_config=ParallelismConfig(sp_backend="deepspeed", sp_size=2)`,
+`per_device_train_batch_size=1` and `max_tokens_per_batch=128` (packcollate backend, gloo, CPU), one step: DeepSpeed's loader gives the group rank 0's first row, split in two.
+Each rank keeps the gradient its backward gives every parameter (a tensor hook, before DeepSpeed
+reduces them); their sum over the ranks divided by the world size is what ZeRO averages. Rank 0
+saves that row (as its collator made it), the step's logged loss and those gradients; the test
+computes them in one process.
 """
 
 import sys
@@ -22,10 +24,12 @@ from accelerate.parallelism_config import ParallelismConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, where `tests` is a package
 from packcollate import PackedCollator  # noqa: E402
 from packcollate.integrations import PackedTrainer  # noqa: E402
-from tests.helpers import arguments, prompt_completion_dataset, tiny_model  # noqa: E402
+from tests.helpers import arguments, char_tokenizer, prompt_completion_dataset, tiny_model  # noqa: E402
 from tests.scripts.two_ranks import exit_now, watchdog  # noqa: E402
 
 ROWS = []
+DEEPSPEED = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+             "zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}
 
 
 @dataclass(kw_only=True)
@@ -46,18 +50,39 @@ def keep_gradients(model) -> dict:
     return grads
 
 
-def main(out: str) -> None:
+def packed_trainer(out: str, model):
+    args = arguments(f"{out}.run", deepspeed=DEEPSPEED, per_device_train_batch_size=1,
+                     parallelism_config=ParallelismConfig(sp_backend="deepspeed", sp_size=2))
+    return PackedTrainer(model=model, args=args, train_dataset=prompt_completion_dataset(), max_tokens_per_batch=128,
+                         data_collator=RecordingCollator())
+
+
+def sft_trainer(out: str, model):
+    """`PackedSFTTrainer` with TRL's `SFTConfig` defaults (gradient checkpointing on) but fp32 and one SGD step."""
+    from trl import SFTConfig
+
+    from packcollate.integrations.trl import PackedSFTTrainer
+
+    args = SFTConfig(f"{out}.run", max_steps=1, per_device_train_batch_size=1, learning_rate=1.0, max_grad_norm=0.0,
+                     lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                     bf16=False, seed=0, shuffle_dataset=False, max_length=None, deepspeed=DEEPSPEED,
+                     parallelism_config=ParallelismConfig(sp_backend="deepspeed", sp_size=2))
+    assert args.gradient_checkpointing  # SFTConfig's default: recomputed Ulysses attention in the backward
+    return PackedSFTTrainer(model=model, args=args, train_dataset=prompt_completion_dataset(),
+                            processing_class=char_tokenizer(), max_tokens_per_batch=128,
+                            data_collator=RecordingCollator())
+
+
+TRAINERS = {"packed": packed_trainer, "sft": sft_trainer}
+
+
+def main(out: str, kind: str = "packed") -> None:
     watchdog(200)
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     model = tiny_model()
     grads = keep_gradients(model)
-    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}
-    args = arguments(f"{out}.run", deepspeed=config, per_device_train_batch_size=1,
-                     parallelism_config=ParallelismConfig(sp_backend="deepspeed", sp_size=2))
-    trainer = PackedTrainer(model=model, args=args, train_dataset=prompt_completion_dataset(), max_tokens_per_batch=128,
-                            data_collator=RecordingCollator())
+    trainer = TRAINERS[kind](out, model)
     trainer.train()
     for grad in grads.values():
         dist.all_reduce(grad)
@@ -69,4 +94,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

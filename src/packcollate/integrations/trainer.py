@@ -30,8 +30,8 @@
 - reports `eval_loss` as the token mean over the eval set's targets, whatever the batching
   (`integrations.eval_loss`);
 - with accelerate's `ParallelismConfig(sp_backend="deepspeed", sp_size=N)`, splits each packed row
-  across `N` ranks with DeepSpeed's Ulysses on the packcollate backend (`PackedTrainer`; TRL's
-  trainers are refused), or refuses before the first step
+  across `N` ranks with DeepSpeed's Ulysses on the packcollate backend (`PackedTrainer`,
+  `PackedSFTTrainer`; TRL's other trainers are refused), or refuses before the first step
   (`integrations.sequence_parallel.deepspeed_sequence_parallel`).
 
 The loss needs nothing extra: `Trainer` divides the summed token loss of every micro-batch by the
