@@ -7,6 +7,7 @@ one K/V head repeated over them, Qwen2 with the sequence-weighted loss, and grad
 """
 
 import importlib.util
+import itertools
 import os
 from types import SimpleNamespace
 
@@ -197,7 +198,7 @@ def test_packed_trainer_under_deepspeed_ulysses_equals_one_process(tmp_path, fre
     starts = row["position_ids"][0].eq(0).nonzero().flatten().tolist()
     assert len(starts) >= 3  # several examples in the row
     half = row["input_ids"].shape[1] // 2
-    assert any(a < half < b for a, b in zip(starts, starts[1:])), starts  # an example straddles the shard edge
+    assert any(a < half < b for a, b in itertools.pairwise(starts)), starts  # an example straddles the shard edge
     torch.set_num_threads(1)
     model = tiny_model()
     loss = model(**row).loss

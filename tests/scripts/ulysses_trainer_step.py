@@ -24,7 +24,12 @@ from accelerate.parallelism_config import ParallelismConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, where `tests` is a package
 from packcollate import PackedCollator  # noqa: E402
 from packcollate.integrations import PackedTrainer  # noqa: E402
-from tests.helpers import arguments, char_tokenizer, prompt_completion_dataset, tiny_model  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    arguments,
+    char_tokenizer,
+    prompt_completion_dataset,
+    tiny_model,
+)
 from tests.scripts.two_ranks import exit_now, watchdog  # noqa: E402
 
 ROWS = []
