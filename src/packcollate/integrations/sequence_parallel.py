@@ -288,9 +288,9 @@ def deepspeed_sequence_parallel(trainer) -> int:
     - of TRL's trainers only `SFTTrainer` (`PackedSFTTrainer`): under Ulysses TRL 1.16 runs its fused LM
       head on the pre-shifted `shift_labels` and lets transformers reduce its token-mean loss over the
       ranks, which equals one process in fp32 (gradient checkpointing, SFTConfig's default, included);
-      DPO/reward/GRPO/RLOO are not proven there and are refused. Under bf16 autocast (SFTConfig's
-      default `bf16=True`; CPU autocast with `use_cpu=True`) the gradients differ from fp32 by bf16
-      rounding (about 1% on the tiny test model), in one process as much as split.
+      `PackedDPOTrainer` / `PackedRewardTrainer` are not proven there and are refused. Under bf16
+      autocast (SFTConfig's default `bf16=True`; CPU autocast with `use_cpu=True`) the gradients differ
+      from fp32 by bf16 rounding (about 1% on the tiny test model), in one process as much as split.
 
     Raises `UnsupportedError` / `InputError` (one line) before the first step otherwise.
     """

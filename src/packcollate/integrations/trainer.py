@@ -31,8 +31,8 @@
   (`integrations.eval_loss`);
 - with accelerate's `ParallelismConfig(sp_backend="deepspeed", sp_size=N)`, splits each packed row
   across `N` ranks with DeepSpeed's Ulysses on the packcollate backend (`PackedTrainer`,
-  `PackedSFTTrainer`; TRL's other trainers are refused), or refuses before the first step
-  (`integrations.sequence_parallel.deepspeed_sequence_parallel`).
+  `PackedSFTTrainer`; `PackedDPOTrainer`/`PackedRewardTrainer` are refused), or refuses before the
+  first step (`integrations.sequence_parallel.deepspeed_sequence_parallel`).
 
 The loss needs nothing extra: `Trainer` divides the summed token loss of every micro-batch by the
 label tokens of the whole optimizer step, gathered over gradient accumulation and over ranks
