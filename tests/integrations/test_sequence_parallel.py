@@ -212,10 +212,11 @@ def ulysses_trainer(model, cls=SimpleNamespace, **overrides):
     """What `deepspeed_sequence_parallel` reads of a trainer, under ParallelismConfig(sp_backend="deepspeed", sp_size=2)."""
     config = SimpleNamespace(sp_enabled=True, sp_size=2, sp_backend="deepspeed", sp_handler=None)
     trainer = cls(accelerator=SimpleNamespace(parallelism_config=config), model=model,
-                  args=SimpleNamespace(per_device_train_batch_size=1), loss_weighting="token",
+                  args=SimpleNamespace(per_device_train_batch_size=1, gradient_accumulation_steps=1, world_size=2),
+                  loss_weighting="token",
                   data_collator=PackedCollator(), max_tokens_per_batch=128)
     for key, value in overrides.items():
-        setattr(trainer.args if key == "per_device_train_batch_size" else trainer, key, value)
+        setattr(trainer.args if hasattr(trainer.args, key) else trainer, key, value)
     return trainer
 
 
@@ -224,6 +225,8 @@ def ulysses_trainer(model, cls=SimpleNamespace, **overrides):
     ({"model": "lfm2"}, "carry state along the sequence"),
     ({"per_device_train_batch_size": 4}, "expected per_device_train_batch_size=1"),
     ({"loss_weighting": "sequence"}, "loss_weighting='sequence' is not split across ranks"),
+    ({"gradient_accumulation_steps": 2}, "expected gradient_accumulation_steps=1 and one sequence-parallel group, got 2 and 1"),
+    ({"world_size": 4}, "expected gradient_accumulation_steps=1 and one sequence-parallel group, got 1 and 2"),
     ({"data_collator": PaddedCollator()}, "expected packcollate's PackedCollator"),
 ])
 def test_trainer_under_deepspeed_ulysses_refuses_before_the_first_step(overrides, message):

@@ -283,8 +283,11 @@ def deepspeed_sequence_parallel(trainer) -> int:
       to a multiple of `N` (`pad_to_multiple_of`; with gloo, whose all-gather needs equal shapes, to
       the token budget `max_tokens_per_batch`, which is then required): the pad is an example of its
       own, never a target;
-    - `per_device_train_batch_size=1` (DeepSpeed reshapes by it; a packed batch is one row) and
-      `loss_weighting="token"` (transformers reduces the model's token-mean loss over the ranks);
+    - `per_device_train_batch_size=1` (DeepSpeed reshapes by it; a packed batch is one row),
+      `loss_weighting="token"` (transformers reduces the model's token-mean loss over the ranks), and
+      one row per optimizer step: `gradient_accumulation_steps=1` and a world of one sequence-parallel
+      group (transformers' Ulysses loss averages each row's token mean: with several rows a step that is
+      not the step's token mean);
     - of TRL's trainers only `SFTTrainer` (`PackedSFTTrainer`): under Ulysses TRL 1.16 runs its fused LM
       head on the pre-shifted `shift_labels` and lets transformers reduce its token-mean loss over the
       ranks, which equals one process in fp32 (gradient checkpointing, SFTConfig's default, included);
@@ -326,6 +329,13 @@ def deepspeed_sequence_parallel(trainer) -> int:
     if trainer.loss_weighting != "token":
         raise UnsupportedError(f"{where}: loss_weighting={trainer.loss_weighting!r} is not split across ranks; "
                                f"expected 'token' (the token mean over each row)")
+    accumulation = trainer.args.gradient_accumulation_steps
+    groups = trainer.args.world_size // size
+    if accumulation != 1 or groups != 1:
+        raise UnsupportedError(f"{where}: transformers averages each row's token mean over micro-batches and "
+                               f"data-parallel groups, not the step's tokens: expected gradient_accumulation_steps=1 "
+                               f"and one sequence-parallel group, got {accumulation} and {groups} (the plain-loop "
+                               f"helpers weigh them exactly: count_shard_targets)")
     collator = trainer.data_collator
     if not isinstance(collator, PackedCollator):
         raise UnsupportedError(f"{where}: expected packcollate's PackedCollator, got {type(collator).__name__}")
