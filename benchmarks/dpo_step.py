@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_preset_arguments(parser)
     parser.add_argument("--pairs", type=int, default=8, help="preference pairs per step (2x sequences)")
     common.add_timing_arguments(parser, "distinct batches timed per repeat",
-                         "JSON path (default benchmarks/results/<device>/dpo_step_<preset>.json)")
+                                "JSON path (default benchmarks/results/<device>/dpo_step_<preset>.json)")
     args = parser.parse_args(argv)
 
     device, dtype = common.seeded_device(args)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--median-completion", type=int, default=96)
     parser.add_argument("--reference", action="store_true", help="time the reference log-prob pass too (beta > 0)")
     common.add_timing_arguments(parser, "distinct generation batches timed per repeat",
-                         "JSON path (default benchmarks/results/grpo/grpo_step_<preset>_<device>.json)")
+                                "JSON path (default benchmarks/results/grpo/grpo_step_<preset>_<device>.json)")
     args = parser.parse_args(argv)
 
     device, dtype = common.seeded_device(args)
