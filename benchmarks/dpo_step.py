@@ -24,26 +24,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
 
-import packcollate
 from packcollate.collate.preference import PackedPreferenceCollator
-from packcollate.tools.bench.config import DTYPES, PRESETS
+from packcollate.tools.bench.config import PRESETS
 from packcollate.tools.bench.data import synthetic_lengths
-from packcollate.tools.bench.measure import fork_memory_available, peak_rss_in_child
-from packcollate.tools.bench.modes import build_model
-from packcollate.tools.bench.report import device_name
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("padded", "packed")
 
 
 def preference_pairs(n: int, vocab_size: int, seed: int) -> list[dict]:
@@ -56,7 +48,7 @@ def preference_pairs(n: int, vocab_size: int, seed: int) -> list[dict]:
             for p, c, r in zip(prompts, chosen, rejected)]
 
 
-def trainers(preset: str, dtype: torch.dtype, device: torch.device, output_dir: str):
+def trainers(args, dtype: torch.dtype, device: torch.device, output_dir: str) -> dict:
     """`{"padded": DPOTrainer (sdpa), "packed": PackedDPOTrainer (packcollate)}`, same initial weights."""
     import datasets
     from trl import DPOConfig, DPOTrainer
@@ -65,127 +57,57 @@ def trainers(preset: str, dtype: torch.dtype, device: torch.device, output_dir: 
     from packcollate.tools.toy import char_tokenizer
 
     placeholder = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])  # batches are ours
-    made = {}
-    for mode, cls, attn in (("padded", DPOTrainer, "sdpa"), ("packed", PackedDPOTrainer, "packcollate")):
-        policy = build_model(preset, 0, dtype, device)
-        policy.set_attn_implementation(attn)
+
+    def make(mode, cls, policy, extra):
         reference = copy.deepcopy(policy).eval()
-        args = DPOConfig(output_dir=f"{output_dir}/{mode}", report_to=[], use_cpu=device.type == "cpu",
-                         max_length=None, bf16=dtype == torch.bfloat16, save_strategy="no")
-        extra = {"check_packing": False} if cls is PackedDPOTrainer else {}
-        trainer = cls(model=policy, ref_model=reference, args=args, train_dataset=placeholder,
-                      processing_class=char_tokenizer(), **extra)
-        trainer.model.train()
-        made[mode] = trainer
-    return made
+        config = DPOConfig(output_dir=f"{output_dir}/{mode}", report_to=[], use_cpu=device.type == "cpu",
+                           max_length=None, bf16=dtype == torch.bfloat16, save_strategy="no")
+        return cls(model=policy, ref_model=reference, args=config, train_dataset=placeholder,
+                   processing_class=char_tokenizer(), **extra)
+
+    return common.paired_trainers(DPOTrainer, PackedDPOTrainer, 0, args, dtype, device, make)
 
 
 def collate(mode: str, pairs: list[dict], device: torch.device) -> dict:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     collator = DataCollatorForPreference(pad_token_id=0) if mode == "padded" else PackedPreferenceCollator()
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(pairs).items()}
+    return common.to_device(collator(pairs), device)
 
 
 def dpo_step(trainer, optimizer, batch: dict) -> float:
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return common.optimizer_step(trainer.compute_loss(trainer.model, batch), optimizer)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    common.add_preset_arguments(parser)
     parser.add_argument("--pairs", type=int, default=8, help="preference pairs per step (2x sequences)")
-    parser.add_argument("--steps", type=int, default=6, help="distinct batches timed per repeat")
-    parser.add_argument("--repeats", type=int, default=2, help="passes over the batches, modes interleaved")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a shared machine's cores)")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default benchmarks/results/<device>/dpo_step_<preset>.json)")
+    common.add_timing_arguments(parser, "distinct batches timed per repeat",
+                                "JSON path (default benchmarks/results/<device>/dpo_step_<preset>.json)")
     args = parser.parse_args(argv)
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    device, dtype = common.seeded_device(args)
     vocab = PRESETS[args.preset]["vocab_size"]
     pairs = preference_pairs(args.pairs * args.steps, vocab, args.seed)
     groups = [pairs[i * args.pairs : (i + 1) * args.pairs] for i in range(args.steps)]
-    made = trainers(args.preset, dtype, device, "/tmp/packcollate-dpo-bench")
-    batches = {mode: [collate(mode, g, device) for g in groups] for mode in MODES}
+    made = trainers(args, dtype, device, "/tmp/packcollate-dpo-bench")
+    batches = {mode: [collate(mode, g, device) for g in groups] for mode in common.MODES}
     real = [int(b["input_ids"].numel()) for b in batches["packed"]]
     padded = [int(b["input_ids"].numel()) for b in batches["padded"]]
 
+    def step(mode, optimizer, i):
+        return dpo_step(made[mode], optimizer, batches[mode][i])
+
     # the first step from the same weights: the same loss and policy log-probs in both modes (at the
     # start the policy is the reference, so the loss is log 2; the log-probs are the real check)
-    first = {mode: float(made[mode].compute_loss(made[mode].model, batches[mode][0]).detach()) for mode in MODES}
-    first_logps = {mode: made[mode]._metrics["train"]["logps/chosen"][-1] for mode in MODES}
-    for trainer in made.values():
-        trainer.model.zero_grad(set_to_none=True)
-
-    # peak memory, before timing changes the weights: the two batches with the most real tokens
-    heavy = sorted(range(args.steps), key=lambda i: real[i])[-2:]
-    memory = {}
-    for mode in MODES:
-        trainer = made[mode]
-
-        def train_heavy(trainer=trainer, mode=mode):
-            optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-5)
-            for i in heavy:
-                dpo_step(trainer, optimizer, batches[mode][i])
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            state = copy.deepcopy(trainer.model.state_dict())
-            train_heavy()
-            sync(device)
-            memory[mode] = torch.cuda.max_memory_allocated(device) - base
-            trainer.model.load_state_dict(state)
-        elif fork_memory_available():
-            memory[mode] = peak_rss_in_child(train_heavy)
-
-    optimizers = {mode: torch.optim.AdamW(made[mode].model.parameters(), lr=1e-5) for mode in MODES}
-    for mode in MODES:  # warm-up step
-        dpo_step(made[mode], optimizers[mode], batches[mode][0])
-    times = {mode: [[] for _ in range(args.steps)] for mode in MODES}
-    for _ in range(args.repeats):
-        for i in range(args.steps):
-            for mode in MODES:  # interleaved: drift of a shared machine hits both modes alike
-                sync(device)
-                start = time.perf_counter()
-                dpo_step(made[mode], optimizers[mode], batches[mode][i])
-                sync(device)
-                times[mode][i].append(time.perf_counter() - start)
-    step_time = {mode: [statistics.median(t) for t in times[mode]] for mode in MODES}
-    summary = {
-        mode: {
-            "seconds": sum(step_time[mode]),
-            "tokens_per_s": sum(real) / sum(step_time[mode]),
-            "peak_memory_bytes": memory.get(mode),
-            "first_loss": first[mode],
-        }
-        for mode in MODES
-    }
-    ideal = sum(padded) / sum(real)
-    speedup = summary["padded"]["seconds"] / summary["packed"]["seconds"]
-    mem_ratio = (memory["packed"] / memory["padded"]) if memory.get("padded") else None
+    first, first_logps = common.first_step(made, lambda mode: batches[mode][0], "logps/chosen")
+    memory = common.peak_memory(made, step, real, device)  # before timing changes the weights
+    step_time = common.time_interleaved(made, step, args.steps, args.repeats, device)
+    summary = common.mode_summary(step_time, real, memory, first)
+    ideal, speedup, mem_ratio = common.ratios(summary, memory, real, padded)
     result = {
-        "benchmark": "dpo_step",
-        "command": "python benchmarks/dpo_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": device_name(device),
-        "preset": args.preset,
-        "model": PRESETS[args.preset],
-        "dtype": str(dtype).replace("torch.", ""),
+        **common.result_head("dpo_step", __file__, argv, args, device, dtype),
         "pairs_per_step": args.pairs,
         "steps": args.steps,
         "repeats": args.repeats,
@@ -199,27 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         "first_logps_chosen": first_logps,
         "first_logps_rel_diff": abs(first_logps["packed"] - first_logps["padded"]) / abs(first_logps["padded"]),
         "modes": summary,
-        "memory_method": "CUDA max_memory_allocated" if device.type == "cuda" else
-                         "peak anonymous RSS increase of a forked child (weights + grads + AdamW state + activations)",
-        "versions": {"python": platform.python_version(), "packcollate": packcollate.__version__,
-                     "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "trl": __import__("trl").__version__},
+        **common.result_tail(device),
     }
     out = Path(args.out) if args.out else RESULTS / result["device"] / f"dpo_step_{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(result, out)
 
-    mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"  # noqa: E731
     print(f"DPO step, {args.preset} ({result['dtype']}, {result['device']}), {args.pairs} pairs/step, "
           f"{sum(real)} real / {sum(padded)} padded tokens over {args.steps} steps")
-    print(f"{'mode':<8} {'tokens/s':>10} {'speed-up':>9} {'peak memory':>12} {'memory':>7} {'first loss':>11}")
-    for mode in MODES:
-        s = summary[mode]
-        ratio = s["tokens_per_s"] / summary["padded"]["tokens_per_s"]
-        peak = s["peak_memory_bytes"]
-        mem = "" if not memory.get("padded") or peak is None else f"{peak / memory['padded']:.2f}x"
-        print(f"{mode:<8} {s['tokens_per_s']:>10.0f} {ratio:>8.2f}x {mib(s['peak_memory_bytes']):>12} {mem:>7} "
-              f"{s['first_loss']:>11.6f}")
+    common.print_memory_table(summary, memory, first_loss=True)
     print(f"ideal speed-up (padded / real tokens): {ideal:.2f}x; measured {speedup:.2f}x "
           f"({'meets' if speedup >= ideal else 'below'} the ideal); first step: loss rel. diff "
           f"{result['first_loss_rel_diff']:.1e}, logps/chosen rel. diff {result['first_logps_rel_diff']:.1e}")

@@ -26,32 +26,16 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import sys
 from pathlib import Path
 
-import numpy as np
+import _common as common
 import torch
 
 import packcollate  # registers the backend; packcollate.prepare restarts the recurrent layers
 from packcollate import PackedCollator, PaddedCollator
-from packcollate.tools.bench import (
-    library_versions,
-    round_robin_summary,
-    save_result,
-    time_round_robin,
-)
+from packcollate.tools.bench import library_versions
 
-MEDIAN_LENGTH, SIGMA, MIN_LENGTH, MAX_LENGTH = 120, 0.9, 8, 1024
 VOCAB = 4096
-
-
-def flan_like_batches(n_batches: int, batch_size: int, seed: int = 0) -> list[list[dict]]:
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(n_batches):
-        lengths = np.clip(rng.lognormal(np.log(MEDIAN_LENGTH), SIGMA, batch_size), MIN_LENGTH, MAX_LENGTH).astype(int)
-        batches.append([{"input_ids": rng.integers(3, VOCAB, n).tolist()} for n in lengths])
-    return batches
 
 
 def qwen3_5_config():
@@ -93,17 +77,11 @@ def bench_model(name: str, batches: list[list[dict]], repeats: int) -> dict:
     config = CONFIGS[name]()
     runs = {}
     for mode, (collator_class, implementation) in MODES.items():
-        model = build(config, implementation).train()
-        runs[mode] = {
-            "model": model,
-            "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-4),
-            "batches": [collator_class()(b) for b in batches],
-        }
-    time_round_robin(runs, repeats, torch.device("cpu"))  # same weights: the first step's loss must agree
-    real = sum(len(f["input_ids"]) for b in batches for f in b)
-    padded = sum(len(b) * max(len(f["input_ids"]) for f in b) for b in batches)
+        model = build(config, implementation)
+        runs[mode] = common.step_run(model, [collator_class()(b) for b in batches], torch.device("cpu"))
+    real, padded = (sum(counts) for counts in common.token_counts(batches))
     ideal = padded / real
-    results = round_robin_summary(runs, real)
+    results = common.round_robin(runs, repeats, torch.device("cpu"), real)  # same weights: the first losses agree
     speedup = results["packcollate"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
     return {"ideal_speedup": ideal, "packed_speedup": speedup, "fraction_of_ideal": speedup / ideal,
             "first_loss_diff": abs(results["padded"]["first_loss"] - results["packcollate"]["first_loss"]),
@@ -113,15 +91,13 @@ def bench_model(name: str, batches: list[list[dict]], repeats: int) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    parser.add_argument("--batches", type=int, default=4, help="distinct batches, each timed --repeats times")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    common.add_batch_arguments(parser, batches=4, batch_size=16)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shared machine has 2 cores)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device name>/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device_name = f"cpu-{platform.machine()}"
-    batches = flan_like_batches(args.batches, args.batch_size)
+    batches = common.flan_like_batches(args.batches, args.batch_size, VOCAB)
     results = {name: bench_model(name, batches, args.repeats) for name in args.models}
 
     print(f"train step, {args.batch_size} FLAN-like examples per step, {device_name}, fp32, {args.threads} thread(s)")
@@ -136,15 +112,13 @@ def main(argv=None) -> dict:
         "benchmark": "recurrent_step",
         "device": device_name,
         "dtype": "float32",
-        "command": "python benchmarks/recurrent_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": {"median_length": MEDIAN_LENGTH, "sigma": SIGMA, "clip": [MIN_LENGTH, MAX_LENGTH],
-                 "batch_size": args.batch_size, "batches": args.batches},
+        "command": common.command_line(__file__, argv),
+        "data": common.flan_data(args.batch_size, args.batches),
         "threads": args.threads,
         "versions": library_versions("torch", "transformers"),
         "models": results,
     }
-    out_dir = args.out or Path("benchmarks/results") / device_name
-    save_result(out, out_dir / "recurrent_step_float32.json")
+    common.save_step_result(out, args.out, device_name, "recurrent_step_float32.json")
     return out
 
 

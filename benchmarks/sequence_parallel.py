@@ -28,6 +28,7 @@ import platform
 import time
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -127,7 +128,7 @@ def main() -> None:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for length in args.lengths:
-        row = {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed_row(length, args.example_length, args.vocab).items()}
+        row = common.to_device(packed_row(length, args.example_length, args.vocab), device)
         measured = {}
         if rank == 0:  # one process, the whole row
             runs = [step(model, optimizer, lambda row=row: model(**row).loss, device) for _ in range(args.repeats + 1)][1:]

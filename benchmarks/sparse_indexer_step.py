@@ -22,32 +22,16 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import sys
 from pathlib import Path
 
-import numpy as np
+import _common as common
 import torch
 
 import packcollate
 from packcollate import PackedCollator, PaddedCollator
-from packcollate.tools.bench import (
-    library_versions,
-    round_robin_summary,
-    save_result,
-    time_round_robin,
-)
+from packcollate.tools.bench import library_versions
 
-MEDIAN_LENGTH, SIGMA, MIN_LENGTH, MAX_LENGTH = 120, 0.9, 8, 1024
 VOCAB = 4096
-
-
-def flan_like_batches(n_batches: int, batch_size: int, seed: int = 0) -> list[list[dict]]:
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(n_batches):
-        lengths = np.clip(rng.lognormal(np.log(MEDIAN_LENGTH), SIGMA, batch_size), MIN_LENGTH, MAX_LENGTH).astype(int)
-        batches.append([{"input_ids": rng.integers(3, VOCAB, n).tolist()} for n in lengths])
-    return batches
 
 
 def deepseek_v32_config(layers: int, hidden: int, topk: int):
@@ -64,9 +48,7 @@ def deepseek_v32_config(layers: int, hidden: int, topk: int):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, default=4, help="distinct batches, each timed --repeats times")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    common.add_batch_arguments(parser, batches=4, batch_size=16)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--topk", type=int, default=64)
@@ -79,9 +61,8 @@ def main(argv=None) -> dict:
 
     device = torch.device("cpu")
     device_name = f"cpu-{platform.machine()}"
-    batches = flan_like_batches(args.batches, args.batch_size)
-    real_tokens = [sum(len(f["input_ids"]) for f in b) for b in batches]
-    padded_tokens = [len(b) * max(len(f["input_ids"]) for f in b) for b in batches]
+    batches = common.flan_like_batches(args.batches, args.batch_size, VOCAB)
+    real_tokens, padded_tokens = common.token_counts(batches)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(deepseek_v32_config(args.layers, args.hidden, args.topk),
                                             attn_implementation="sdpa")
@@ -92,44 +73,31 @@ def main(argv=None) -> dict:
         model.set_attn_implementation(implementation)
         if implementation == "packcollate":
             packcollate.prepare(model)
-        model.train()
-        runs[name] = {"model": model, "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-4),
-                      "batches": [collator(b) for b in batches]}
-    time_round_robin(runs, args.repeats, device)
+        runs[name] = common.step_run(model, [collator(b) for b in batches], device)
+    results = common.round_robin(runs, args.repeats, device, sum(real_tokens), baseline="padded-sdpa")
     ideal = sum(padded_tokens) / sum(real_tokens)
-    results = round_robin_summary(runs, sum(real_tokens))
-    padded = results["padded-sdpa"]["tokens_per_s"]
-    for r in results.values():
-        r["speedup_vs_padded"] = r["tokens_per_s"] / padded
 
     print(f"train step, tiny DeepSeek-V3.2 ({args.layers} layers, hidden {args.hidden}, indexer top-k {args.topk}, "
           f"vocab {VOCAB}), {args.batch_size} FLAN-like examples per step, {device_name}, fp32, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'mode':14} {'real tok/s':>11} {'median step':>12} {'vs padded':>10} {'first loss':>11}")
-    for name, r in results.items():
-        print(f"{name:14} {r['tokens_per_s']:11.0f} {r['median_step_s'] * 1e3:10.1f}ms {r['speedup_vs_padded']:9.2f}x "
-              f"{r['first_loss']:11.6f}")
+    common.print_step_table(results, 14)
     print(f"{'ideal (padded/real tokens)':26} {ideal:19.2f}x")
-    losses = [r["first_loss"] for r in results.values()]
-    print(f"same first-step loss across modes: max difference {max(losses) - min(losses):.2e}")
+    common.print_loss_spread(results)
 
     out = {
         "benchmark": "sparse_indexer_step",
         "device": device_name,
         "dtype": "fp32",
         "threads": torch.get_num_threads(),
-        "command": "python benchmarks/sparse_indexer_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": {"median_length": MEDIAN_LENGTH, "sigma": SIGMA, "clip": [MIN_LENGTH, MAX_LENGTH],
-                 "batch_size": args.batch_size, "batches": args.batches, "real_tokens": real_tokens,
-                 "padded_tokens": padded_tokens},
+        "command": common.command_line(__file__, argv),
+        "data": common.flan_data(args.batch_size, args.batches, real_tokens=real_tokens, padded_tokens=padded_tokens),
         "model": {"family": "deepseek_v32", "layers": args.layers, "hidden": args.hidden, "index_topk": args.topk,
                   "vocab": VOCAB},
         "versions": library_versions("torch", "transformers"),
         "ideal_speedup": ideal,
         "modes": results,
     }
-    out_dir = args.out or Path("benchmarks/results") / device_name
-    save_result(out, out_dir / "sparse_indexer_step.json")
+    common.save_step_result(out, args.out, device_name, "sparse_indexer_step.json")
     return out
 
 

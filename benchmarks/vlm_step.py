@@ -21,27 +21,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import sys
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
 
 import packcollate
 from packcollate import PackedVisionCollator, PaddedCollator
 from packcollate.backend import describe, use_backend
-from packcollate.tools.bench import (
-    library_versions,
-    round_robin_summary,
-    save_result,
-    time_round_robin,
-)
+from packcollate.tools.bench import library_versions, save_result
 
 MEDIAN_TEXT, SIGMA, MAX_TEXT = 60, 0.8, 512
 IMAGE_SIDES = (56, 84, 112, 168, 224)
 IMAGE_TOKEN, VIDEO_TOKEN, START_TOKEN, END_TOKEN = 4090, 4091, 4092, 4093
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESETS = {
     # text: layers, hidden, heads, kv heads, intermediate, vocab; vision: depth, width, heads
     "tiny": dict(layers=4, hidden=256, heads=8, kv_heads=2, intermediate=1024, vocab=4096,
@@ -125,26 +118,20 @@ def padded_batch(examples: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    common.add_device_arguments(parser)
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
-    parser.add_argument("--batches", type=int, default=4, help="distinct batches, each timed --repeats times")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    common.add_batch_arguments(parser, batches=4, batch_size=8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device name>/")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    device, dtype, device_name = common.device_and_dtype(args)
     preset = PRESETS[args.preset]
 
     batches = chat_batches(args.batches, args.batch_size, preset["vocab"])
-    real_tokens = [sum(len(e["input_ids"]) for e in b) for b in batches]
+    real_tokens, padded_tokens = common.token_counts(batches)
     image_tokens = [sum(e["input_ids"].count(IMAGE_TOKEN) for e in b) for b in batches]
-    padded_tokens = [len(b) * max(len(e["input_ids"]) for e in b) for b in batches]
     base = build_model(preset, dtype, device)
     packer = PackedVisionCollator(model=packcollate.prepare(base))
     modes = {"padded-sdpa": (padded_batch, "sdpa"), "packed-sdpa": (packer, "sdpa"), "packcollate": (packer, "packcollate")}
@@ -152,34 +139,22 @@ def main(argv=None) -> dict:
     for name, (collate, implementation) in modes.items():
         model = copy.deepcopy(base)
         use_backend(model, implementation)
-        model.train()
-        runs[name] = {
-            "model": model,
-            "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-4),
-            "batches": [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(b).items()} for b in batches],
-        }
+        runs[name] = common.step_run(model, [collate(b) for b in batches], device)
         for batch in runs[name]["batches"]:
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    time_round_robin(runs, args.repeats, device)  # same weights: the first step's loss checks the modes agree
+    # same weights: the first step's loss checks the modes agree
+    results = common.round_robin(runs, args.repeats, device, sum(real_tokens), baseline="padded-sdpa")
     ideal = sum(padded_tokens) / sum(real_tokens)
-    results = round_robin_summary(runs, sum(real_tokens))
-    padded = results["padded-sdpa"]["tokens_per_s"]
-    for r in results.values():
-        r["speedup_vs_padded"] = r["tokens_per_s"] / padded
 
     print(f"train step, Qwen2-VL-shaped '{args.preset}' ({preset['layers']} text layers, hidden {preset['hidden']}, "
           f"{preset['vision_depth']} vision layers), {args.batch_size} image chats per step, {device_name}, "
           f"{str(dtype).replace('torch.', '')}")
     print(f"tokens per step: real {np.mean(real_tokens):.0f} (image {np.mean(image_tokens):.0f}), "
           f"padded {np.mean(padded_tokens):.0f}")
-    print(f"{'mode':14} {'real tok/s':>11} {'median step':>12} {'vs padded':>10} {'first loss':>11}")
-    for name, r in results.items():
-        print(f"{name:14} {r['tokens_per_s']:11.0f} {r['median_step_s'] * 1e3:10.1f}ms {r['speedup_vs_padded']:9.2f}x "
-              f"{r['first_loss']:11.6f}")
+    common.print_step_table(results, 14)
     print(f"{'ideal (padded/real text tokens)':32} {ideal:13.2f}x")
-    losses = [r["first_loss"] for r in results.values()]
-    print(f"same first-step loss across modes: max difference {max(losses) - min(losses):.2e}")
+    common.print_loss_spread(results)
     print(describe())
 
     out = {
@@ -187,7 +162,7 @@ def main(argv=None) -> dict:
         "device": device_name,
         "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
-        "command": "python benchmarks/vlm_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command_line(__file__, argv),
         "data": {"median_text": MEDIAN_TEXT, "sigma": SIGMA, "image_sides": list(IMAGE_SIDES), "images_per_chat": [0, 2],
                  "batch_size": args.batch_size, "batches": args.batches, "real_tokens": real_tokens,
                  "image_tokens": image_tokens, "padded_tokens": padded_tokens},
