@@ -306,3 +306,17 @@ def test_token_budget_with_dropout_is_refused(tmp_path):
                                                r"\(model.layers.0.self_attn\)"):
         PackedGRPOTrainer(model=model, reward_funcs=digits_reward, args=arguments(tmp_path, disable_dropout=False),
                           train_dataset=prompts(), processing_class=char_tokenizer(), max_tokens_per_batch=100)
+
+
+@pytest.mark.parametrize("split", ["sp", "cp"])
+def test_sequence_or_context_parallelism_is_refused(split):
+    """Rollouts are packed whole on each rank: an attention that expects a shard of the row would mix them."""
+    from types import SimpleNamespace
+
+    from packcollate.integrations.trl_rl import refuse_split_sequences
+
+    config = SimpleNamespace(sp_enabled=split == "sp", cp_enabled=split == "cp")
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(parallelism_config=config))
+    with pytest.raises(UnsupportedError, match=f"expected no sequence or context parallelism .* {split}_size > 1"):
+        refuse_split_sequences(trainer)
+    refuse_split_sequences(SimpleNamespace(accelerator=SimpleNamespace(parallelism_config=None)))

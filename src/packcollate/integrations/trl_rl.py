@@ -72,6 +72,7 @@ class PackedRolloutsMixin:
         prepare(self.model)
         if self.ref_model is not None:
             prepare(self.ref_model)
+        refuse_split_sequences(self)
         if self.max_tokens_per_batch is not None and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise UnsupportedError(f"{type(self).__name__}: max_tokens_per_batch runs one backward per token-budget "
                                    "piece, which DeepSpeed's engine does not take; leave it None under DeepSpeed")
@@ -208,6 +209,17 @@ def checked_reward(func):
         return rewards
 
     return reward
+
+
+def refuse_split_sequences(trainer) -> None:
+    """Packed rollouts run whole on every rank: a sequence- or context-parallel `ParallelismConfig` (whose
+    attention would see one shard of rows that were never split) is refused in one line."""
+    config = getattr(trainer.accelerator, "parallelism_config", None)
+    split = [name for name in ("sp", "cp") if getattr(config, f"{name}_enabled", False)]
+    if split:
+        raise UnsupportedError(f"{type(trainer).__name__}: expected no sequence or context parallelism (packed rollouts "
+                               f"are not split across ranks), got ParallelismConfig with {' and '.join(split)}_size > 1; "
+                               "train without it")
 
 
 class PackedGRPOTrainer(PackedRolloutsMixin, GRPOTrainer):
