@@ -58,9 +58,9 @@ def one_process(case: str, rows: list[int]):
         flat_labels = torch.cat([batches[r]["labels"][0, 1:] for r in rows])
         loss = torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
     else:
-        per_row = [sequence_weighted_loss(o, batches[r]["labels"], batches[r]["cu_seq_lens_q"], 1) for o, r in zip(outputs, rows)]
         count = count_loss_examples([batches[r] for r in rows], across_ranks=False)
-        loss = sum(per_row) / count
+        loss = sum(sequence_weighted_loss(o, batches[r]["labels"], batches[r]["cu_seq_lens_q"], count)
+                   for o, r in zip(outputs, rows))
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, outputs[0].detach()
 
