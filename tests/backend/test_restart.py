@@ -206,3 +206,55 @@ def test_kernel_path_gets_the_layout(monkeypatch):
         assert not recurrent.uses_kernels(recurrent.token_mixers(build("mamba"))[0][1], torch.device("cuda"))
     finally:
         recurrent.kernel_functions.cache_clear()
+
+
+# --- Qwen4-Exp: sparse indexer, n-gram embeddings, dilated convolution, gated delta nets --------
+
+# PLE (hashed n-gram embeddings + a dilated depthwise convolution) on the two gated delta-net layers
+# (its default config has none); eos 2 resets the n-gram context inside an example
+QWEN4_EXP_PLE = {"ple_layer_ids": [1, 2], "eos_token_id": 2, "ple_embed_dim": 64, "number_of_conv_states": 3}
+
+
+def qwen4_exp(**overrides):
+    model = build("qwen4_exp_text", **{**QWEN4_EXP_PLE, **overrides})
+    with torch.no_grad():  # its convolution starts at zero: give it weight, so that it mixes tokens
+        for name, layer in model.named_modules():
+            if name.endswith(".ple"):
+                layer.conv1d.weight.normal_(0.0, 0.5)
+    return model
+
+
+def qwen4_exp_features():
+    """Uneven examples: one ends with eos, one holds it in the middle, the others none (the n-gram
+    context must restart at every example whether or not the one before ended with eos)."""
+    features = proof_features(lengths=(11, 27, 5, 19, 40))
+    features[0]["input_ids"][-1] = 2
+    features[1]["input_ids"][9] = 2
+    return features
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_qwen4_exp_packs_exactly(use_cache):
+    """Packed equals one example at a time through transformers' eager attention: the indexer picks its
+    top-k blocks inside each example, the n-gram embeddings and the dilated convolution restart at every
+    example, and so do the gated delta nets."""
+    model = qwen4_exp()
+    apart = [type(m).__name__ for _, m in recurrent.mask_reading_attention_layers(model)]
+    mixers = {type(m).__name__ for _, m in recurrent.token_mixers(model)}
+    assert apart == ["Qwen4ExpTextAttention"] * 2 and {"Qwen4ExpTextPLELayer", "Qwen4ExpTextGatedDeltaNet"} <= mixers
+    assert model.config.indexer_budget < 27  # the indexer really selects (not every key fits its budget)
+    result = compare_packed_unpacked(model, qwen4_exp_features(), reference_attn_implementation="eager",
+                                     use_cache=use_cache)
+    assert_exact(result)
+
+
+def test_qwen4_exp_ngram_context_crosses_examples_unless_restarted():
+    """The control: with its PLE layers run over the packed row as transformers runs them, an example's
+    first n-grams hash the previous example's last tokens (no eos between them), and the convolution
+    reaches back into it."""
+    model = qwen4_exp()
+    for name, layer in model.named_modules():
+        if name.endswith(".ple"):
+            del layer.__dict__["forward"]  # the class's own forward again
+    result = compare_packed_unpacked(model, qwen4_exp_features())
+    assert result.max_logit_diff > 1e-3

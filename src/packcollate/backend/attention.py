@@ -49,6 +49,7 @@ from .kernels import (
     FLASH_VARLEN,
     TORCH_VARLEN,
     AttentionOptions,
+    LogitTerms,
     block_allowed,
     choose_kernel,
     dense_attention,
@@ -114,7 +115,7 @@ _DECISIONS: dict[tuple, tuple[str, str]] = {}
 def decide(device_type: str, dtype: torch.dtype, opts: AttentionOptions, head_dims_match: bool, site: str) -> str:
     """The kernel of a call site (`kernels.choose_kernel`), decided once and logged once."""
     key = (site, device_type, dtype, opts.causal, opts.sliding_window is not None, opts.softcap is not None,
-           opts.has_sinks, opts.dropout > 0, head_dims_match, opts.bidirectional_blocks)
+           opts.has_sinks, opts.dropout > 0, head_dims_match, opts.bidirectional_blocks, opts.has_bias)
     if key not in _DECISIONS:
         kernel, reason = choose_kernel(device_type, dtype, opts, head_dims_match)
         _DECISIONS[key] = (kernel, reason)
@@ -160,7 +161,7 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def _decode_attention(query, key, value, opts: AttentionOptions, sinks) -> torch.Tensor:
+def _decode_attention(query, key, value, opts: AttentionOptions, sinks, bias=None) -> torch.Tensor:
     """Dense attention when queries are the last `S` of `S_kv` keys and no mask came with them (a
     model that builds none; with a cache, `packcollate_mask` hands transformers' 4-D mask instead)."""
     length, length_kv = query.shape[2], key.shape[2]
@@ -169,12 +170,48 @@ def _decode_attention(query, key, value, opts: AttentionOptions, sinks) -> torch
     allowed = idx_k <= idx_q if opts.causal else torch.ones_like(idx_k, dtype=torch.bool).expand(length, -1)
     if opts.sliding_window is not None:
         allowed = allowed & (idx_q - idx_k < opts.sliding_window)
-    return dense_attention(query, key, value, opts, allowed[None, None], sinks, is_causal=False)
+    return dense_attention(query, key, value, opts, allowed[None, None], sinks, is_causal=False, bias=bias)
 
 
-#: Keyword arguments some models hand their attention function that change its logits (T5's and
-#: Inkling's relative `position_bias`, Inkling's per-token `sinks`, ALiBi): refused, never ignored.
-LOGIT_TERMS = ("position_bias", "sinks", "alibi", "attention_bias")
+#: Keyword arguments some models hand their attention function that change its logits, and that the
+#: backend does not apply: refused, never ignored (ALiBi; T5-style biases arrive as `position_bias` and
+#: are applied, see `_logit_terms`).
+LOGIT_TERMS = ("alibi", "attention_bias")
+#: Keys a sparse indexer selected per query, `(B, S, k)` (DeepSeek-V3.2 on backends other than eager/sdpa):
+#: applied where the call carries its 4-D mask, refused elsewhere.
+SPARSE_INDICES = "indices"
+
+
+def _logit_terms(module, query, key, s_aux, kwargs: dict) -> LogitTerms:
+    """The logit terms of a call: `position_bias` `(B|1, H|1, S, S_kv)` and per-token `sinks` `(B|1, H, S, 1)`
+    (Inkling, Inkling 2), or GPT-OSS's per-head `s_aux` `(H,)`; one line naming what does not fit."""
+    bias, sinks = kwargs.get("position_bias"), kwargs.get("sinks")
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    sinks = sinks if isinstance(sinks, torch.Tensor) else None
+    batch, heads, seq = query.shape[:3]
+    name = type(module).__name__
+    if bias is not None and (bias.dim() != 4 or bias.shape[0] not in (1, batch) or bias.shape[1] not in (1, heads)
+                             or tuple(bias.shape[2:]) != (seq, key.shape[2])):
+        raise UnsupportedError(
+            f"attn_implementation='packcollate': {name} passes position_bias of shape {tuple(bias.shape)}, expected "
+            f"(B|1, H|1, S, S_kv) = ({batch}|1, {heads}|1, {seq}, {key.shape[2]}); train it with padding"
+        )
+    if sinks is not None and (s_aux is not None or sinks.dim() != 4 or sinks.shape[0] not in (1, batch)
+                              or tuple(sinks.shape[1:]) != (heads, seq, 1)):
+        raise UnsupportedError(
+            f"attn_implementation='packcollate': {name} passes sinks of shape {tuple(sinks.shape)}"
+            f"{' besides s_aux' if s_aux is not None else ''}, expected per-token sinks (B|1, H, S, 1) = "
+            f"({batch}|1, {heads}, {seq}, 1); train it with padding"
+        )
+    return LogitTerms(bias, sinks if sinks is not None else s_aux)
+
+
+def _selected_keys(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`(B, 1, S, S_kv)` bool: the keys a sparse indexer selected, `indices` `(B, S, k)` (negative: none)."""
+    length_kv = mask.shape[-1]
+    index = torch.where(indices >= 0, indices.long(), length_kv)
+    chosen = torch.zeros(*indices.shape[:2], length_kv + 1, dtype=torch.bool, device=indices.device)
+    return chosen.scatter(-1, index, True)[..., :length_kv].unsqueeze(1)
 
 
 def packcollate_attention(
@@ -197,12 +234,17 @@ def packcollate_attention(
     if kwargs.get("output_attentions"):
         _warn_once("weights", "packcollate attention returns no attention weights (output_attentions is ignored)")
     refused = [name for name in LOGIT_TERMS if isinstance(kwargs.get(name), torch.Tensor)]
+    indices = kwargs.get(SPARSE_INDICES)
+    if isinstance(indices, torch.Tensor) and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
+        refused.append(SPARSE_INDICES)
     if refused:
         raise UnsupportedError(
             f"attn_implementation='packcollate': {type(module).__name__} passes {', '.join(map(repr, refused))}, a term "
             f"on the attention logits this backend does not apply (ignoring it would change the model's output); "
             f"train this architecture with padding and its own attention backend"
         )
+    terms = _logit_terms(module, query, key, s_aux, kwargs)
+    s_aux = terms.sinks
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     batch, heads, seq, _ = query.shape
@@ -216,6 +258,7 @@ def packcollate_attention(
         softcap=float(softcap) if softcap else None,
         has_sinks=s_aux is not None,
         bidirectional_blocks=blocks is not None,
+        has_bias=terms.bias is not None,
     )
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         # a mask the caller built (create_causal_mask passes 4-D masks through untouched), or transformers'
@@ -225,15 +268,23 @@ def packcollate_attention(
         same = _same_example(batch, seq, query.device, kwargs) if key.shape[2] == seq else None
         if same is not None:
             mask = mask & same if mask.dtype == torch.bool else mask.masked_fill(~same, torch.finfo(mask.dtype).min)
+        if isinstance(indices, torch.Tensor):  # the keys a sparse indexer selected, inside that mask
+            chosen = _selected_keys(indices, mask)
+            mask = mask & chosen if mask.dtype == torch.bool else mask.masked_fill(~chosen, torch.finfo(mask.dtype).min)
         if mask.dtype == torch.bool:
             mask = mask | ~mask.any(-1, keepdim=True)
-        out = dense_attention(query, key, value, opts, mask, s_aux, is_causal=False)
+        out = dense_attention(query, key, value, opts, mask, s_aux, is_causal=False, bias=terms.bias)
         return out.transpose(1, 2).contiguous(), None
     if key.shape[2] == seq and torch.compiler.is_compiling():  # one graph, no sync: see traced.py
+        if terms.bias is not None or (s_aux is not None and s_aux.dim() == 4):
+            raise UnsupportedError(
+                f"attn_implementation='packcollate': {type(module).__name__} passes position_bias or per-token sinks, "
+                f"which the traced path (torch.compile) does not apply; train it without torch.compile"
+            )
         return traceable_attention(module, query, key, value, attention_mask, opts, s_aux, kwargs, blocks).contiguous(), None
     layout = _chunked_layout(module, query, key, kwargs) or (layout_of_call(batch, seq, attention_mask, kwargs) if key.shape[2] == seq else None)
     if layout is None and key.shape[2] != seq:
-        out = _decode_attention(query, key, value, opts, s_aux)
+        out = _decode_attention(query, key, value, opts, s_aux, terms.bias)
         return out.transpose(1, 2).contiguous(), None
     if layout is None or layout.full_rows:
         if query.device.type != "cuda" or batch == 1:
@@ -242,7 +293,7 @@ def packcollate_attention(
                 allowed, is_causal = block_allowed(blocks, opts.sliding_window), False
             else:
                 allowed, is_causal = window_mask(seq, opts.sliding_window, opts.causal, query.device), opts.causal
-            out = dense_attention(query, key, value, opts, allowed, s_aux, is_causal=is_causal)
+            out = dense_attention(query, key, value, opts, allowed, s_aux, is_causal=is_causal, bias=terms.bias)
             return out.transpose(1, 2).contiguous(), None
         if layout is None:
             cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
@@ -265,7 +316,8 @@ def packcollate_attention(
         if blocks is not None:
             token_blocks = blocks.reshape(-1).long()
             token_blocks = token_blocks if layout.token_index is None else token_blocks.index_select(0, layout.token_index)
-        out = exact_varlen(q, k, v, layout, opts, s_aux, token_blocks)
+        per_token = terms.bias is not None or (s_aux is not None and s_aux.dim() == 4)
+        out = exact_varlen(q, k, v, layout, opts, s_aux, token_blocks, terms if per_token else None, seq)
     if layout.token_index is not None:
         full = out.new_zeros(batch * seq, *out.shape[1:])
         out = full.index_copy(0, layout.token_index, out)

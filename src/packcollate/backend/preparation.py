@@ -7,7 +7,8 @@ Layers that carry state along the sequence (Mamba mixers, short convolutions, ga
 or compute attention inside the model (BLOOM, MPT, GPT-Neo, …) do not call the backend; for them
 `prepare(model)` (idempotent; returns the model) changes that one model:
 
-- each such layer gets the forward of `restart.restart_layer`: its packed examples run apart;
+- each such layer gets the forward of `restart.restart_layer`: its packed examples run apart (so do
+  attention layers that hand their mask to an indexer of their own: Qwen4-Exp);
 - every transformers model inside it (the causal LM, its decoder, a VLM's text model) gets a
   forward pre-hook and a forward hook that push and pop the call's `PackedForward` (its `(B, S)`
   tokens and their layout, `layout.layout_of_inputs`): the layout travels with the call
@@ -64,7 +65,7 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     if attn_implementation is not None:
         use_backend(unwrap_model(model), attn_implementation)
     mixers = restart.token_mixers(model)
-    internal = restart.internal_attention_layers(model)
+    internal = restart.internal_attention_layers(model) + restart.mask_reading_attention_layers(model)
     restarted = [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, "attention") for name, layer in internal]
     for _, layer, kind in restarted:
         restart.restart_layer(layer, kind)
@@ -73,7 +74,7 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     # defines stateful layers (perhaps only in another tower) gets the hooks too: its mask function checks them
     flagged = any(restart.stateful_classes(type(config)) != ((), False) for config in configs)
     if restarted or flagged:
-        internal_only = restart.attention_all_internal(model)  # the model's masks are theirs, not a tower's only
+        internal_only = restart.attention_runs_per_example(model)  # the model's masks are theirs, not a tower's only
         units = _checkpointed_units(model, [name for name, _, _ in restarted])
         for module in model.modules():
             if isinstance(module, PreTrainedModel) and not module.__dict__.get("_packcollate_forward_hooks"):
@@ -246,7 +247,8 @@ def require_prepared(config) -> None:
     if not (mixers or internal):
         return
     what = (f"{', '.join(mixers)} carry state along the sequence" if mixers
-            else "its attention is computed inside the model, not through the attention backend")
+            else "its attention is computed inside the model, or reads the mask itself, not only through the "
+                 "attention backend")
     raise NotPreparedError(
         f"{config.model_type}: attn_implementation={BACKEND_NAME!r} keeps packed examples apart in this model only once "
         f"it is prepared ({what}); call packcollate.prepare(model) before training or generating (PackedTrainer and "

@@ -18,7 +18,10 @@ mixer") sees its examples apart:
 
 Attention layers written inside the model (no `AttentionInterface`: BLOOM, MPT, XGLM, GPT-Neo, …)
 run their examples apart the same way, with the plain causal mask the packcollate mask function
-hands such models, cut to each bucket (and BLOOM's ALiBi biases).
+hands such models, cut to each bucket (and BLOOM's ALiBi biases). So do attention layers that hand
+their 4-D mask to a layer of their own (sparse indexers that pick their keys from the mask's visible
+tokens: Qwen4-Exp, DeepSeek-V3.2-style): inside a bucket the mask is each example's own causal mask,
+so the indexer selects its top-k inside the example (memory `G * L * L` per bucket, never `N * N`).
 
 `restart_layer` gives such a layer the forward that does this (`prepare` calls it): it reads the packed forward in
 progress (`state.current()`, the layout travelling with the call). Layers are found at run time by
@@ -30,12 +33,14 @@ to continue from); padded batches (a 2-D `attention_mask` with zeros) run as tra
 
 from __future__ import annotations
 
+import ast
 import contextvars
 import functools
 import importlib
 import inspect
 import re
 import sys
+import textwrap
 import types
 from dataclasses import dataclass
 
@@ -106,11 +111,56 @@ def _writes_attention_inside(module: torch.nn.Module) -> bool:
     return names_interface(cls) is False and not any(names_interface(type(m)) for m in module.modules())
 
 
+@functools.lru_cache(maxsize=None)
+def hands_mask_to_a_layer(cls: type) -> bool:
+    """Whether an attention class that goes through the AttentionInterface hands its `attention_mask` to a
+    layer of its own in its forward (`self.indexer(..., attention_mask, ...)`: a sparse indexer that reads
+    the 4-D mask; a method of the class is not a layer). Read from the forward's source at run time."""
+    owner = next((klass for klass in cls.__mro__ if "forward" in vars(klass)), None)
+    if owner is None or not ATTENTION_CLASS.search(cls.__name__) or not names_interface(cls):
+        return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(owner.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    for call in ast.walk(tree):
+        func = getattr(call, "func", None)
+        if not (isinstance(call, ast.Call) and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                and func.value.id == "self" and not callable(getattr(cls, func.attr, None))):
+            continue
+        arguments = [*call.args, *(keyword.value for keyword in call.keywords)]
+        if any(isinstance(node, ast.Name) and node.id == "attention_mask" for arg in arguments for node in ast.walk(arg)):
+            return True
+    return False
+
+
+def _reads_mask_itself(module: torch.nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.") and hands_mask_to_a_layer(type(module))
+
+
 def internal_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The outermost attention layers of `model` that compute attention themselves, not through
     transformers' `AttentionInterface` (BLOOM, MPT, XGLM, GPT-2-era models): read from their source
     at run time. Like token mixers, they run their examples apart under the packcollate backend."""
     return _outermost(model, lambda module: _writes_attention_inside(module) and not is_token_mixer(module))
+
+
+def mask_reading_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost attention layers of `model` that hand their mask to a layer of their own (sparse
+    indexers, `hands_mask_to_a_layer`): they run their examples apart under the packcollate backend, each
+    bucket with its examples' own causal mask."""
+    return _outermost(model, lambda module: _reads_mask_itself(module) and not is_token_mixer(module))
+
+
+def attention_runs_per_example(model: torch.nn.Module) -> bool:
+    """Every attention layer of `model` runs its examples apart once prepared (it computes attention inside
+    the model, or hands its mask to an indexer): the mask function then hands the model causal masks as
+    wide as its longest example, which its restarted layers cut per bucket."""
+    apart = internal_attention_layers(model) + mask_reading_attention_layers(model)
+    return bool(apart) and not any(
+        ATTENTION_CLASS.search(type(m).__name__) and names_interface(type(m)) and not _reads_mask_itself(m)
+        for m in model.modules()
+    )
 
 
 def attention_all_internal(model: torch.nn.Module) -> bool:
@@ -139,8 +189,9 @@ _STATEFUL: dict[type, tuple[tuple[str, ...], bool]] = {}
 
 def stateful_classes(config_class: type) -> tuple[tuple[str, ...], bool]:
     """What a model of `config_class` needs `prepare` for, read from its modeling file (no model is
-    built): the class names of its token mixers, and whether every attention class it defines computes
-    attention inside the model. `((), False)` when the modeling file cannot be found (remote code)."""
+    built): the class names of its token mixers, and whether every attention class it defines runs its
+    examples apart once prepared (it computes attention inside the model, or hands its mask to an
+    indexer: `hands_mask_to_a_layer`). `((), False)` when the modeling file cannot be found (remote code)."""
     found = _STATEFUL.get(config_class)
     if found is None:
         found = _STATEFUL[config_class] = _read_stateful_classes(config_class)
@@ -165,7 +216,7 @@ def _read_stateful_classes(config_class: type) -> tuple[tuple[str, ...], bool]:
         if TOKEN_MIXER_CLASS.search(cls.__name__) or _CONV_SOURCE.search(source):
             mixers.append(cls.__name__)
     attention = [cls for cls in classes if ATTENTION_CLASS.search(cls.__name__)]
-    internal = bool(attention) and all(names_interface(cls) is False for cls in attention)
+    internal = bool(attention) and all(names_interface(cls) is False or hands_mask_to_a_layer(cls) for cls in attention)
     return tuple(sorted(mixers)), internal
 
 
