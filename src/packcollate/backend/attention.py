@@ -268,6 +268,9 @@ def packcollate_attention(
         same = _same_example(batch, seq, query.device, kwargs) if key.shape[2] == seq else None
         if same is not None:
             mask = mask & same if mask.dtype == torch.bool else mask.masked_fill(~same, torch.finfo(mask.dtype).min)
+        band = window_mask(seq, opts.sliding_window, False, query.device) if key.shape[2] == seq else None
+        if band is not None:  # a sliding layer handed a plain causal mask (a restarted layer's bucket) keeps its window
+            mask = mask & band if mask.dtype == torch.bool else mask.masked_fill(~band, torch.finfo(mask.dtype).min)
         if isinstance(indices, torch.Tensor):  # the keys a sparse indexer selected, inside that mask
             chosen = _selected_keys(indices, mask)
             mask = mask & chosen if mask.dtype == torch.bool else mask.masked_fill(~chosen, torch.finfo(mask.dtype).min)

@@ -37,6 +37,9 @@ ATTENTION_COST = CostModel(work_exponent=2, bucket_cost=64 * 64)
 # 32 and 256 tokens a bucket equally fast, 1024 1.45x slower, one bucket for all 3.7x slower (its
 # PyTorch scan grows faster than linearly with the padded length).
 RECURRENT_COST = CostModel(work_exponent=1, bucket_cost=128)
+# No padding at all: one bucket per distinct length (every padded token costs, a bucket costs nothing). For
+# layers whose outputs padding could reach (a sparse indexer's top-k over the bucket's keys).
+UNPADDED_COST = CostModel(work_exponent=1, bucket_cost=0)
 
 
 def plan_buckets(lengths, cost: CostModel) -> list[tuple[np.ndarray, np.ndarray]]:

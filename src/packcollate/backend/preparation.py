@@ -8,7 +8,8 @@ or compute attention inside the model (BLOOM, MPT, GPT-Neo, …) do not call the
 `prepare(model)` (idempotent; returns the model) changes that one model:
 
 - each such layer gets the forward of `restart.restart_layer`: its packed examples run apart (so do
-  attention layers that hand their mask to an indexer of their own: Qwen4-Exp);
+  attention layers that hand their mask to an indexer of their own, Qwen4-Exp, or number their tokens
+  themselves, Inkling's log-scaled queries);
 - every transformers model inside it (the causal LM, its decoder, a VLM's text model) gets a
   forward pre-hook and a forward hook that push and pop the call's `PackedForward` (its `(B, S)`
   tokens and their layout, `layout.layout_of_inputs`): the layout travels with the call
@@ -65,8 +66,12 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     if attn_implementation is not None:
         use_backend(unwrap_model(model), attn_implementation)
     mixers = restart.token_mixers(model)
-    internal = restart.internal_attention_layers(model) + restart.mask_reading_attention_layers(model)
-    restarted = [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, "attention") for name, layer in internal]
+    indexed = restart.mask_reading_attention_layers(model)
+    internal = [(name, layer) for name, layer in [*restart.internal_attention_layers(model),
+                                                  *restart.row_position_attention_layers(model)]
+                if all(layer is not other for _, other in indexed)]
+    restarted = ([(name, layer, "mixer") for name, layer in mixers] + [(name, layer, "attention") for name, layer in internal]
+                 + [(name, layer, "indexed") for name, layer in indexed])
     for _, layer, kind in restarted:
         restart.restart_layer(layer, kind)
     configs = [module.config for module in model.modules() if isinstance(getattr(module, "config", None), PretrainedConfig)]

@@ -49,7 +49,7 @@ import torch
 from ..errors import UnsupportedError
 from ..layout import PACKING_KEYS, SequenceLayout, example_index
 from . import state
-from .buckets import RECURRENT_COST, bucket_plan
+from .buckets import RECURRENT_COST, UNPADDED_COST, bucket_plan
 
 # class names of layers that carry state along the sequence (Mamba mixers, short convolutions, gated
 # delta nets, lightning/linear attention, RG-LRU, RWKV time and channel mixing, xLSTM)
@@ -132,6 +132,27 @@ def hands_mask_to_a_layer(cls: type) -> bool:
         if any(isinstance(node, ast.Name) and node.id == "attention_mask" for arg in arguments for node in ast.walk(arg)):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def counts_row_positions(cls: type) -> bool:
+    """Whether an attention class that goes through the AttentionInterface numbers its tokens itself in its
+    forward (`torch.arange` over the call's length: Inkling's log-scaled queries, Llama 4's attention
+    temperature): over a packed row those are row positions, not each example's own."""
+    owner = next((klass for klass in cls.__mro__ if "forward" in vars(klass)), None)
+    if owner is None or not ATTENTION_CLASS.search(cls.__name__) or not names_interface(cls):
+        return False
+    try:
+        return "torch.arange(" in inspect.getsource(owner.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def row_position_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost attention layers of `model` that number their tokens themselves (`counts_row_positions`):
+    they run their examples apart under the packcollate backend, so each counts from its example's start."""
+    return _outermost(model, lambda module: type(module).__module__.startswith("transformers.")
+                      and counts_row_positions(type(module)) and not is_token_mixer(module))
 
 
 def _reads_mask_itself(module: torch.nn.Module) -> bool:
@@ -412,16 +433,17 @@ def _merge_outputs(outputs: list, counts: list[tuple[int, int]], back: torch.Ten
 
 
 def run_per_example(forward, args: tuple, kwargs: dict, layout: SequenceLayout,
-                    shape: tuple[int, int], attention_layer: bool = False):
+                    shape: tuple[int, int], attention_layer: bool = False, padded: bool = True):
     """`forward` on the examples of a packed call, one call per length bucket.
 
     Per-token arguments `(B, S, ...)` become `(G, L, ...)` right-padded buckets (`buckets.bucket_plan`),
     the packed layout's kwargs are dropped, caches, states and padding masks are
-    None; per-token outputs come back `(B, S, ...)` in token order. An `attention_layer` (attention
+    None; per-token outputs come back `(B, S, ...)` in token order; `padded=False`: one bucket per distinct
+    length, no padding (`buckets.UNPADDED_COST`). An `attention_layer` (attention
     written inside the model) keeps its causal mask, cut to each bucket, and its ALiBi biases.
     """
     named = _bound_arguments(forward, args, kwargs)
-    plan = bucket_plan(layout, layout.cu_seq_lens.device, RECURRENT_COST)
+    plan = bucket_plan(layout, layout.cu_seq_lens.device, RECURRENT_COST if padded else UNPADDED_COST)
     outputs, counts = [], []
     for bucket in plan.buckets:
         outputs.append(forward(**_bucket_arguments(named, shape, bucket.gather, bucket.count, bucket.width,
@@ -444,14 +466,15 @@ def _cross_attention(forward, args: tuple, kwargs: dict) -> bool:
     return any(named.get(key) is not None for key in ("key_value_states", "encoder_hidden_states"))
 
 
-# layers running their examples apart in this context (a layer whose inner forward reaches itself again
-# runs as it is there)
+# layers running their examples apart in this context: any restarted layer called inside one of their
+# buckets (a short convolution inside Inkling's attention, a layer whose forward reaches itself) runs as it is
 _RUNNING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("packcollate_running", default=frozenset())
 
 
 def restart_layer(layer: torch.nn.Module, kind: str) -> None:
-    """Give a token mixer (`kind="mixer"`) or an attention layer written inside the model
-    (`kind="attention"`) the forward that runs its packed examples apart (`_restarted_forward`);
+    """Give a token mixer (`kind="mixer"`), an attention layer written inside the model or numbering its
+    tokens itself (`kind="attention"`), or one that hands its mask to an indexer (`kind="indexed"`: its
+    examples run unpadded, one bucket per length) the forward that runs its packed examples apart (`_restarted_forward`);
     idempotent. A bound method, so a deep copy of the model restarts its own layers."""
     if "_packcollate_kind" not in layer.__dict__:
         layer.__dict__["_packcollate_inner_forward"] = layer.__dict__.get("forward")  # accelerate's, or None
@@ -468,7 +491,7 @@ def _restarted_forward(self, *args, **kwargs):
     """The layer's own forward on its packed examples apart, as the module docstring says; any other
     call (no packed forward in progress, another backend, a tower's own sequence) runs it as it is."""
     inner = self.__dict__.get("_packcollate_inner_forward") or functools.partial(type(self).forward, self)
-    attention_layer = self.__dict__["_packcollate_kind"] == "attention"
+    attention_layer = self.__dict__["_packcollate_kind"] in ("attention", "indexed")
     packed = state.current()
     if packed is None and state.in_backward():
         raise UnsupportedError(
@@ -481,7 +504,7 @@ def _restarted_forward(self, *args, **kwargs):
             f"{type(self).__name__}: called with a packed layout ({', '.join(sorted(_LAYOUT_KWARGS & set(kwargs)))}) "
             f"outside a forward of its prepared model; call the model itself, so that its examples run apart"
         )
-    if packed is None or not packed.active or packed.layout is None or id(self) in _RUNNING.get():
+    if packed is None or not packed.active or packed.layout is None or _RUNNING.get():  # inside a bucket: as is
         return inner(*args, **kwargs)
     layout, shape = packed.layout, packed.shape
     hidden = _hidden_states(inner, args, kwargs)
@@ -501,7 +524,8 @@ def _restarted_forward(self, *args, **kwargs):
         return inner(*args, **_layout_kwargs(inner, layout, shape, kwargs))
     token = _RUNNING.set(_RUNNING.get() | {id(self)})
     try:
-        return run_per_example(inner, args, kwargs, layout, shape, attention_layer)
+        return run_per_example(inner, args, kwargs, layout, shape, attention_layer,
+                               padded=self.__dict__["_packcollate_kind"] != "indexed")
     except (RuntimeError, TypeError, AttributeError, IndexError) as error:
         raise UnsupportedError(
             f"{type(self).__name__}: packcollate could not run this layer's packed examples apart "
