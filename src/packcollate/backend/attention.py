@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from ..errors import UnsupportedError
+from ..errors import LayoutError, UnsupportedError
 from ..layout import (
     BACKEND_NAME,
     BLOCK_IDS,
@@ -214,6 +214,25 @@ def _selected_keys(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return chosen.scatter(-1, index, True)[..., :length_kv].unsqueeze(1)
 
 
+def _check_length_of_layout(module, batch: int, seq: int, length_kv: int, kwargs: dict) -> None:
+    """Refuse, naming the layer, a call whose `cu_seq_lens_q` describes another number of tokens than it
+    attends over: a batch cut or padded after collation, or a layer the model runs over a sequence it derived
+    from the tokens without that sequence's example boundaries (BLT's global transformer over byte patches,
+    whose entropy patching groups bytes of neighbouring examples into one patch)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if not (isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.numel() >= 2 and length_kv == seq):
+        return
+    total = int(cu[-1])
+    if total != batch * seq:
+        raise LayoutError(
+            f"attn_implementation='packcollate': {type(module).__name__}: cu_seq_lens_q: expected it to end at the "
+            f"batch's {batch * seq} tokens ({batch} x {seq}), got {total}: the batch was cut or padded after collation, "
+            f"or the model runs this layer over a sequence it derived from the tokens (BLT's byte patches) without "
+            f"that sequence's example boundaries, so its examples cannot be kept apart; train it with padding "
+            f"(PaddedCollator)"
+        )
+
+
 def packcollate_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -285,6 +304,7 @@ def packcollate_attention(
                 f"which the traced path (torch.compile) does not apply; train it without torch.compile"
             )
         return traceable_attention(module, query, key, value, attention_mask, opts, s_aux, kwargs, blocks).contiguous(), None
+    _check_length_of_layout(module, batch, seq, key.shape[2], kwargs)
     layout = _chunked_layout(module, query, key, kwargs) or (layout_of_call(batch, seq, attention_mask, kwargs) if key.shape[2] == seq else None)
     if layout is None and key.shape[2] != seq:
         out = _decode_attention(query, key, value, opts, s_aux, terms.bias)
