@@ -493,3 +493,23 @@ def test_misshapen_logit_terms_are_refused_in_one_line(term, shape):
     with pytest.raises(ValueError, match=f"LlamaAttention passes {term} of shape") as info:
         attention.packcollate_attention(module, q, q, q, None, **{term: torch.zeros(shape)})
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("flash_kwargs", [True, False])
+def test_byte_patching_models_refuse_packed_batches(flash_kwargs):
+    """BLT pools bytes into patches over the packed row (a patch can hold bytes of two examples) and runs its
+    global transformer over the row's patches: it refuses at its first packed attention call, in one line naming
+    the layer, whether the layout comes as cu_seq_lens or as position_ids only (then nothing else would see the
+    packing: its global transformer mixed the examples by 6 logits). Padded batches still run."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "blt" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no BLT")
+    model = tiny_model("blt")
+    batch = PackedCollator(return_flash_attn_kwargs=flash_kwargs)(features())
+    with pytest.raises(ValueError, match="BltSelfAttention belongs to a model that pools its tokens into patches") as info:
+        model(**batch, use_cache=False)
+    assert "\n" not in str(info.value)
+    padded = packcollate.PaddedCollator()(features())
+    with torch.no_grad():
+        assert model(**padded, use_cache=False).logits.shape[:2] == padded["input_ids"].shape

@@ -214,6 +214,27 @@ def _selected_keys(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return chosen.scatter(-1, index, True)[..., :length_kv].unsqueeze(1)
 
 
+#: Config attributes of models that pool their tokens into patches and run a transformer over the patches
+#: (BLT's byte patches): `patching_mode` on the model's config, `cross_attn_k` on its local encoder's and decoder's.
+PATCHING_CONFIG_KEYS = ("patching_mode", "cross_attn_k")
+
+
+def _refuse_patching_models(module, batch: int, layout: SequenceLayout | None) -> None:
+    """Refuse a packed call (more sequences than rows) of a layer of a model that pools tokens into patches:
+    its patches and its patch transformer span the packed row, whatever reaches this layer."""
+    config = getattr(module, "config", None)
+    if layout is None or layout.full_rows or not any(getattr(config, key, None) is not None for key in PATCHING_CONFIG_KEYS):
+        return
+    if len(layout.lengths()) > batch:
+        raise UnsupportedError(
+            f"attn_implementation='packcollate': {type(module).__name__} belongs to a model that pools its tokens into "
+            f"patches (BLT: entropy patching starts patches only at the row's first two bytes, so one patch can hold "
+            f"bytes of two examples; its global transformer numbers and attends the whole row's patches, and its "
+            f"decoder's one-patch shift crosses example boundaries): packed examples cannot be kept apart; train it "
+            f"with padding (PaddedCollator)"
+        )
+
+
 def _check_length_of_layout(module, batch: int, seq: int, length_kv: int, kwargs: dict) -> None:
     """Refuse, naming the layer, a call whose `cu_seq_lens_q` describes another number of tokens than it
     attends over: a batch cut or padded after collation, or a layer the model runs over a sequence it derived
@@ -306,6 +327,7 @@ def packcollate_attention(
         return traceable_attention(module, query, key, value, attention_mask, opts, s_aux, kwargs, blocks).contiguous(), None
     _check_length_of_layout(module, batch, seq, key.shape[2], kwargs)
     layout = _chunked_layout(module, query, key, kwargs) or (layout_of_call(batch, seq, attention_mask, kwargs) if key.shape[2] == seq else None)
+    _refuse_patching_models(module, batch, layout)
     if layout is None and key.shape[2] != seq:
         out = _decode_attention(query, key, value, opts, s_aux, terms.bias)
         return out.transpose(1, 2).contiguous(), None
