@@ -37,12 +37,14 @@ refuse there. Prepare them (the trainers do).
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 import types
 
 import torch
 
 from ..collate.vision import shield_vision_tower
-from ..errors import BackendRefused, NotPreparedError
+from ..errors import BackendRefused, NotPreparedError, UnsupportedError
 from ..layout import BACKEND_NAME, layout_of_inputs
 from ..unwrap import unwrap_model
 from . import restart, state
@@ -70,7 +72,8 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     internal = [(name, layer) for name, layer in [*restart.internal_attention_layers(model),
                                                   *restart.row_position_attention_layers(model)]
                 if all(layer is not other for _, other in indexed)]
-    restarted = ([(name, layer, "mixer") for name, layer in mixers] + [(name, layer, "attention") for name, layer in internal]
+    restarted = ([(name, layer, "positions") for name, layer in restart.row_position_embeddings(model)]
+                 + [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, "attention") for name, layer in internal]
                  + [(name, layer, "indexed") for name, layer in indexed])
     for _, layer, kind in restarted:
         restart.restart_layer(layer, kind)
@@ -146,6 +149,31 @@ def _padded(kwargs: dict) -> bool:
             and not bool(mask.all()))
 
 
+# a causal LM whose loss reads labels[t] as the target of logits[t] (no shift: BART-style decoders, Whisper's)
+_UNSHIFTED_LOSS = re.compile(r"\(\s*logits\.(view|reshape)\(-1[^)]*\)\s*,\s*labels\.(view|reshape)\(-1\)")
+
+
+@functools.lru_cache(maxsize=None)
+def loss_without_shift(model_class: type) -> bool:
+    """Whether `model_class.forward` computes its loss on unshifted labels (`labels[t]` the target of
+    `logits[t]`), read from its source."""
+    try:
+        return bool(_UNSHIFTED_LOSS.search(inspect.getsource(model_class.forward)))
+    except (OSError, TypeError):
+        return False
+
+
+def _refuse_unshifted_labels(model, kwargs: dict) -> None:
+    """A packed batch's labels follow the shifted convention (`labels[t] = input_ids[t]`, the model shifts): a
+    model that does not shift would learn to copy its input."""
+    if isinstance(kwargs.get("labels"), torch.Tensor) and loss_without_shift(type(model)):
+        raise UnsupportedError(
+            f"{type(model).__name__} computes its loss without shifting the labels (labels[t] is the target of "
+            f"logits[t]), while packcollate's labels are the tokens themselves (the model shifts them): it would learn "
+            f"to copy its input; pass no labels and compute the shifted token loss from the logits yourself"
+        )
+
+
 def _before_model(internal_attention: bool, units: list, model, args, kwargs):
     """Model-level pre-hook: the outermost call sets the packed forward; an inner model (the decoder of
     a causal LM) refines it only when its call carries the layout. The checkpointed `units` holding
@@ -156,6 +184,8 @@ def _before_model(internal_attention: bool, units: list, model, args, kwargs):
         shape = _tokens_shape(args, kwargs)
         active = getattr(getattr(model, "config", None), "_attn_implementation", None) == BACKEND_NAME
         layout = layout_of_inputs(*shape, kwargs) if shape is not None and active and not _padded(kwargs) else None
+        if outer is None and layout is not None:
+            _refuse_unshifted_labels(model, kwargs)
     except BaseException:
         state.push(outer)  # the forward hook runs however the call ends, and pops exactly one
         raise
@@ -251,7 +281,10 @@ def require_prepared(config) -> None:
     mixers, internal = restart.stateful_classes(type(config))
     if not (mixers or internal):
         return
+    positions = [name for name in mixers if restart.POSITION_CLASS.search(name)]
+    mixers = [name for name in mixers if name not in positions]
     what = (f"{', '.join(mixers)} carry state along the sequence" if mixers
+            else f"{', '.join(positions)} number the packed row's tokens, not each example's" if positions
             else "its attention is computed inside the model, or reads the mask itself, not only through the "
                  "attention backend")
     raise NotPreparedError(

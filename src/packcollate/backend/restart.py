@@ -23,6 +23,11 @@ their 4-D mask to a layer of their own (sparse indexers that pick their keys fro
 tokens: Qwen4-Exp, DeepSeek-V3.2-style): inside a bucket the mask is each example's own causal mask,
 so the indexer selects its top-k inside the example (memory `G * L * L` per bucket, never `N * N`).
 
+Positional embeddings that number the tokens themselves (`arange` over the call, ignoring `position_ids`:
+the decoders of BART, Marian, Pegasus, MBart, Whisper, PLBart, …, whose causal LM takes no `position_ids`)
+restart too: their output for the longest example's positions, gathered at each token's position in its
+example (`kind="positions"`).
+
 `restart_layer` gives such a layer the forward that does this (`prepare` calls it): it reads the packed forward in
 progress (`state.current()`, the layout travelling with the call). Layers are found at run time by
 class name, or because they own a depthwise convolution over the tokens; internal attention layers
@@ -159,6 +164,27 @@ def _reads_mask_itself(module: torch.nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.") and hands_mask_to_a_layer(type(module))
 
 
+# class names of modules that embed token positions (learned or sinusoidal tables)
+POSITION_CLASS = re.compile(r"Position(al)?Embeddings?$")
+
+
+def _takes_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(model_class.forward).parameters
+
+
+def row_position_embeddings(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The positional embeddings of `model` when its outermost transformers model takes no `position_ids` (its
+    positions are `arange` over the call, the packed row's: BART-style decoders, Whisper's, …): they restart at
+    every packed example once prepared."""
+    from transformers import PreTrainedModel
+
+    outermost = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if outermost is None or _takes_position_ids(type(outermost)):
+        return []
+    return [(name, layer) for name, layer in model.named_modules()
+            if POSITION_CLASS.search(type(layer).__name__) and type(layer).__module__.startswith("transformers.")]
+
+
 def internal_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The outermost attention layers of `model` that compute attention themselves, not through
     transformers' `AttentionInterface` (BLOOM, MPT, XGLM, GPT-2-era models): read from their source
@@ -236,6 +262,9 @@ def _read_stateful_classes(config_class: type) -> tuple[tuple[str, ...], bool]:
             source = ""
         if TOKEN_MIXER_CLASS.search(cls.__name__) or _CONV_SOURCE.search(source):
             mixers.append(cls.__name__)
+    causal_lms = [cls for cls in classes if cls.__name__.endswith(("ForCausalLM", "LMHeadModel"))]
+    if causal_lms and not any(_takes_position_ids(cls) for cls in causal_lms):  # positions from arange: restarted
+        mixers += [cls.__name__ for cls in classes if POSITION_CLASS.search(cls.__name__)]
     attention = [cls for cls in classes if ATTENTION_CLASS.search(cls.__name__)]
     internal = bool(attention) and all(names_interface(cls) is False or hands_mask_to_a_layer(cls) for cls in attention)
     return tuple(sorted(mixers)), internal
@@ -452,6 +481,48 @@ def run_per_example(forward, args: tuple, kwargs: dict, layout: SequenceLayout,
     return _merge_outputs(outputs, counts, plan.back, shape)
 
 
+def run_positions_per_example(forward, args: tuple, kwargs: dict, layout: SequenceLayout, shape: tuple[int, int]):
+    """A positional embedding that numbers the call's `S` tokens `0 … S-1` itself, on a packed call: its output
+    for the first `L` positions (`L` the longest example; every `(B, S, …)` / `(S,)` / shape argument cut to
+    `L`), gathered at each token's position in its example -> `(B, S, D)`. A table shorter than the packed row
+    is never indexed past the longest example."""
+    batch, seq = shape
+    width = layout.max_length
+    given = _bound_arguments(forward, args, kwargs).get("position_ids")
+    if isinstance(given, torch.Tensor) and given.shape[-1] == seq and not torch.equal(
+            given.reshape(-1, seq)[0], torch.arange(seq, device=given.device)):
+        return forward(*args, **kwargs)  # positions handed in that restart already (the collator's position_ids)
+
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == shape:
+            return value[:, :width]
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == seq:
+            return value[:width]
+        if isinstance(value, tuple) and len(value) >= 2 and all(isinstance(v, int) for v in value) \
+                and tuple(value[:2]) == shape:
+            return type(value)((batch, width, *value[2:]))
+        return value
+
+    cut_args, cut_kwargs = [cut(value) for value in args], {key: cut(value) for key, value in kwargs.items()}
+    if all(a is b for a, b in zip([*args, *kwargs.values()], [*cut_args, *cut_kwargs.values()])):
+        return forward(*args, **kwargs)  # not the packed row's tokens (another tower's): as it is
+    out = forward(*cut_args, **cut_kwargs)
+    if not (isinstance(out, torch.Tensor) and out.dim() in (2, 3) and out.shape[-2] == width
+            and (out.dim() == 2 or out.shape[0] in (1, batch))):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"expected positions (B|1, {width}, D) or ({width}, D), got {got}")
+    cu = layout.cu_seq_lens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=int(cu[-1]))
+    in_example = torch.arange(starts.numel(), device=starts.device) - starts
+    flat = torch.zeros(batch * seq, dtype=torch.long, device=starts.device)
+    flat = flat.index_copy(0, layout.token_index, in_example) if layout.token_index is not None else in_example
+    index = flat.view(batch, seq).to(out.device)
+    table = out if out.dim() == 2 else out.expand(batch, -1, -1)
+    if table.dim() == 2:
+        return table[index]
+    return table[torch.arange(batch, device=out.device)[:, None], index]
+
+
 def _hidden_states(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The first argument: the layer's `(B, S, D)` input."""
     if args:
@@ -472,7 +543,8 @@ _RUNNING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("packc
 
 
 def restart_layer(layer: torch.nn.Module, kind: str) -> None:
-    """Give a token mixer (`kind="mixer"`), an attention layer written inside the model or numbering its
+    """Give a positional embedding that numbers the tokens itself (`kind="positions"`), a token mixer
+    (`kind="mixer"`), an attention layer written inside the model or numbering its
     tokens itself (`kind="attention"`), or one that hands its mask to an indexer (`kind="indexed"`: its
     examples run unpadded, one bucket per length) the forward that runs its packed examples apart (`_restarted_forward`);
     idempotent. A bound method, so a deep copy of the model restarts its own layers."""
@@ -507,6 +579,14 @@ def _restarted_forward(self, *args, **kwargs):
     if packed is None or not packed.active or packed.layout is None or _RUNNING.get():  # inside a bucket: as is
         return inner(*args, **kwargs)
     layout, shape = packed.layout, packed.shape
+    if self.__dict__["_packcollate_kind"] == "positions":
+        try:
+            return run_positions_per_example(inner, args, kwargs, layout, shape)
+        except (RuntimeError, TypeError, IndexError) as error:
+            raise UnsupportedError(
+                f"{type(self).__name__}: packcollate could not restart these positions at every packed example "
+                f"({type(error).__name__}: {error}); train this architecture with padding (PaddedCollator)"
+            ) from error
     hidden = _hidden_states(inner, args, kwargs)
     matches = isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and tuple(hidden.shape[:2]) == shape
     if attention_layer and not matches:  # another sequence (a vision or audio tower's): not the packed row
