@@ -258,3 +258,59 @@ def test_qwen4_exp_ngram_context_crosses_examples_unless_restarted():
             del layer.__dict__["forward"]  # the class's own forward again
     result = compare_packed_unpacked(model, qwen4_exp_features())
     assert result.max_logit_diff > 1e-3
+
+
+# --- decoders whose positions are arange over the call (encoder-decoder families) ----------------
+
+# their causal LM takes no position_ids: positions restart per example once prepared
+ROW_POSITION_DECODERS = ("bart", "marian", "pegasus", "mbart", "whisper", "plbart", "blenderbot", "blenderbot-small",
+                         "mvp", "trocr")
+
+
+def packed_vs_alone_without_labels(model, features, use_cache):
+    """Logits and gradients of the shifted token loss computed from the logits (these models do not shift their
+    labels: no labels are passed), packed against each example alone on the same model."""
+    from packcollate.compat.equivalence import gradients, max_relative_grad_diff, summed_token_loss
+
+    batch = PackedCollator()(features)
+    labels = batch.pop("labels")
+    count = int((labels != -100).sum())
+    model.zero_grad()
+    out = model(**batch, use_cache=use_cache)
+    (summed_token_loss(out.logits, labels) / count).backward()
+    packed_grads, packed_logits = gradients(model), out.logits[0].detach()
+    model.zero_grad()
+    pieces = []
+    for example in features:
+        ids = torch.tensor([example["input_ids"]])
+        alone = model(input_ids=ids, use_cache=use_cache)
+        (summed_token_loss(alone.logits, torch.cat([torch.tensor([[-100]]), ids[:, 1:]], 1)) / count).backward()
+        pieces.append(alone.logits[0].detach())
+    grad_diff, _ = max_relative_grad_diff(packed_grads, gradients(model))
+    return float((packed_logits - torch.cat(pieces)).abs().max()), grad_diff
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("model_type", ROW_POSITION_DECODERS)
+def test_decoder_positions_restart_at_every_example(model_type, use_cache):
+    model = build(model_type)
+    assert recurrent.row_position_embeddings(model), "no positional embedding found"
+    logits, grads = packed_vs_alone_without_labels(model, proof_features(), use_cache)
+    assert logits <= LOGITS and grads <= GRADS, (logits, grads)
+
+
+@pytest.mark.parametrize("model_type", ["bart", "whisper"])
+def test_decoders_refuse_what_they_cannot_train_exactly(model_type):
+    """Labels these models read unshifted (the target of logits[t] is labels[t]) would teach them to copy their
+    input; an unprepared model numbers the packed row: both refuse at the first packed forward, in one line."""
+    batch = PackedCollator()(proof_features())
+    model = build(model_type)
+    with pytest.raises(ValueError, match="computes its loss without shifting the labels") as info:
+        model(**batch)
+    assert "\n" not in str(info.value)
+    from tests.helpers import tiny_backend_model
+
+    unprepared = tiny_backend_model(model_type)
+    batch.pop("labels")
+    with pytest.raises(RuntimeError, match="PositionalEmbedding number the packed row's tokens"):
+        unprepared(**batch)
