@@ -314,3 +314,15 @@ def test_decoders_refuse_what_they_cannot_train_exactly(model_type):
     batch.pop("labels")
     with pytest.raises(RuntimeError, match="PositionalEmbedding number the packed row's tokens"):
         unprepared(**batch)
+
+
+@pytest.mark.parametrize("model_type", ["big_bird", "rembert"])
+def test_bidirectional_internal_attention_refuses_or_packs_as_a_decoder(model_type):
+    """Encoder models whose attention is written inside them run their packed examples per bucket with causal
+    masks: with their default `is_decoder=False` (bidirectional) that would silently turn causal, so the first
+    packed forward refuses in one line; built as decoders they pack exactly."""
+    batch = PackedCollator()(proof_features())
+    with pytest.raises(ValueError, match=r"is not causal here \(config.is_decoder=False\)") as info:
+        build(model_type)(**batch)
+    assert "\n" not in str(info.value)
+    assert_exact(compare_packed_unpacked(build(model_type, is_decoder=True), proof_features()))

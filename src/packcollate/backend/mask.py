@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedError
 from . import state
 from .preparation import require_prepared
 from .restart import stateful_classes
@@ -80,6 +81,20 @@ def _internal_attention_width(config) -> int | None:
     return packed.layout.max_length if packed.active and packed.layout is not None else 0
 
 
+def _refuse_bidirectional(config, mask_function, batch: int, length: int, device) -> None:
+    """A model whose attention is computed inside it runs its packed examples per bucket with causal masks: a mask
+    function that lets a token see the next one (bidirectional layers: BigBird, Megatron-BERT, RemBERT with their
+    default `is_decoder=False`) would silently become causal. One line naming the model and the fix."""
+    ahead = _adjacent_allowed(mask_function, batch, length, device, ahead=True) if mask_function is not None else None
+    if length > 1 and (ahead is None or bool(ahead.any())):
+        raise UnsupportedError(
+            f"{getattr(config, 'model_type', type(config).__name__)}: its attention is computed inside the model and "
+            f"is not causal here (config.is_decoder={getattr(config, 'is_decoder', None)}); packcollate runs such "
+            f"layers per packed example with causal masks only: set is_decoder=True to train it as a causal LM, or "
+            f"train it with padding (PaddedCollator)"
+        )
+
+
 def packcollate_mask(
     batch_size: int,
     q_length: int,
@@ -118,6 +133,7 @@ def packcollate_mask(
 
         dense = {"dtype": kwargs.get("dtype", torch.float32), "device": kwargs.get("device", "cpu")}
         if width and q_length == kv_length and not (q_offset or kv_offset):
+            _refuse_bidirectional(config, mask_function, batch_size, q_length, dense["device"])
             return eager_mask(batch_size, width, width, mask_function=causal_mask_function, **dense)
         return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
                           attention_mask=attention_mask, **dense)
