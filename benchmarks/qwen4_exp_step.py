@@ -25,9 +25,9 @@ import platform
 import sys
 from pathlib import Path
 
+import recurrent_step
 import torch
 
-import recurrent_step
 from packcollate.tools.bench import library_versions, save_result
 
 

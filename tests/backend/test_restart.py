@@ -270,7 +270,11 @@ ROW_POSITION_DECODERS = ("bart", "marian", "pegasus", "mbart", "whisper", "plbar
 def packed_vs_alone_without_labels(model, features, use_cache):
     """Logits and gradients of the shifted token loss computed from the logits (these models do not shift their
     labels: no labels are passed), packed against each example alone on the same model."""
-    from packcollate.compat.equivalence import gradients, max_relative_grad_diff, summed_token_loss
+    from packcollate.compat.equivalence import (
+        gradients,
+        max_relative_grad_diff,
+        summed_token_loss,
+    )
 
     batch = PackedCollator()(features)
     labels = batch.pop("labels")
