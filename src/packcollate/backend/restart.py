@@ -55,6 +55,7 @@ from ..errors import UnsupportedError
 from ..layout import PACKING_KEYS, SequenceLayout, example_index
 from . import state
 from .buckets import RECURRENT_COST, UNPADDED_COST, bucket_plan
+from .traced import chunk_size
 
 # class names of layers that carry state along the sequence (Mamba mixers, short convolutions, gated
 # delta nets, lightning/linear attention, RG-LRU, RWKV time and channel mixing, xLSTM)
@@ -157,7 +158,8 @@ def row_position_attention_layers(model: torch.nn.Module) -> list[tuple[str, tor
     """The outermost attention layers of `model` that number their tokens themselves (`counts_row_positions`):
     they run their examples apart under the packcollate backend, so each counts from its example's start."""
     return _outermost(model, lambda module: type(module).__module__.startswith("transformers.")
-                      and counts_row_positions(type(module)) and not is_token_mixer(module))
+                      and counts_row_positions(type(module)) and not is_token_mixer(module)
+                      and chunk_size(module) is None)  # chunked layers keep their chunks only on the packed row
 
 
 def _reads_mask_itself(module: torch.nn.Module) -> bool:
