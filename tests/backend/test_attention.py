@@ -23,7 +23,8 @@ from packcollate import PackedCollator
 from packcollate.backend import attention, restart
 from packcollate.backend import mask as backend_mask
 from packcollate.compat import compare_packed_unpacked
-from tests.helpers import call, cuda, qkv
+from packcollate.errors import UnsupportedError
+from tests.helpers import build_prepared, call, cuda, qkv
 from tests.helpers import tiny_backend_model as tiny_model
 
 torch.set_num_threads(1)
@@ -513,3 +514,30 @@ def test_byte_patching_models_refuse_packed_batches(flash_kwargs):
     padded = packcollate.PaddedCollator()(features())
     with torch.no_grad():
         assert model(**padded, use_cache=False).logits.shape[:2] == padded["input_ids"].shape
+
+
+# BigBird-Pegasus builds its decoder self-attention with is_causal=False and relies on transformers' 4-D causal
+# mask: the backend (handed the sequence map) would let each token attend to the later tokens of its example
+def test_decoder_attention_that_says_not_causal_is_refused():
+    """Refused in one line at the first forward, packed or one example at a time (both were wrong: the logits of a
+    token changed when a later token did); with transformers' own 4-D mask (a cache) it is honoured."""
+    model = build_prepared("bigbird_pegasus")  # prepared: its positions restart per example
+    ids = torch.arange(3, 15)[None]
+    with pytest.raises(UnsupportedError,
+                       match=r"^attn_implementation='packcollate': BigBirdPegasusDecoderAttention is a decoder's "
+                             r"attention over its own tokens that says is_causal=False") as error:
+        model(input_ids=ids, use_cache=False)
+    assert "\n" not in str(error.value)
+
+
+def test_a_decoder_attention_not_causal_over_a_4d_mask_is_honoured():
+    """The refusal leaves a call with a 4-D mask alone (transformers' own, with a cache): the mask decides."""
+    layer = torch.nn.Module()
+    layer.is_causal, layer.is_decoder, layer.training = False, True, False
+    q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    out = attention.packcollate_attention(layer, q, k, v, causal)[0]
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=causal).transpose(1, 2)
+    torch.testing.assert_close(out, reference)
+    with pytest.raises(UnsupportedError, match="says is_causal=False"):
+        attention.packcollate_attention(layer, q, k, v, None)

@@ -243,6 +243,22 @@ def _refuse_patching_models(module, batch: int, layout: SequenceLayout | None) -
         )
 
 
+def _refuse_decoder_not_causal(module, causal: bool, seq: int, length_kv: int, attention_mask) -> None:
+    """Refuse a decoder's attention over its own tokens that says `is_causal=False` (`module.is_decoder`) and
+    comes with no 4-D mask: it relies on transformers' 4-D causal mask (BigBird-Pegasus's decoder
+    self-attention), which this backend replaces by the sequence map, so every token would attend to the later
+    tokens of its example (transformers' flash backends read the same flag)."""
+    if causal or getattr(module, "is_decoder", False) is not True or length_kv != seq or seq < 2:
+        return
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        return  # transformers' own mask (with a cache): honoured as it is
+    raise UnsupportedError(
+        f"attn_implementation='packcollate': {type(module).__name__} is a decoder's attention over its own tokens "
+        f"that says is_causal=False and relies on a 4-D causal mask this backend does not build, so its tokens would "
+        f"attend to later tokens; train this architecture with padding and attn_implementation='sdpa' or 'eager'"
+    )
+
+
 def _check_length_of_layout(module, batch: int, seq: int, length_kv: int, kwargs: dict) -> None:
     """Refuse, naming the layer, a call whose `cu_seq_lens_q` describes another number of tokens than it
     attends over: a batch cut or padded after collation, or a layer the model runs over a sequence it derived
@@ -317,6 +333,7 @@ def _attention(
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     batch, heads, seq, _ = query.shape
+    _refuse_decoder_not_causal(module, causal, seq, key.shape[2], attention_mask)
     indices = kwargs.get(SPARSE_INDICES)
     selected = (_selected_keys(module, indices, batch, seq, key.shape[2]) if isinstance(indices, torch.Tensor)
                 else None)
