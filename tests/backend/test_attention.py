@@ -432,7 +432,7 @@ def test_falcon_is_exact_on_the_backend_in_every_release():
 def test_llama4_chunked_layers_keep_their_chunks(use_cache):
     """Chunked-attention layers: chunks start at every example's start (cu_seq_lens), whether or not
     transformers' mask saw the packing (with a cache, or transformers 5.17, its chunks run across the row)."""
-    model = tiny_model("llama4_text")
+    model = build_prepared("llama4_text")  # its NoPE layers number their tokens themselves: prepared
     assert "chunked_attention" in model.config.layer_types
     result = compare_packed_unpacked(model, features(), reference_attn_implementation="eager", use_cache=use_cache)
     assert result.max_logit_diff < 1e-5 and result.max_grad_rel_diff < 1e-5

@@ -22,7 +22,8 @@ import packcollate
 from packcollate import PackedCollator
 from packcollate.backend import buckets
 from packcollate.backend import restart as recurrent
-from packcollate.compat import compare_packed_unpacked, proof_features
+from packcollate.compat import compare_packed_unpacked, proof_features, tiny_config
+from packcollate.errors import NotPreparedError
 from packcollate.layout import from_cu_seq_lens
 from tests.helpers import build_prepared as build
 
@@ -341,3 +342,19 @@ def test_row_position_layers_keep_their_chunks(model_type):
     restarted = recurrent.row_position_attention_layers(model)
     assert restarted and len(restarted) < len(model.model.layers)
     assert_exact(compare_packed_unpacked(model, proof_features(), reference_attn_implementation="eager"))
+
+
+def test_row_counting_attention_refuses_unprepared():
+    """Unprepared, Llama 4's NoPE layers scale their queries by the packed row's positions (with a small
+    floor_scale: 0.13 relative gradient off, silently): its modeling file is read, so the first packed forward
+    refuses in one line; prepared, it is exact."""
+    from tests.helpers import tiny_backend_model
+
+    needs = recurrent.stateful_classes(type(tiny_config("llama4_text")))
+    assert needs.row_counting == ("Llama4TextAttention",)
+    model = tiny_backend_model("llama4_text", attn_temperature_tuning=True, floor_scale=4)
+    with pytest.raises(NotPreparedError, match=r"Llama4TextAttention number the packed row's tokens") as info:
+        model(**PackedCollator()(proof_features()))
+    assert "\n" not in str(info.value)
+    assert_exact(compare_packed_unpacked(packcollate.prepare(model), proof_features(),
+                                         reference_attn_implementation="eager"))

@@ -286,6 +286,8 @@ def require_prepared(config) -> None:
         return
     if needs.mixers:
         what = f"{', '.join(needs.mixers)} carry state along the sequence"
+    elif needs.row_counting:
+        what = f"{', '.join(needs.row_counting)} number the packed row's tokens in their forward, not each example's"
     elif needs.positions:
         what = f"{', '.join(needs.positions)} number the packed row's tokens, not each example's"
     elif needs.mask_readers:

@@ -298,15 +298,18 @@ class StatefulClasses:
         mask_readers: class names of its attention layers that read the 4-D mask themselves.
         positions: class names of its positional embeddings that number the packed row's tokens (its
             causal LM takes no `position_ids`).
+        row_counting: class names of its attention layers that number their tokens themselves
+            (`counts_row_positions`: Inkling, Llama 4's attention temperature).
     """
 
     mixers: tuple[str, ...] = ()
     internal: bool = False
     mask_readers: tuple[str, ...] = ()
     positions: tuple[str, ...] = ()
+    row_counting: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.mixers or self.internal or self.mask_readers or self.positions)
+        return bool(self.mixers or self.internal or self.mask_readers or self.positions or self.row_counting)
 
 
 # config class -> what its models need `prepare` for (read once per class; a dict lookup, so that
@@ -318,8 +321,9 @@ def stateful_classes(config_class: type) -> StatefulClasses:
     """What a model of `config_class` needs `prepare` for, read from its modeling file (no model is
     built): its token mixers, whether every attention class it defines computes attention inside the
     model, and its attention classes (going through the AttentionInterface) that read the mask
-    themselves or build a class that does (an indexer), and its positional embeddings that number the
-    packed row's tokens (its causal LM takes no `position_ids`). Empty when the modeling file cannot be found
+    themselves or build a class that does (an indexer), its positional embeddings that number the
+    packed row's tokens (its causal LM takes no `position_ids`), and its attention classes that number
+    their tokens themselves. Empty when the modeling file cannot be found
     (remote code: `prepare` reads the model itself)."""
     found = _STATEFUL.get(config_class)
     if found is None:
@@ -351,7 +355,8 @@ def _read_stateful_classes(config_class: type) -> StatefulClasses:
     readers = [cls.__name__ for cls in attention if names_interface(cls) and any(
         reads_attention_mask(inner) for inner in classes
         if inner is cls or re.search(rf"\b{re.escape(inner.__name__)}\(", sources[cls]))]
-    return StatefulClasses(tuple(sorted(mixers)), internal, tuple(sorted(readers)), tuple(sorted(positions)))
+    return StatefulClasses(tuple(sorted(mixers)), internal, tuple(sorted(readers)), tuple(sorted(positions)),
+                           tuple(sorted(cls.__name__ for cls in attention if counts_row_positions(cls))))
 
 
 # ---------------------------------------------------------------------------------------------
