@@ -10,8 +10,8 @@ DeepSeek-V3.2, DeepSeek-V4, Doge, …) need one example's mask; for them `prepar
 (idempotent; returns the model) changes that one model:
 
 - each such layer gets the forward of `restart.restart_layer`: its packed examples run apart (so do
-  attention layers that hand their mask to an indexer of their own, Qwen4-Exp, or number their tokens
-  themselves, Inkling's log-scaled queries);
+  attention layers that number their tokens themselves, Inkling's log-scaled queries, and positional
+  embeddings that number the packed row's tokens, BART-style decoders');
 - every transformers model inside it (the causal LM, its decoder, a VLM's text model) gets a
   forward pre-hook and a forward hook that push and pop the call's `PackedForward` (its `(B, S)`
   tokens and their layout, `layout.layout_of_inputs`): the layout travels with the call
