@@ -23,7 +23,8 @@ from packcollate import PackedCollator
 from packcollate.backend import attention, restart
 from packcollate.backend import mask as backend_mask
 from packcollate.compat import compare_packed_unpacked
-from tests.helpers import call, cuda, qkv
+from packcollate.errors import UnsupportedError
+from tests.helpers import build_prepared, call, cuda, qkv
 from tests.helpers import tiny_backend_model as tiny_model
 
 torch.set_num_threads(1)
@@ -431,7 +432,7 @@ def test_falcon_is_exact_on_the_backend_in_every_release():
 def test_llama4_chunked_layers_keep_their_chunks(use_cache):
     """Chunked-attention layers: chunks start at every example's start (cu_seq_lens), whether or not
     transformers' mask saw the packing (with a cache, or transformers 5.17, its chunks run across the row)."""
-    model = tiny_model("llama4_text")
+    model = build_prepared("llama4_text")  # its NoPE layers number their tokens themselves: prepared
     assert "chunked_attention" in model.config.layer_types
     result = compare_packed_unpacked(model, features(), reference_attn_implementation="eager", use_cache=use_cache)
     assert result.max_logit_diff < 1e-5 and result.max_grad_rel_diff < 1e-5
@@ -439,8 +440,9 @@ def test_llama4_chunked_layers_keep_their_chunks(use_cache):
 
 @pytest.mark.parametrize("term", attention.LOGIT_TERMS)
 def test_logit_terms_the_backend_does_not_apply_are_refused(term):
-    """A bias on the attention logits (Inkling's relative position bias and per-token sinks, T5's
-    position_bias, ALiBi) would be silently dropped: the backend refuses it, naming the module."""
+    """A term on the attention logits the backend does not apply (ALiBi, a generic attention bias,
+    block-sparse indices) would be silently dropped: the backend refuses it, naming the module. (A sparse
+    indexer's key indices without their 4-D mask: tests/backend/test_mask_readers.py.)"""
     model = tiny_model("llama")
     module = model.model.layers[0].self_attn
     q = torch.randn(1, 4, 6, 16)
@@ -449,3 +451,93 @@ def test_logit_terms_the_backend_does_not_apply_are_refused(term):
         attention.packcollate_attention(module, q, q, q, None, **{term: bias})
     out, _ = attention.packcollate_attention(module, q, q, q, None, **{term: None})  # None: nothing to apply
     assert out.shape == (1, 6, 4, 16)
+
+
+# Inkling's relative position bias (and its log-scaled queries, counted from each example's start once
+# its attention runs per example), Inkling 2's per-token sinks: applied by the backend, not refused
+LOGIT_TERM_FAMILIES = [("inkling_text", {}), ("inkling_text", {"log_scaling_n_floor": 4}), ("inkling2_text", {})]
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("model_type,overrides", LOGIT_TERM_FAMILIES)
+def test_position_bias_and_token_sinks_are_applied(model_type, overrides, use_cache):
+    from tests.helpers import build_prepared
+
+    model = build_prepared(model_type, **overrides)
+    result = compare_packed_unpacked(model, features(lengths=[5, 17, 9, 30]), reference_attn_implementation="eager",
+                                     use_cache=use_cache)
+    assert result.max_logit_diff < 1e-4 and result.max_grad_rel_diff < 1e-3, result
+
+
+def test_position_bias_reaches_the_exact_path():
+    """Called directly on a packed row: the bias of each example's own query/key pairs and the per-token sinks
+    change the output exactly as the eager formula over that example alone says."""
+    q, k, v = qkv(1, 11)
+    heads = q.shape[1]
+    bias, sinks = torch.randn(1, heads, 11, 11), torch.randn(1, heads, 11, 1)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    got = call(q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7, position_bias=bias,
+               sinks=sinks, scaling=0.25)
+    for start, end in ((0, 4), (4, 11)):
+        logits = q[:, :, start:end] @ k[:, :, start:end].transpose(-1, -2) * 0.25 + bias[..., start:end, start:end]
+        logits = logits.masked_fill(~torch.ones(end - start, end - start, dtype=torch.bool).tril(), float("-inf"))
+        probs = torch.cat([logits, sinks[:, :, start:end]], dim=-1).softmax(-1)[..., :-1]
+        torch.testing.assert_close(got[:, start:end], (probs @ v[:, :, start:end]).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("term,shape", [("position_bias", (1, 4, 6, 5)), ("position_bias", (6, 6)),
+                                        ("sinks", (1, 4, 6)), ("sinks", (4,))])
+def test_misshapen_logit_terms_are_refused_in_one_line(term, shape):
+    model = tiny_model("llama")
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 6, 16)
+    with pytest.raises(ValueError, match=f"LlamaAttention passes {term} of shape") as info:
+        attention.packcollate_attention(module, q, q, q, None, **{term: torch.zeros(shape)})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("flash_kwargs", [True, False])
+def test_byte_patching_models_refuse_packed_batches(flash_kwargs):
+    """BLT pools bytes into patches over the packed row (a patch can hold bytes of two examples) and runs its
+    global transformer over the row's patches: it refuses at its first packed attention call, in one line naming
+    the layer, whether the layout comes as cu_seq_lens or as position_ids only (then nothing else would see the
+    packing: its global transformer mixed the examples by 6 logits). Padded batches still run."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "blt" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no BLT")
+    model = tiny_model("blt")
+    batch = PackedCollator(return_flash_attn_kwargs=flash_kwargs)(features())
+    with pytest.raises(ValueError, match="BltSelfAttention belongs to a model that pools its tokens into patches") as info:
+        model(**batch, use_cache=False)
+    assert "\n" not in str(info.value)
+    padded = packcollate.PaddedCollator()(features())
+    with torch.no_grad():
+        assert model(**padded, use_cache=False).logits.shape[:2] == padded["input_ids"].shape
+
+
+# BigBird-Pegasus builds its decoder self-attention with is_causal=False and relies on transformers' 4-D causal
+# mask: the backend (handed the sequence map) would let each token attend to the later tokens of its example
+def test_decoder_attention_that_says_not_causal_is_refused():
+    """Refused in one line at the first forward, packed or one example at a time (both were wrong: the logits of a
+    token changed when a later token did); with transformers' own 4-D mask (a cache) it is honoured."""
+    model = build_prepared("bigbird_pegasus")  # prepared: its positions restart per example
+    ids = torch.arange(3, 15)[None]
+    with pytest.raises(UnsupportedError,
+                       match=r"^attn_implementation='packcollate': BigBirdPegasusDecoderAttention is a decoder's "
+                             r"attention over its own tokens that says is_causal=False") as error:
+        model(input_ids=ids, use_cache=False)
+    assert "\n" not in str(error.value)
+
+
+def test_a_decoder_attention_not_causal_over_a_4d_mask_is_honoured():
+    """The refusal leaves a call with a 4-D mask alone (transformers' own, with a cache): the mask decides."""
+    layer = torch.nn.Module()
+    layer.is_causal, layer.is_decoder, layer.training = False, True, False
+    q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    out = attention.packcollate_attention(layer, q, k, v, causal)[0]
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=causal).transpose(1, 2)
+    torch.testing.assert_close(out, reference)
+    with pytest.raises(UnsupportedError, match="says is_causal=False"):
+        attention.packcollate_attention(layer, q, k, v, None)

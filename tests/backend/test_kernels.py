@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import packcollate  # noqa: F401
 from packcollate.backend import kernels
-from packcollate.backend.kernels import AttentionOptions, exact_varlen
+from packcollate.backend.kernels import AttentionOptions, LogitTerms, exact_varlen
 from packcollate.layout import SequenceLayout
 from tests.helpers import cuda
 
@@ -19,8 +19,9 @@ from tests.helpers import cuda
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_attention(q, k, v, lengths, opts: AttentionOptions, sinks=None):
-    """One sequence at a time, explicit mask and softmax. q `(M, H, D)`, k/v `(M, H_kv, D)`."""
+def reference_attention(q, k, v, lengths, opts: AttentionOptions, sinks=None, bias=None, token_sinks=None):
+    """One sequence at a time, explicit mask and softmax. q `(M, H, D)`, k/v `(M, H_kv, D)`; `bias` `(H, M, M)`
+    and `token_sinks` `(H, M)` over all tokens, cut to each sequence."""
     outputs, start = [], 0
     groups = q.shape[1] // k.shape[1]
     for n in lengths:
@@ -30,6 +31,10 @@ def reference_attention(q, k, v, lengths, opts: AttentionOptions, sinks=None):
         logits = qs @ ks.transpose(-1, -2) * (opts.scaling or q.shape[-1] ** -0.5)
         if opts.softcap:
             logits = torch.tanh(logits / opts.softcap) * opts.softcap
+        if bias is not None:
+            logits = logits + bias[:, start : start + n, start : start + n]
+        if token_sinks is not None:
+            sinks_of = token_sinks[:, start : start + n, None]
         i = torch.arange(n)
         allowed = torch.ones(n, n, dtype=torch.bool)
         if opts.causal:
@@ -38,9 +43,11 @@ def reference_attention(q, k, v, lengths, opts: AttentionOptions, sinks=None):
             allowed &= (i[:, None] - i[None, :]).abs() < opts.sliding_window
         logits = logits.masked_fill(~allowed, float("-inf"))
         if sinks is not None:
-            logits = torch.cat([logits, sinks[:, None, None].expand(-1, n, 1)], dim=-1)
+            sinks_of = sinks[:, None, None].expand(-1, n, 1)
+        if sinks is not None or token_sinks is not None:
+            logits = torch.cat([logits, sinks_of], dim=-1)
         probs = logits.softmax(-1)
-        if sinks is not None:
+        if sinks is not None or token_sinks is not None:
             probs = probs[..., :-1]
         outputs.append((probs @ vs).transpose(0, 1))
         start += n
@@ -65,6 +72,30 @@ def test_exact_path_equals_per_sequence_reference(lengths, kv_heads, causal, win
     opts = AttentionOptions(causal=causal, sliding_window=window, softcap=softcap, has_sinks=sinks)
     got = exact_varlen(q, k, v, layout, opts, sink)
     assert torch.allclose(got, reference_attention(q, k, v, lengths, opts, sink), atol=1e-5)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=8),
+    window=st.sampled_from([None, 3]),
+    token_sinks=st.booleans(),
+    pad=st.integers(0, 3),
+)
+def test_logit_terms_are_cut_to_each_sequence(lengths, window, token_sinks, pad):
+    """A bias over every query/key pair of the row `(1, H, S, S)` (Inkling's relative position bias) and
+    per-token sinks `(1, H, S, 1)` (Inkling 2) reach each sequence's own pairs and tokens, whatever the
+    buckets (a trailing pad segment outside the layout included)."""
+    torch.manual_seed(len(lengths))
+    m = sum(lengths)
+    q, k, v = torch.randn(m, 4, 8), torch.randn(m, 2, 8), torch.randn(m, 2, 8)
+    bias = torch.randn(1, 4, m + pad, m + pad)
+    sinks = torch.randn(1, 4, m + pad, 1) if token_sinks else None
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    layout = SequenceLayout(cu, max(lengths), torch.arange(m) if pad else None)
+    opts = AttentionOptions(sliding_window=window, has_sinks=token_sinks, has_bias=True)
+    got = exact_varlen(q, k, v, layout, opts, sinks, terms=LogitTerms(bias, sinks), seq=m + pad)
+    want = reference_attention(q, k, v, lengths, opts, bias=bias[0, :, :m, :m],
+                               token_sinks=None if sinks is None else sinks[0, :, :m, 0])
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +199,7 @@ def test_dispatch_order(on_cuda):
         (AttentionOptions(dropout=0.1), torch.bfloat16, "dropout"),
         (AttentionOptions(), torch.float32, "float32"),
         (AttentionOptions(sliding_window=8), torch.bfloat16, "sliding window"),
+        (AttentionOptions(has_bias=True), torch.bfloat16, "position_bias"),
     ],
 )
 def test_fallbacks_name_the_missing_feature(on_cuda, opts, dtype, why):

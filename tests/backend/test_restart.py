@@ -22,7 +22,8 @@ import packcollate
 from packcollate import PackedCollator
 from packcollate.backend import buckets
 from packcollate.backend import restart as recurrent
-from packcollate.compat import compare_packed_unpacked, proof_features
+from packcollate.compat import compare_packed_unpacked, proof_features, tiny_config
+from packcollate.errors import NotPreparedError
 from packcollate.layout import from_cu_seq_lens
 from tests.helpers import build_prepared as build
 
@@ -206,3 +207,154 @@ def test_kernel_path_gets_the_layout(monkeypatch):
         assert not recurrent.uses_kernels(recurrent.token_mixers(build("mamba"))[0][1], torch.device("cuda"))
     finally:
         recurrent.kernel_functions.cache_clear()
+
+
+# --- Qwen4-Exp: sparse indexer, n-gram embeddings, dilated convolution, gated delta nets --------
+
+# PLE (hashed n-gram embeddings + a dilated depthwise convolution) on the two gated delta-net layers
+# (its default config has none); eos 2 resets the n-gram context inside an example
+QWEN4_EXP_PLE = {"ple_layer_ids": [1, 2], "eos_token_id": 2, "ple_embed_dim": 64, "number_of_conv_states": 3}
+
+
+def qwen4_exp(**overrides):
+    model = build("qwen4_exp_text", **{**QWEN4_EXP_PLE, **overrides})
+    with torch.no_grad():  # its convolution starts at zero: give it weight, so that it mixes tokens
+        for name, layer in model.named_modules():
+            if name.endswith(".ple"):
+                layer.conv1d.weight.normal_(0.0, 0.5)
+    return model
+
+
+def qwen4_exp_features():
+    """Uneven examples: one ends with eos, one holds it in the middle, the others none (the n-gram
+    context must restart at every example whether or not the one before ended with eos)."""
+    features = proof_features(lengths=(11, 27, 5, 19, 40))
+    features[0]["input_ids"][-1] = 2
+    features[1]["input_ids"][9] = 2
+    return features
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_qwen4_exp_packs_exactly(use_cache):
+    """Packed equals one example at a time through transformers' eager attention: the indexer picks its
+    top-k blocks inside each example, the n-gram embeddings and the dilated convolution restart at every
+    example, and so do the gated delta nets."""
+    model = qwen4_exp()
+    apart = [type(m).__name__ for _, m in recurrent.mask_reading_layers(model)]
+    mixers = {type(m).__name__ for _, m in recurrent.token_mixers(model)}
+    assert apart == ["Qwen4ExpTextAttention"] * 2 and {"Qwen4ExpTextPLELayer", "Qwen4ExpTextGatedDeltaNet"} <= mixers
+    assert model.config.indexer_budget < 27  # the indexer really selects (not every key fits its budget)
+    result = compare_packed_unpacked(model, qwen4_exp_features(), reference_attn_implementation="eager",
+                                     use_cache=use_cache)
+    assert_exact(result)
+
+
+def test_qwen4_exp_ngram_context_crosses_examples_unless_restarted():
+    """The control: with its PLE layers run over the packed row as transformers runs them, an example's
+    first n-grams hash the previous example's last tokens (no eos between them), and the convolution
+    reaches back into it."""
+    model = qwen4_exp()
+    for name, layer in model.named_modules():
+        if name.endswith(".ple"):
+            del layer.__dict__["forward"]  # the class's own forward again
+    result = compare_packed_unpacked(model, qwen4_exp_features())
+    assert result.max_logit_diff > 1e-3
+
+
+# --- decoders whose positions are arange over the call (encoder-decoder families) ----------------
+
+# their causal LM takes no position_ids: positions restart per example once prepared
+ROW_POSITION_DECODERS = ("bart", "marian", "pegasus", "mbart", "whisper", "plbart", "blenderbot", "blenderbot-small",
+                         "mvp", "trocr")
+
+
+def packed_vs_alone_without_labels(model, features, use_cache):
+    """Logits and gradients of the shifted token loss computed from the logits (these models do not shift their
+    labels: no labels are passed), packed against each example alone on the same model."""
+    from packcollate.compat.equivalence import (
+        gradients,
+        max_relative_grad_diff,
+        summed_token_loss,
+    )
+
+    batch = PackedCollator()(features)
+    labels = batch.pop("labels")
+    count = int((labels != -100).sum())
+    model.zero_grad()
+    out = model(**batch, use_cache=use_cache)
+    (summed_token_loss(out.logits, labels) / count).backward()
+    packed_grads, packed_logits = gradients(model), out.logits[0].detach()
+    model.zero_grad()
+    pieces = []
+    for example in features:
+        ids = torch.tensor([example["input_ids"]])
+        alone = model(input_ids=ids, use_cache=use_cache)
+        (summed_token_loss(alone.logits, torch.cat([torch.tensor([[-100]]), ids[:, 1:]], 1)) / count).backward()
+        pieces.append(alone.logits[0].detach())
+    grad_diff, _ = max_relative_grad_diff(packed_grads, gradients(model))
+    return float((packed_logits - torch.cat(pieces)).abs().max()), grad_diff
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("model_type", ROW_POSITION_DECODERS)
+def test_decoder_positions_restart_at_every_example(model_type, use_cache):
+    model = build(model_type)
+    assert recurrent.row_position_embeddings(model), "no positional embedding found"
+    logits, grads = packed_vs_alone_without_labels(model, proof_features(), use_cache)
+    assert logits <= LOGITS and grads <= GRADS, (logits, grads)
+
+
+@pytest.mark.parametrize("model_type", ["bart", "whisper"])
+def test_decoders_refuse_what_they_cannot_train_exactly(model_type):
+    """Labels these models read unshifted (the target of logits[t] is labels[t]) would teach them to copy their
+    input; an unprepared model numbers the packed row: both refuse at the first packed forward, in one line."""
+    batch = PackedCollator()(proof_features())
+    model = build(model_type)
+    with pytest.raises(ValueError, match="computes its loss without shifting the labels") as info:
+        model(**batch)
+    assert "\n" not in str(info.value)
+    from tests.helpers import tiny_backend_model
+
+    unprepared = tiny_backend_model(model_type)
+    batch.pop("labels")
+    with pytest.raises(RuntimeError, match="PositionalEmbedding number the packed row's tokens"):
+        unprepared(**batch)
+
+
+@pytest.mark.parametrize("model_type", ["big_bird", "rembert"])
+def test_bidirectional_internal_attention_refuses_or_packs_as_a_decoder(model_type):
+    """Encoder models whose attention is written inside them run their packed examples per bucket with causal
+    masks: with their default `is_decoder=False` (bidirectional) that would silently turn causal, so the first
+    packed forward refuses in one line; built as decoders they pack exactly."""
+    batch = PackedCollator()(proof_features())
+    with pytest.raises(ValueError, match=r"is not causal here \(config.is_decoder=False\)") as info:
+        build(model_type)(**batch)
+    assert "\n" not in str(info.value)
+    assert_exact(compare_packed_unpacked(build(model_type, is_decoder=True), proof_features()))
+
+
+@pytest.mark.parametrize("model_type", ["llama4_text"])
+def test_row_position_layers_keep_their_chunks(model_type):
+    """Llama 4 numbers its tokens inside its attention (its temperature on NoPE layers): those layers run per
+    example once prepared, while its chunked layers keep their chunks on the packed row (run per example they
+    lost them: 0.52 off)."""
+    model = build(model_type)
+    restarted = recurrent.row_position_attention_layers(model)
+    assert restarted and len(restarted) < len(model.model.layers)
+    assert_exact(compare_packed_unpacked(model, proof_features(), reference_attn_implementation="eager"))
+
+
+def test_row_counting_attention_refuses_unprepared():
+    """Unprepared, Llama 4's NoPE layers scale their queries by the packed row's positions (with a small
+    floor_scale: 0.13 relative gradient off, silently): its modeling file is read, so the first packed forward
+    refuses in one line; prepared, it is exact."""
+    from tests.helpers import tiny_backend_model
+
+    needs = recurrent.stateful_classes(type(tiny_config("llama4_text")))
+    assert needs.row_counting == ("Llama4TextAttention",)
+    model = tiny_backend_model("llama4_text", attn_temperature_tuning=True, floor_scale=4)
+    with pytest.raises(NotPreparedError, match=r"Llama4TextAttention number the packed row's tokens") as info:
+        model(**PackedCollator()(proof_features()))
+    assert "\n" not in str(info.value)
+    assert_exact(compare_packed_unpacked(packcollate.prepare(model), proof_features(),
+                                         reference_attn_implementation="eager"))

@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from ..errors import UnsupportedError
+from ..errors import LayoutError, UnsupportedError
 from ..layout import (
     BACKEND_NAME,
     BLOCK_IDS,
@@ -49,6 +49,7 @@ from .kernels import (
     FLASH_VARLEN,
     TORCH_VARLEN,
     AttentionOptions,
+    LogitTerms,
     block_allowed,
     choose_kernel,
     dense_attention,
@@ -115,7 +116,7 @@ _DECISIONS: dict[tuple, tuple[str, str]] = {}
 def decide(device_type: str, dtype: torch.dtype, opts: AttentionOptions, head_dims_match: bool, site: str) -> str:
     """The kernel of a call site (`kernels.choose_kernel`), decided once and logged once."""
     key = (site, device_type, dtype, opts.causal, opts.sliding_window is not None, opts.softcap is not None,
-           opts.has_sinks, opts.dropout > 0, head_dims_match, opts.bidirectional_blocks)
+           opts.has_sinks, opts.dropout > 0, head_dims_match, opts.bidirectional_blocks, opts.has_bias)
     if key not in _DECISIONS:
         kernel, reason = choose_kernel(device_type, dtype, opts, head_dims_match)
         _DECISIONS[key] = (kernel, reason)
@@ -161,7 +162,7 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def _decode_attention(query, key, value, opts: AttentionOptions, sinks) -> torch.Tensor:
+def _decode_attention(query, key, value, opts: AttentionOptions, sinks, bias=None) -> torch.Tensor:
     """Dense attention when queries are the last `S` of `S_kv` keys and no mask came with them (a
     model that builds none; with a cache, `packcollate_mask` hands transformers' 4-D mask instead)."""
     length, length_kv = query.shape[2], key.shape[2]
@@ -170,13 +171,13 @@ def _decode_attention(query, key, value, opts: AttentionOptions, sinks) -> torch
     allowed = idx_k <= idx_q if opts.causal else torch.ones_like(idx_k, dtype=torch.bool).expand(length, -1)
     if opts.sliding_window is not None:
         allowed = allowed & (idx_q - idx_k < opts.sliding_window)
-    return dense_attention(query, key, value, opts, allowed[None, None], sinks, is_causal=False)
+    return dense_attention(query, key, value, opts, allowed[None, None], sinks, is_causal=False, bias=bias)
 
 
-#: Keyword arguments some models hand their attention function that change its logits (T5's and
-#: Inkling's relative `position_bias`, Inkling's per-token `sinks`, ALiBi, MiniMax-M3's block-sparse
-#: `block_indices`): refused, never ignored.
-LOGIT_TERMS = ("position_bias", "sinks", "alibi", "attention_bias", "block_indices")
+#: Keyword arguments some models hand their attention function that change its logits, and that the
+#: backend does not apply: refused, never ignored (ALiBi, MiniMax-M3's block-sparse `block_indices`;
+#: T5-style `position_bias` and Inkling's per-token `sinks` are applied, see `_logit_terms`).
+LOGIT_TERMS = ("alibi", "attention_bias", "block_indices")
 #: The keyword argument of a sparse-attention indexer's selection (DeepSeek-V3.2 and its kin hand their
 #: top-k key indices `(B, S, k)` to every backend but eager/sdpa): applied on the dense path.
 SPARSE_INDICES = "indices"
@@ -195,6 +196,86 @@ def _selected_keys(module, indices, batch: int, seq: int, kv_length: int) -> tor
     indices = indices.masked_fill((indices < 0) | (indices >= kv_length), kv_length)  # -1: no key (a spare column)
     selected = torch.zeros(batch, seq, kv_length + 1, dtype=torch.bool, device=indices.device)
     return selected.scatter(-1, indices, True)[:, None, :, :kv_length]
+
+
+def _logit_terms(module, query, key, s_aux, kwargs: dict) -> LogitTerms:
+    """The logit terms of a call: `position_bias` `(B|1, H|1, S, S_kv)` and per-token `sinks` `(B|1, H, S, 1)`
+    (Inkling, Inkling 2), or GPT-OSS's per-head `s_aux` `(H,)`; one line naming what does not fit."""
+    bias, sinks = kwargs.get("position_bias"), kwargs.get("sinks")
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    sinks = sinks if isinstance(sinks, torch.Tensor) else None
+    batch, heads, seq = query.shape[:3]
+    name = type(module).__name__
+    if bias is not None and (bias.dim() != 4 or bias.shape[0] not in (1, batch) or bias.shape[1] not in (1, heads)
+                             or tuple(bias.shape[2:]) != (seq, key.shape[2])):
+        raise UnsupportedError(
+            f"attn_implementation='packcollate': {name} passes position_bias of shape {tuple(bias.shape)}, expected "
+            f"(B|1, H|1, S, S_kv) = ({batch}|1, {heads}|1, {seq}, {key.shape[2]}); train it with padding"
+        )
+    if sinks is not None and (s_aux is not None or sinks.dim() != 4 or sinks.shape[0] not in (1, batch)
+                              or tuple(sinks.shape[1:]) != (heads, seq, 1)):
+        raise UnsupportedError(
+            f"attn_implementation='packcollate': {name} passes sinks of shape {tuple(sinks.shape)}"
+            f"{' besides s_aux' if s_aux is not None else ''}, expected per-token sinks (B|1, H, S, 1) = "
+            f"({batch}|1, {heads}, {seq}, 1); train it with padding"
+        )
+    return LogitTerms(bias, sinks if sinks is not None else s_aux)
+
+
+#: Config attributes of models that pool their tokens into patches and run a transformer over the patches
+#: (BLT's byte patches): `patching_mode` on the model's config, `cross_attn_k` on its local encoder's and decoder's.
+PATCHING_CONFIG_KEYS = ("patching_mode", "cross_attn_k")
+
+
+def _refuse_patching_models(module, batch: int, layout: SequenceLayout | None) -> None:
+    """Refuse a packed call (more sequences than rows) of a layer of a model that pools tokens into patches:
+    its patches and its patch transformer span the packed row, whatever reaches this layer."""
+    config = getattr(module, "config", None)
+    if layout is None or layout.full_rows or not any(getattr(config, key, None) is not None for key in PATCHING_CONFIG_KEYS):
+        return
+    if len(layout.lengths()) > batch:
+        raise UnsupportedError(
+            f"attn_implementation='packcollate': {type(module).__name__} belongs to a model that pools its tokens into "
+            f"patches (BLT: entropy patching starts patches only at the row's first two bytes, so one patch can hold "
+            f"bytes of two examples; its global transformer numbers and attends the whole row's patches, and its "
+            f"decoder's one-patch shift crosses example boundaries): packed examples cannot be kept apart; train it "
+            f"with padding (PaddedCollator)"
+        )
+
+
+def _refuse_decoder_not_causal(module, causal: bool, seq: int, length_kv: int, attention_mask) -> None:
+    """Refuse a decoder's attention over its own tokens that says `is_causal=False` (`module.is_decoder`) and
+    comes with no 4-D mask: it relies on transformers' 4-D causal mask (BigBird-Pegasus's decoder
+    self-attention), which this backend replaces by the sequence map, so every token would attend to the later
+    tokens of its example (transformers' flash backends read the same flag)."""
+    if causal or getattr(module, "is_decoder", False) is not True or length_kv != seq or seq < 2:
+        return
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        return  # transformers' own mask (with a cache): honoured as it is
+    raise UnsupportedError(
+        f"attn_implementation='packcollate': {type(module).__name__} is a decoder's attention over its own tokens "
+        f"that says is_causal=False and relies on a 4-D causal mask this backend does not build, so its tokens would "
+        f"attend to later tokens; train this architecture with padding and attn_implementation='sdpa' or 'eager'"
+    )
+
+
+def _check_length_of_layout(module, batch: int, seq: int, length_kv: int, kwargs: dict) -> None:
+    """Refuse, naming the layer, a call whose `cu_seq_lens_q` describes another number of tokens than it
+    attends over: a batch cut or padded after collation, or a layer the model runs over a sequence it derived
+    from the tokens without that sequence's example boundaries (BLT's global transformer over byte patches,
+    whose entropy patching groups bytes of neighbouring examples into one patch)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if not (isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.numel() >= 2 and length_kv == seq):
+        return
+    total = int(cu[-1])
+    if total != batch * seq:
+        raise LayoutError(
+            f"attn_implementation='packcollate': {type(module).__name__}: cu_seq_lens_q: expected it to end at the "
+            f"batch's {batch * seq} tokens ({batch} x {seq}), got {total}: the batch was cut or padded after collation, "
+            f"or the model runs this layer over a sequence it derived from the tokens (BLT's byte patches) without "
+            f"that sequence's example boundaries, so its examples cannot be kept apart; train it with padding "
+            f"(PaddedCollator)"
+        )
 
 
 def packcollate_attention(
@@ -247,9 +328,12 @@ def _attention(
             f"on the attention logits this backend does not apply (ignoring it would change the model's output); "
             f"train this architecture with padding and its own attention backend"
         )
+    terms = _logit_terms(module, query, key, s_aux, kwargs)
+    s_aux = terms.sinks
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     batch, heads, seq, _ = query.shape
+    _refuse_decoder_not_causal(module, causal, seq, key.shape[2], attention_mask)
     indices = kwargs.get(SPARSE_INDICES)
     selected = (_selected_keys(module, indices, batch, seq, key.shape[2]) if isinstance(indices, torch.Tensor)
                 else None)
@@ -263,6 +347,7 @@ def _attention(
         softcap=float(softcap) if softcap else None,
         has_sinks=s_aux is not None,
         bidirectional_blocks=blocks is not None,
+        has_bias=terms.bias is not None,
     )
     if selected is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
         # an indexer's selection without a 4-D mask: exact only where each row is one sequence
@@ -297,13 +382,20 @@ def _attention(
             mask = mask & same if mask.dtype == torch.bool else mask.masked_fill(~same, torch.finfo(mask.dtype).min)
         if mask.dtype == torch.bool:
             mask = mask | ~mask.any(-1, keepdim=True)
-        out = dense_attention(query, key, value, opts, mask, s_aux, is_causal=False)
+        out = dense_attention(query, key, value, opts, mask, s_aux, is_causal=False, bias=terms.bias)
         return out.transpose(1, 2).contiguous(), None
     if key.shape[2] == seq and torch.compiler.is_compiling():  # one graph, no sync: see traced.py
+        if terms.bias is not None or (s_aux is not None and s_aux.dim() == 4):
+            raise UnsupportedError(
+                f"attn_implementation='packcollate': {type(module).__name__} passes position_bias or per-token sinks, "
+                f"which the traced path (torch.compile) does not apply; train it without torch.compile"
+            )
         return traceable_attention(module, query, key, value, attention_mask, opts, s_aux, kwargs, blocks).contiguous(), None
+    _check_length_of_layout(module, batch, seq, key.shape[2], kwargs)
     layout = _chunked_layout(module, query, key, kwargs) or (layout_of_call(batch, seq, attention_mask, kwargs) if key.shape[2] == seq else None)
+    _refuse_patching_models(module, batch, layout)
     if layout is None and key.shape[2] != seq:
-        out = _decode_attention(query, key, value, opts, s_aux)
+        out = _decode_attention(query, key, value, opts, s_aux, terms.bias)
         return out.transpose(1, 2).contiguous(), None
     if layout is None or layout.full_rows:
         if query.device.type != "cuda" or batch == 1:
@@ -312,7 +404,7 @@ def _attention(
                 allowed, is_causal = block_allowed(blocks, opts.sliding_window), False
             else:
                 allowed, is_causal = window_mask(seq, opts.sliding_window, opts.causal, query.device), opts.causal
-            out = dense_attention(query, key, value, opts, allowed, s_aux, is_causal=is_causal)
+            out = dense_attention(query, key, value, opts, allowed, s_aux, is_causal=is_causal, bias=terms.bias)
             return out.transpose(1, 2).contiguous(), None
         if layout is None:
             cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
@@ -335,7 +427,8 @@ def _attention(
         if blocks is not None:
             token_blocks = blocks.reshape(-1).long()
             token_blocks = token_blocks if layout.token_index is None else token_blocks.index_select(0, layout.token_index)
-        out = exact_varlen(q, k, v, layout, opts, s_aux, token_blocks)
+        per_token = terms.bias is not None or (s_aux is not None and s_aux.dim() == 4)
+        out = exact_varlen(q, k, v, layout, opts, s_aux, token_blocks, terms if per_token else None, seq)
     if layout.token_index is not None:
         full = out.new_zeros(batch * seq, *out.shape[1:])
         out = full.index_copy(0, layout.token_index, out)

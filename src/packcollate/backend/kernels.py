@@ -37,8 +37,9 @@ class AttentionOptions:
         dropout: attention dropout probability (0 outside training).
         sliding_window: a query sees at most this many keys, itself included (`q - kv < W`), or None.
         softcap: logits become `softcap * tanh(logits / softcap)` (Gemma 2), or None.
-        has_sinks: per-head sink logits (`s_aux`, GPT-OSS) join the softmax.
+        has_sinks: sink logits join the softmax: per head (`s_aux`, GPT-OSS) or per token (Inkling 2's `sinks`).
         bidirectional_blocks: tokens of one `bidirectional_block_ids` block see each other.
+        has_bias: a term is added to the logits of every query/key pair (Inkling's relative `position_bias`).
     """
 
     causal: bool = True
@@ -48,6 +49,36 @@ class AttentionOptions:
     softcap: float | None = None
     has_sinks: bool = False
     bidirectional_blocks: bool = False
+    has_bias: bool = False
+
+
+@dataclass(frozen=True)
+class LogitTerms:
+    """Terms a model adds to the attention logits of one call over its `(B, S)` tokens (keys: the same
+    tokens); each None when absent.
+
+    Attributes:
+        bias: `(B|1, H|1, S, S)` added to the logits of every query/key pair (Inkling's relative
+            `position_bias`); pairs of different examples are masked anyway.
+        sinks: `(B|1, H, S, 1)` one sink logit per query token (Inkling 2's `sinks`), or `(H,)` one per head
+            (GPT-OSS's `s_aux`): joins the softmax with a zero value.
+    """
+
+    bias: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
+
+    def for_tokens(self, rows: torch.Tensor, seq: int) -> LogitTerms:
+        """The terms of buckets of tokens: `rows` `(G, L)` flat indices into the call's `B * S` tokens, each
+        row one sequence (of one batch row) -> bias `(G, H|1, L, L)`, per-token sinks `(G, H, L, 1)`."""
+        batch, position = rows // seq, rows % seq
+        bias, sinks = None, self.sinks
+        if self.bias is not None:
+            row = batch if self.bias.shape[0] > 1 else torch.zeros_like(batch)
+            bias = self.bias[row[:, :, None], :, position[:, :, None], position[:, None, :]].permute(0, 3, 1, 2)
+        if self.sinks is not None and self.sinks.dim() == 4:
+            row = batch if self.sinks.shape[0] > 1 else torch.zeros_like(batch)
+            sinks = self.sinks[row, :, position, 0].permute(0, 2, 1).unsqueeze(-1)
+        return LogitTerms(bias, sinks)
 
 
 def repeat_kv(x: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
@@ -63,16 +94,18 @@ def dense_attention(
     allowed: torch.Tensor | None,
     sinks: torch.Tensor | None,
     is_causal: bool,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over batched, equal-length rows. q `(G, H, L, D)`, k/v `(G, H_kv, L_kv, D)` -> `(G, H, L, D_v)`.
 
     `allowed` is a bool mask broadcastable to `(G, H, L, L_kv)`, or an additive float mask (None:
-    all, or causal when `is_causal`). SDPA when it can; softcap or sinks need the logits, so they
-    go the eager way.
+    all, or causal when `is_causal`). `sinks`: per-head `(H,)` or per-query `(G|1, H, L, 1)` sink
+    logits; `bias`: a term added to the logits, broadcastable to `(G, H, L, L_kv)` (`LogitTerms`).
+    SDPA when it can; softcap, sinks or a bias need the logits, so they go the eager way.
     """
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups, 1), repeat_kv(v, groups, 1)
-    if opts.softcap is None and sinks is None:
+    if opts.softcap is None and sinks is None and bias is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=opts.dropout, is_causal=is_causal and allowed is None,
             scale=opts.scaling,
@@ -81,6 +114,8 @@ def dense_attention(
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
     if opts.softcap is not None:
         logits = torch.tanh(logits / opts.softcap) * opts.softcap
+    if bias is not None:
+        logits = logits + bias
     if is_causal and allowed is None:
         length, length_kv = logits.shape[-2:]
         allowed = torch.ones(length, length_kv, dtype=torch.bool, device=q.device).tril(length_kv - length)
@@ -89,7 +124,8 @@ def dense_attention(
     elif allowed is not None:
         logits = logits + allowed
     if sinks is not None:
-        sink = sinks.reshape(1, -1, 1, 1).expand(logits.shape[0], -1, logits.shape[-2], 1).to(logits.dtype)
+        sink = sinks.reshape(1, -1, 1, 1) if sinks.dim() == 1 else sinks
+        sink = sink.expand(logits.shape[0], logits.shape[1], logits.shape[-2], 1).to(logits.dtype)
         logits = torch.cat([logits, sink], dim=-1)
         logits = logits - logits.max(dim=-1, keepdim=True).values
     probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -144,18 +180,26 @@ def exact_varlen(
     opts: AttentionOptions,
     sinks: torch.Tensor | None = None,
     blocks: torch.Tensor | None = None,
+    terms: LogitTerms | None = None,
+    seq: int | None = None,
 ) -> torch.Tensor:
     """Exact attention per sequence. q `(M, H, D)`, k/v `(M, H_kv, D)` in token order -> `(M, H, D_v)`.
 
     Sequences are grouped into buckets of similar length and right-padded inside a bucket (the
     padding is masked: causally when causal, by key padding otherwise), so each bucket is one
     batched attention call. `blocks` `(M,)`: bidirectional block ids of causal layers (see
-    `block_allowed`), or None.
+    `block_allowed`), or None. `terms`: logit terms over the call's `(B, S)` tokens, `seq = S`
+    (`layout.token_index` maps the `M` tokens to them), cut to each bucket's sequences.
     """
     plan = bucket_plan(layout, q.device, ATTENTION_COST)
     outputs = []
     for bucket in plan.buckets:
         gather, seq_lengths, count, width = bucket.gather, bucket.lengths, bucket.count, bucket.width
+        bias, bucket_sinks = None, sinks
+        if terms is not None:
+            rows = gather if layout.token_index is None else layout.token_index.index_select(0, gather)
+            cut = terms.for_tokens(rows.view(count, width), seq)
+            bias, bucket_sinks = cut.bias, cut.sinks
         qb = q.index_select(0, gather).view(count, width, *q.shape[1:]).transpose(1, 2)
         kb = k.index_select(0, gather).view(count, width, *k.shape[1:]).transpose(1, 2)
         vb = v.index_select(0, gather).view(count, width, *v.shape[1:]).transpose(1, 2)
@@ -169,7 +213,7 @@ def exact_varlen(
             key_real = torch.arange(width, device=q.device)[None, :] < seq_lengths[:, None]
             key_real = key_real[:, None, None, :]
             allowed = key_real if allowed is None else allowed & key_real
-        out = dense_attention(qb, kb, vb, opts, allowed, sinks, is_causal=is_causal)
+        out = dense_attention(qb, kb, vb, opts, allowed, bucket_sinks, is_causal=is_causal, bias=bias)
         outputs.append(out.transpose(1, 2).reshape(count * width, *out.shape[1:2], out.shape[-1]))
     return torch.cat(outputs).index_select(0, plan.back)
 
@@ -237,6 +281,8 @@ def choose_kernel(device_type: str, dtype: torch.dtype, opts: AttentionOptions, 
         return EXACT, f"no varlen kernel on {device_type}"
     if opts.bidirectional_blocks:
         return EXACT, f"bidirectional blocks ({BLOCK_IDS}): no varlen kernel takes them"
+    if opts.has_bias:
+        return EXACT, "a term on the attention logits (position_bias): no varlen kernel takes one"
     half = dtype in (torch.float16, torch.bfloat16)
     flash = find_flash_varlen()
     if flash is not None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedError
 from . import state
 from .preparation import require_prepared
 from .restart import stateful_classes
@@ -101,11 +102,27 @@ def _per_bucket_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_
     layout = packed.layout if packed.active else None
     if (layout is not None and (batch_size, q_length) == packed.shape and q_length == kv_length
             and not (q_offset or kv_offset)):
+        _refuse_bidirectional(config, mask_function, batch_size, q_length, dense["device"])
         row, column, width = _longest_example(layout, q_length)
         mask = eager_mask(row + 1, width, width, column, column, mask_function=mask_function, **dense)
         return mask[row:]
     return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
                       attention_mask=attention_mask, **dense)
+
+
+def _refuse_bidirectional(config, mask_function, batch: int, length: int, device) -> None:
+    """A model whose attention layers run per bucket gets one example's mask, cut to right-padded buckets: exact
+    only for a causal mask. A mask function that lets a token see the next one (bidirectional layers: BigBird,
+    Megatron-BERT, RemBERT with their default `is_decoder=False`) would let shorter examples attend to their
+    bucket's padding. One line naming the model and the fix."""
+    ahead = _adjacent_allowed(mask_function, batch, length, device, ahead=True) if mask_function is not None else None
+    if length > 1 and (ahead is None or bool(ahead.any())):
+        raise UnsupportedError(
+            f"{getattr(config, 'model_type', type(config).__name__)}: its attention is computed inside the model and "
+            f"is not causal here (config.is_decoder={getattr(config, 'is_decoder', None)}); packcollate runs such "
+            f"layers per packed example with causal masks only: set is_decoder=True to train it as a causal LM, or "
+            f"train it with padding (PaddedCollator)"
+        )
 
 
 def packcollate_mask(

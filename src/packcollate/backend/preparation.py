@@ -9,7 +9,9 @@ that read the 4-D mask themselves (sparse-attention indexers, block biases, dyna
 DeepSeek-V3.2, DeepSeek-V4, Doge, …) need one example's mask; for them `prepare(model)`
 (idempotent; returns the model) changes that one model:
 
-- each such layer gets the forward of `restart.restart_layer`: its packed examples run apart;
+- each such layer gets the forward of `restart.restart_layer`: its packed examples run apart (so do
+  attention layers that number their tokens themselves, Inkling's log-scaled queries, and positional
+  embeddings that number the packed row's tokens, BART-style decoders');
 - every transformers model inside it (the causal LM, its decoder, a VLM's text model) gets a
   forward pre-hook and a forward hook that push and pop the call's `PackedForward` (its `(B, S)`
   tokens and their layout, `layout.layout_of_inputs`): the layout travels with the call
@@ -37,12 +39,14 @@ refuse there. Prepare them (the trainers do).
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 import types
 
 import torch
 
 from ..collate.vision import shield_vision_tower
-from ..errors import BackendRefused, NotPreparedError
+from ..errors import BackendRefused, NotPreparedError, UnsupportedError
 from ..layout import BACKEND_NAME, layout_of_inputs
 from ..unwrap import unwrap_model
 from . import restart, state
@@ -68,7 +72,8 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     mixers = restart.token_mixers(model)
     attention = restart.per_bucket_attention_layers(model)
     kind = "mask-reading" if restart.mask_reading_layers(model) else "attention"
-    restarted = [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, kind) for name, layer in attention]
+    restarted = ([(name, layer, "positions") for name, layer in restart.row_position_embeddings(model)]
+                 + [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, kind) for name, layer in attention])
     for _, layer, kind in restarted:
         restart.restart_layer(layer, kind)
     configs = [module.config for module in model.modules() if isinstance(getattr(module, "config", None), PretrainedConfig)]
@@ -143,6 +148,31 @@ def _padded(kwargs: dict) -> bool:
             and not bool(mask.all()))
 
 
+# a causal LM whose loss reads labels[t] as the target of logits[t] (no shift: BART-style decoders, Whisper's)
+_UNSHIFTED_LOSS = re.compile(r"\(\s*logits\.(view|reshape)\(-1[^)]*\)\s*,\s*labels\.(view|reshape)\(-1\)")
+
+
+@functools.cache
+def loss_without_shift(model_class: type) -> bool:
+    """Whether `model_class.forward` computes its loss on unshifted labels (`labels[t]` the target of
+    `logits[t]`), read from its source."""
+    try:
+        return bool(_UNSHIFTED_LOSS.search(inspect.getsource(model_class.forward)))
+    except (OSError, TypeError):
+        return False
+
+
+def _refuse_unshifted_labels(model, kwargs: dict) -> None:
+    """A packed batch's labels follow the shifted convention (`labels[t] = input_ids[t]`, the model shifts): a
+    model that does not shift would learn to copy its input."""
+    if isinstance(kwargs.get("labels"), torch.Tensor) and loss_without_shift(type(model)):
+        raise UnsupportedError(
+            f"{type(model).__name__} computes its loss without shifting the labels (labels[t] is the target of "
+            f"logits[t]), while packcollate's labels are the tokens themselves (the model shifts them): it would learn "
+            f"to copy its input; pass no labels and compute the shifted token loss from the logits yourself"
+        )
+
+
 def _before_model(attention_per_bucket: bool, units: list, model, args, kwargs):
     """Model-level pre-hook: the outermost call sets the packed forward; an inner model (the decoder of
     a causal LM) refines it only when its call carries the layout. The checkpointed `units` holding
@@ -153,6 +183,8 @@ def _before_model(attention_per_bucket: bool, units: list, model, args, kwargs):
         shape = _tokens_shape(args, kwargs)
         active = getattr(getattr(model, "config", None), "_attn_implementation", None) == BACKEND_NAME
         layout = layout_of_inputs(*shape, kwargs) if shape is not None and active and not _padded(kwargs) else None
+        if outer is None and layout is not None:
+            _refuse_unshifted_labels(model, kwargs)
     except BaseException:
         state.push(outer)  # the forward hook runs however the call ends, and pops exactly one
         raise
@@ -254,6 +286,10 @@ def require_prepared(config) -> None:
         return
     if needs.mixers:
         what = f"{', '.join(needs.mixers)} carry state along the sequence"
+    elif needs.row_counting:
+        what = f"{', '.join(needs.row_counting)} number the packed row's tokens in their forward, not each example's"
+    elif needs.positions:
+        what = f"{', '.join(needs.positions)} number the packed row's tokens, not each example's"
     elif needs.mask_readers:
         what = (f"{', '.join(needs.mask_readers)} read the 4-D attention mask themselves and must see one example's "
                 f"mask, not the packed row's")

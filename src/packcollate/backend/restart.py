@@ -28,6 +28,13 @@ mask transformers builds per forward can be the causal mask of one example, `(1,
 batch (its top-k selects inside the example, its block bias and window count from the example's
 start). Memory is `sum_b G_b * L_b ** 2` per layer, linear in the number of examples (not `N x N`).
 
+Attention layers that number their tokens themselves (`torch.arange` over the call in their forward:
+Inkling's log-scaled queries, Llama 4's attention temperature; `counts_row_positions`) run per bucket
+too, so each counts from its example's start. Positional embeddings that number the tokens themselves
+(`arange` over the call, ignoring `position_ids`: the decoders of BART, Marian, Pegasus, MBart, Whisper,
+PLBart, …, whose causal LM takes no `position_ids`) restart: their output for the longest example's
+positions, gathered at each token's position in its example (`kind="positions"`).
+
 `restart_layer` gives such a layer the forward that does this (`prepare` calls it): it reads the packed forward in
 progress (`state.current()`, the layout travelling with the call). Layers are found at run time by
 class name, or because they own a depthwise convolution over the tokens; internal attention layers
@@ -55,6 +62,7 @@ from ..errors import UnsupportedError
 from ..layout import PACKING_KEYS, SequenceLayout, example_index
 from . import state
 from .buckets import RECURRENT_COST, SAME_LENGTH_COST, bucket_plan
+from .traced import chunk_size
 
 # class names of layers that carry state along the sequence (Mamba mixers, short convolutions, gated
 # delta nets, lightning/linear attention, RG-LRU, RWKV time and channel mixing, xLSTM)
@@ -192,13 +200,13 @@ def interface_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.
 
 
 def per_bucket_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The attention layers `prepare` runs per bucket: those written inside the model, and, when any
-    attention layer reads the mask itself, every attention layer of the model."""
-    internal = internal_attention_layers(model)
-    if not mask_reading_layers(model):
-        return internal
-    layers = dict(internal)
-    layers.update(interface_attention_layers(model))
+    """The attention layers `prepare` runs per bucket: those written inside the model, those that number
+    their tokens themselves (`row_position_attention_layers`), and, when any attention layer reads the
+    mask itself, every attention layer of the model."""
+    layers = dict(internal_attention_layers(model))
+    layers.update(row_position_attention_layers(model))
+    if mask_reading_layers(model):
+        layers.update(interface_attention_layers(model))
     names = list(layers)
     return [(name, layers[name]) for name in names if not any(name.startswith(other + ".") for other in names)]
 
@@ -207,6 +215,49 @@ def attention_per_bucket(model: torch.nn.Module) -> bool:
     """Every attention layer of `model` runs per bucket (`per_bucket_attention_layers`): the mask
     function then hands the causal mask of one example, cut per bucket."""
     return attention_all_internal(model) or bool(mask_reading_layers(model))
+
+
+@functools.cache
+def counts_row_positions(cls: type) -> bool:
+    """Whether an attention class that goes through the AttentionInterface numbers its tokens itself in its
+    forward (`torch.arange` over the call's length: Inkling's log-scaled queries, Llama 4's attention
+    temperature): over a packed row those are row positions, not each example's own."""
+    owner = next((klass for klass in cls.__mro__ if "forward" in vars(klass)), None)
+    if owner is None or not ATTENTION_CLASS.search(cls.__name__) or not names_interface(cls):
+        return False
+    try:
+        return "torch.arange(" in inspect.getsource(owner.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def row_position_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost attention layers of `model` that number their tokens themselves (`counts_row_positions`):
+    they run their examples apart under the packcollate backend, so each counts from its example's start."""
+    return _outermost(model, lambda module: type(module).__module__.startswith("transformers.")
+                      and counts_row_positions(type(module)) and not is_token_mixer(module)
+                      and chunk_size(module) is None)  # chunked layers keep their chunks only on the packed row
+
+
+# class names of modules that embed token positions (learned or sinusoidal tables)
+POSITION_CLASS = re.compile(r"Position(al)?Embeddings?$")
+
+
+def _takes_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(model_class.forward).parameters
+
+
+def row_position_embeddings(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The positional embeddings of `model` when its outermost transformers model takes no `position_ids` (its
+    positions are `arange` over the call, the packed row's: BART-style decoders, Whisper's, …): they restart at
+    every packed example once prepared."""
+    from transformers import PreTrainedModel
+
+    outermost = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if outermost is None or _takes_position_ids(type(outermost)):
+        return []
+    return [(name, layer) for name, layer in model.named_modules()
+            if POSITION_CLASS.search(type(layer).__name__) and type(layer).__module__.startswith("transformers.")]
 
 
 def internal_attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -245,14 +296,20 @@ class StatefulClasses:
         mixers: class names of its token mixers (layers carrying state along the sequence).
         internal: every attention class it defines computes attention inside the model.
         mask_readers: class names of its attention layers that read the 4-D mask themselves.
+        positions: class names of its positional embeddings that number the packed row's tokens (its
+            causal LM takes no `position_ids`).
+        row_counting: class names of its attention layers that number their tokens themselves
+            (`counts_row_positions`: Inkling, Llama 4's attention temperature).
     """
 
     mixers: tuple[str, ...] = ()
     internal: bool = False
     mask_readers: tuple[str, ...] = ()
+    positions: tuple[str, ...] = ()
+    row_counting: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.mixers or self.internal or self.mask_readers)
+        return bool(self.mixers or self.internal or self.mask_readers or self.positions or self.row_counting)
 
 
 # config class -> what its models need `prepare` for (read once per class; a dict lookup, so that
@@ -264,7 +321,9 @@ def stateful_classes(config_class: type) -> StatefulClasses:
     """What a model of `config_class` needs `prepare` for, read from its modeling file (no model is
     built): its token mixers, whether every attention class it defines computes attention inside the
     model, and its attention classes (going through the AttentionInterface) that read the mask
-    themselves or build a class that does (an indexer). Empty when the modeling file cannot be found
+    themselves or build a class that does (an indexer), its positional embeddings that number the
+    packed row's tokens (its causal LM takes no `position_ids`), and its attention classes that number
+    their tokens themselves. Empty when the modeling file cannot be found
     (remote code: `prepare` reads the model itself)."""
     found = _STATEFUL.get(config_class)
     if found is None:
@@ -288,12 +347,16 @@ def _read_stateful_classes(config_class: type) -> StatefulClasses:
         except (OSError, TypeError):
             sources[cls] = ""
     mixers = [cls.__name__ for cls in classes if TOKEN_MIXER_CLASS.search(cls.__name__) or _CONV_SOURCE.search(sources[cls])]
+    causal_lms = [cls for cls in classes if cls.__name__.endswith(("ForCausalLM", "LMHeadModel"))]
+    positions = ([cls.__name__ for cls in classes if POSITION_CLASS.search(cls.__name__)]
+                 if causal_lms and not any(_takes_position_ids(cls) for cls in causal_lms) else [])
     attention = [cls for cls in classes if ATTENTION_CLASS.search(cls.__name__)]
     internal = bool(attention) and all(names_interface(cls) is False for cls in attention)
     readers = [cls.__name__ for cls in attention if names_interface(cls) and any(
         reads_attention_mask(inner) for inner in classes
         if inner is cls or re.search(rf"\b{re.escape(inner.__name__)}\(", sources[cls]))]
-    return StatefulClasses(tuple(sorted(mixers)), internal, tuple(sorted(readers)))
+    return StatefulClasses(tuple(sorted(mixers)), internal, tuple(sorted(readers)), tuple(sorted(positions)),
+                           tuple(sorted(cls.__name__ for cls in attention if counts_row_positions(cls))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +587,46 @@ def _same_trailing_shape(outputs: list[torch.Tensor]) -> list[torch.Tensor] | No
     widest = max(t[-1] for t in trailing)
     return [o if o.shape[-1] == widest else torch.cat([o, o[..., -1:].expand(*o.shape[:-1], widest - o.shape[-1])], -1)
             for o in outputs]
+def run_positions_per_example(forward, args: tuple, kwargs: dict, layout: SequenceLayout, shape: tuple[int, int]):
+    """A positional embedding that numbers the call's `S` tokens `0 … S-1` itself, on a packed call: its output
+    for the first `L` positions (`L` the longest example; every `(B, S, …)` / `(S,)` / shape argument cut to
+    `L`), gathered at each token's position in its example -> `(B, S, D)`. A table shorter than the packed row
+    is never indexed past the longest example."""
+    batch, seq = shape
+    width = layout.max_length
+    given = _bound_arguments(forward, args, kwargs).get("position_ids")
+    if isinstance(given, torch.Tensor) and given.shape[-1] == seq and not torch.equal(
+            given.reshape(-1, seq)[0], torch.arange(seq, device=given.device)):
+        return forward(*args, **kwargs)  # positions handed in that restart already (the collator's position_ids)
+
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == shape:
+            return value[:, :width]
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == seq:
+            return value[:width]
+        if isinstance(value, tuple) and len(value) >= 2 and all(isinstance(v, int) for v in value) \
+                and tuple(value[:2]) == shape:
+            return type(value)((batch, width, *value[2:]))
+        return value
+
+    cut_args, cut_kwargs = [cut(value) for value in args], {key: cut(value) for key, value in kwargs.items()}
+    if all(a is b for a, b in zip([*args, *kwargs.values()], [*cut_args, *cut_kwargs.values()])):
+        return forward(*args, **kwargs)  # not the packed row's tokens (another tower's): as it is
+    out = forward(*cut_args, **cut_kwargs)
+    if not (isinstance(out, torch.Tensor) and out.dim() in (2, 3) and out.shape[-2] == width
+            and (out.dim() == 2 or out.shape[0] in (1, batch))):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"expected positions (B|1, {width}, D) or ({width}, D), got {got}")
+    cu = layout.cu_seq_lens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=int(cu[-1]))
+    in_example = torch.arange(starts.numel(), device=starts.device) - starts
+    flat = torch.zeros(batch * seq, dtype=torch.long, device=starts.device)
+    flat = flat.index_copy(0, layout.token_index, in_example) if layout.token_index is not None else in_example
+    index = flat.view(batch, seq).to(out.device)
+    table = out if out.dim() == 2 else out.expand(batch, -1, -1)
+    if table.dim() == 2:
+        return table[index]
+    return table[torch.arange(batch, device=out.device)[:, None], index]
 
 
 def _hidden_states(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -540,20 +643,22 @@ def _cross_attention(forward, args: tuple, kwargs: dict) -> bool:
     return any(named.get(key) is not None for key in ("key_value_states", "encoder_hidden_states"))
 
 
-# layers running their examples apart in this context (a layer whose inner forward reaches itself again
-# runs as it is there)
+# layers running their examples apart in this context: any restarted layer called inside one of their
+# buckets (a short convolution inside Inkling's attention, a layer whose forward reaches itself) runs as it is
 _RUNNING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("packcollate_running", default=frozenset())
 
 
 #: what `restart_layer` restarts: token mixers, attention layers (right-padded length buckets), attention
-#: layers of a model with a layer that reads the mask (one bucket per distinct length: `SAME_LENGTH_COST`)
-LAYER_KINDS = ("mixer", "attention", "mask-reading")
+#: layers of a model with a layer that reads the mask (one bucket per distinct length: `SAME_LENGTH_COST`),
+#: positional embeddings numbering the tokens themselves (`run_positions_per_example`)
+LAYER_KINDS = ("mixer", "attention", "mask-reading", "positions")
 
 
 def restart_layer(layer: torch.nn.Module, kind: str) -> None:
-    """Give a token mixer (`kind="mixer"`), an attention layer written inside the model
-    (`kind="attention"`) or an attention layer of a model whose layers read the mask
-    (`kind="mask-reading"`) the forward that runs its packed examples apart (`_restarted_forward`);
+    """Give a token mixer (`kind="mixer"`), an attention layer written inside the model or numbering
+    its tokens itself (`kind="attention"`), an attention layer of a model whose layers read the mask
+    (`kind="mask-reading"`) or a positional embedding that numbers the tokens itself
+    (`kind="positions"`) the forward that runs its packed examples apart (`_restarted_forward`);
     idempotent. A bound method, so a deep copy of the model restarts its own layers."""
     if kind not in LAYER_KINDS:
         raise ValueError(f"restart_layer: kind must be one of {LAYER_KINDS}, got {kind!r}")
@@ -573,7 +678,7 @@ def _restarted_forward(self, *args, **kwargs):
     call (no packed forward in progress, another backend, a tower's own sequence) runs it as it is."""
     inner = self.__dict__.get("_packcollate_inner_forward") or functools.partial(type(self).forward, self)
     kind = self.__dict__["_packcollate_kind"]
-    attention_layer = kind != "mixer"
+    attention_layer = kind in ("attention", "mask-reading")
     packed = state.current()
     if packed is None and state.in_backward():
         raise UnsupportedError(
@@ -586,9 +691,17 @@ def _restarted_forward(self, *args, **kwargs):
             f"{type(self).__name__}: called with a packed layout ({', '.join(sorted(_LAYOUT_KWARGS & set(kwargs)))}) "
             f"outside a forward of its prepared model; call the model itself, so that its examples run apart"
         )
-    if packed is None or not packed.active or packed.layout is None or id(self) in _RUNNING.get():
+    if packed is None or not packed.active or packed.layout is None or _RUNNING.get():  # inside a bucket: as is
         return inner(*args, **kwargs)
     layout, shape = packed.layout, packed.shape
+    if self.__dict__["_packcollate_kind"] == "positions":
+        try:
+            return run_positions_per_example(inner, args, kwargs, layout, shape)
+        except (RuntimeError, TypeError, IndexError) as error:
+            raise UnsupportedError(
+                f"{type(self).__name__}: packcollate could not restart these positions at every packed example "
+                f"({type(error).__name__}: {error}); train this architecture with padding (PaddedCollator)"
+            ) from error
     hidden = _hidden_states(inner, args, kwargs)
     matches = isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and tuple(hidden.shape[:2]) == shape
     if not matches:  # inside the packed model's own call (a tower's call has no layout: `preparation.py`)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backend.preparation import use_backend
+from ..backend.preparation import loss_without_shift, use_backend
 from ..collate.text import PackedCollator, PaddedCollator
 from ..errors import InputError
 from ..layout import IGNORE_INDEX
+from ..unwrap import unwrap_model
 
 
 @dataclass
@@ -80,9 +81,16 @@ def on_device(batch: Mapping, device) -> dict:
 
 
 def packed_run(model, batch: Mapping, n_real: int, use_cache: bool) -> Run:
-    """The model's own loss on a packed batch `(1, N)`, backward; gradients are left zeroed."""
+    """The model's own loss on a packed batch `(1, N)`, backward; gradients are left zeroed. A model whose loss
+    does not shift its labels (BART-style decoders: it refuses packed labels) gets no labels, and the shifted
+    token loss is taken from its logits, as the one-at-a-time reference takes it."""
     model.zero_grad(set_to_none=True)
-    out = model(**batch, use_cache=use_cache)
+    if loss_without_shift(type(unwrap_model(model))) and "labels" in batch:
+        labels = batch["labels"]
+        out = model(**{key: value for key, value in batch.items() if key != "labels"}, use_cache=use_cache)
+        out.loss = summed_token_loss(out.logits, labels) / max(int((labels[..., 1:] != IGNORE_INDEX).sum()), 1)
+    else:
+        out = model(**batch, use_cache=use_cache)
     out.loss.backward()
     run = Run(out.logits[0, :n_real].detach(), float(out.loss.detach()), gradients(model))
     model.zero_grad(set_to_none=True)
