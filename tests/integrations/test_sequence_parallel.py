@@ -23,6 +23,7 @@ from packcollate.errors import (
     PackcollateError,
     UnsupportedError,
 )
+from packcollate.integrations import sequence_parallel
 from packcollate.integrations.sequence_parallel import (
     SHARD_KEY,
     deepspeed_sequence_parallel,
@@ -32,6 +33,7 @@ from packcollate.integrations.sequence_parallel import (
     shard_bounds,
     shard_packed_batch,
     shifted_labels,
+    ulysses_loss_on_every_rank,
 )
 from packcollate.objectives.losses import count_loss_examples, sequence_weighted_loss
 from tests.helpers import (
@@ -184,6 +186,7 @@ def test_one_rank_equals_the_model_and_its_loss(one_rank):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
+@pytest.mark.skipif(ulysses_loss_on_every_rank(), reason="this transformers' Ulysses loss is refused (tested below)")
 @pytest.mark.parametrize("trainer", ["packed", "sft"])
 def test_packed_trainer_under_deepspeed_ulysses_equals_one_process(tmp_path, free_port, trainer):
     """PackedTrainer, and PackedSFTTrainer (TRL's fused LM head on DeepSpeed's shift_labels, SFTConfig's
@@ -229,7 +232,8 @@ def ulysses_trainer(model, cls=SimpleNamespace, **overrides):
     ({"world_size": 4}, "expected gradient_accumulation_steps=1 and one sequence-parallel group, got 1 and 2"),
     ({"data_collator": PaddedCollator()}, "expected packcollate's PackedCollator"),
 ])
-def test_trainer_under_deepspeed_ulysses_refuses_before_the_first_step(overrides, message):
+def test_trainer_under_deepspeed_ulysses_refuses_before_the_first_step(overrides, message, monkeypatch):
+    monkeypatch.setattr(sequence_parallel, "ulysses_loss_on_every_rank", lambda: False)
     model = {"sdpa": lambda: tiny_model("sdpa"), "lfm2": lambda: build_prepared("lfm2")}.get(overrides.pop("model", None), tiny_model)()
     with pytest.raises(PackcollateError, match=message) as error:
         deepspeed_sequence_parallel(ulysses_trainer(model, **overrides))
@@ -242,7 +246,17 @@ def trl_like(name: str):
     return type(f"Packed{name}", (base,), {})
 
 
-def test_trl_trainers_other_than_sft_under_deepspeed_ulysses_are_refused():
+def test_a_ulysses_loss_backpropagated_on_every_rank_is_refused(monkeypatch):
+    """transformers 5.24's Ulysses loss: every rank backpropagates the row's loss and DeepSpeed sums the
+    group's gradients, so a step applied 2x the gradient on 2 ranks (measured by the 2-rank test's applied update)."""
+    monkeypatch.setattr(sequence_parallel, "ulysses_loss_on_every_rank", lambda: True)
+    with pytest.raises(UnsupportedError, match=r"applies sp_size x the gradient .* upgrade to transformers>=5.25") as error:
+        deepspeed_sequence_parallel(ulysses_trainer(tiny_model()))
+    assert "\n" not in str(error.value)
+
+
+def test_trl_trainers_other_than_sft_under_deepspeed_ulysses_are_refused(monkeypatch):
+    monkeypatch.setattr(sequence_parallel, "ulysses_loss_on_every_rank", lambda: False)
     """Only PackedTrainer and PackedSFTTrainer are proven equal to one process under Ulysses."""
     with pytest.raises(UnsupportedError, match="TRL's DPOTrainer under DeepSpeed's Ulysses is not proven"):
         deepspeed_sequence_parallel(ulysses_trainer(tiny_model(), cls=trl_like("DPOTrainer")))

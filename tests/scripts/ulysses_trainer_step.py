@@ -7,10 +7,10 @@ and TRL's `SFTConfig` defaults, gradient checkpointing included, but fp32), on t
 prompt/completion dataset (TRL turns its `completion_mask` into `labels`). Either with
 `deepspeed=ZeRO-2`, `parallelism_config=ParallelismConfig(sp_backend="deepspeed", sp_size=2)`,
 `per_device_train_batch_size=1` and `max_tokens_per_batch=128` (packcollate backend, gloo, CPU), one step: DeepSpeed's loader gives the group rank 0's first row, split in two.
-Each rank keeps the gradient its backward gives every parameter (a tensor hook, before DeepSpeed
-reduces them); their sum over the ranks divided by the world size is what ZeRO averages. Rank 0
-saves that row (as its collator made it), the step's logged loss and those gradients; the test
-computes them in one process.
+The optimizer is SGD with learning rate LR, so each parameter's change over -LR is the gradient the step
+applied, after DeepSpeed reduced the ranks' gradients (however the installed transformers and DeepSpeed
+split and reduce the loss). Rank 0 saves that row (as its collator made it), the step's logged loss and
+those applied gradients; the test computes them in one process.
 """
 
 import sys
@@ -33,6 +33,7 @@ from tests.helpers import (  # noqa: E402
 from tests.scripts.two_ranks import exit_now, watchdog  # noqa: E402
 
 ROWS = []
+LR = 1000.0  # large: each change stands well above the float32 rounding of the parameter it is added to
 DEEPSPEED = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
              "zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}
 
@@ -47,16 +48,8 @@ class RecordingCollator(PackedCollator):
         return batch
 
 
-def keep_gradients(model) -> dict:
-    """{name: the gradient of the first backward on this rank}, filled by tensor hooks."""
-    grads = {}
-    for name, p in model.named_parameters():
-        p.register_hook(lambda grad, name=name: grads.setdefault(name, grad.detach().clone()))
-    return grads
-
-
 def packed_trainer(out: str, model):
-    args = arguments(f"{out}.run", deepspeed=DEEPSPEED, per_device_train_batch_size=1,
+    args = arguments(f"{out}.run", deepspeed=DEEPSPEED, per_device_train_batch_size=1, optim="sgd", learning_rate=LR,
                      parallelism_config=ParallelismConfig(sp_backend="deepspeed", sp_size=2))
     return PackedTrainer(model=model, args=args, train_dataset=prompt_completion_dataset(), max_tokens_per_batch=128,
                          data_collator=RecordingCollator())
@@ -68,7 +61,8 @@ def sft_trainer(out: str, model):
 
     from packcollate.integrations.trl import PackedSFTTrainer
 
-    args = SFTConfig(f"{out}.run", max_steps=1, per_device_train_batch_size=1, learning_rate=1.0, max_grad_norm=0.0,
+    args = SFTConfig(f"{out}.run", max_steps=1, per_device_train_batch_size=1, learning_rate=LR, max_grad_norm=0.0,
+                     optim="sgd",
                      lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                      bf16=False, seed=0, shuffle_dataset=False, max_length=None, deepspeed=DEEPSPEED,
                      parallelism_config=ParallelismConfig(sp_backend="deepspeed", sp_size=2))
@@ -86,12 +80,10 @@ def main(out: str, kind: str = "packed") -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     model = tiny_model()
-    grads = keep_gradients(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = TRAINERS[kind](out, model)
     trainer.train()
-    for grad in grads.values():
-        dist.all_reduce(grad)
-        grad /= dist.get_world_size()
+    grads = {name: (before[name] - p.detach()) / LR for name, p in model.named_parameters()}  # the applied gradient
     if dist.get_rank() == 0:
         loss = [h["loss"] for h in trainer.state.log_history if "loss" in h][0]
         torch.save({"row": ROWS[0], "loss": loss, "grads": grads}, out)

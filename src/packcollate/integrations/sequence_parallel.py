@@ -34,6 +34,8 @@ example, also one cut by a shard edge, attends exactly as in one process:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 
 import torch
@@ -267,6 +269,18 @@ def count_shard_targets(shard_batches, *, loss_weighting: str = "token", group=N
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def ulysses_loss_on_every_rank() -> bool:
+    """Whether transformers' DeepSpeed Ulysses loss (`deepspeed_sp_compute_loss`) gathers the group's shard
+    losses differentiably, so every rank backpropagates the whole row's loss (transformers up to 5.24): with
+    DeepSpeed summing the group's gradients, a step then applies `sp_size` times the gradient. Read from its
+    source; 5.25 backpropagates each rank's own share."""
+    from transformers.integrations import deepspeed
+
+    compute_loss = getattr(deepspeed, "deepspeed_sp_compute_loss", None)
+    return compute_loss is not None and "nn.functional.all_gather" in inspect.getsource(compute_loss)
+
+
 def deepspeed_sequence_parallel(trainer) -> int:
     """Set a trainer up for `ParallelismConfig(sp_backend="deepspeed", sp_size=N)` (`TrainingArguments(
     parallelism_config=…)` or accelerate's config); returns `N` (1: not asked, nothing done).
@@ -291,6 +305,8 @@ def deepspeed_sequence_parallel(trainer) -> int:
     - of TRL's trainers only `SFTTrainer` (`PackedSFTTrainer`): under Ulysses TRL 1.16 runs its fused LM
       head on the pre-shifted `shift_labels` and lets transformers reduce its token-mean loss over the
       ranks, which equals one process in fp32 (gradient checkpointing, SFTConfig's default, included);
+    - transformers>=5.25 (`ulysses_loss_on_every_rank`: 5.24's loss makes a step apply `sp_size` times
+      the gradient);
       `PackedDPOTrainer` / `PackedRewardTrainer` are not proven there and are refused. Under bf16
       autocast (SFTConfig's default `bf16=True`; CPU autocast with `use_cpu=True`) the gradients differ
       from fp32 by bf16 rounding (about 1% on the tiny test model), in one process as much as split.
@@ -301,10 +317,17 @@ def deepspeed_sequence_parallel(trainer) -> int:
     if pc is None or not getattr(pc, "sp_enabled", False):
         return 1
     size = pc.sp_size
+    where = f"ParallelismConfig(sp_backend={pc.sp_backend!r}, sp_size={size})"
+    if ulysses_loss_on_every_rank():
+        import transformers
+
+        raise UnsupportedError(f"{where}: transformers {transformers.__version__} backpropagates the whole row's loss on "
+                               f"every rank of the group and DeepSpeed sums their gradients, so each step applies "
+                               f"sp_size x the gradient (measured: 2.00x on 2 ranks); upgrade to transformers>=5.25, "
+                               f"or use the plain-loop helpers (shard_packed_batch, sequence_parallel_loss)")
     model = trainer.model
     inner = unwrap_model(model)
     name = type(inner).__name__
-    where = f"ParallelismConfig(sp_backend={pc.sp_backend!r}, sp_size={size})"
     trl = next((cls.__name__ for cls in type(trainer).__mro__ if cls.__module__.startswith("trl.")), None)
     if trl is not None and trl != "SFTTrainer":
         raise UnsupportedError(f"{where}: TRL's {trl} under DeepSpeed's Ulysses is not proven equal to one process; "
