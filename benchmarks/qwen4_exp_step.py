@@ -20,15 +20,7 @@ speed-up over padded and the ideal speed-up (padded tokens / real tokens), measu
 
 from __future__ import annotations
 
-import argparse
-import platform
-import sys
-from pathlib import Path
-
 import recurrent_step
-import torch
-
-from packcollate.tools.bench import library_versions, save_result
 
 
 def qwen4_exp_config():
@@ -46,39 +38,8 @@ def qwen4_exp_config():
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, default=2, help="distinct batches, each timed --repeats times")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shared machine has 2 cores)")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device name>/")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device_name = f"cpu-{platform.machine()}"
-    recurrent_step.CONFIGS["qwen4_exp"] = qwen4_exp_config
-    batches = recurrent_step.flan_like_batches(args.batches, args.batch_size)
-    result = recurrent_step.bench_model("qwen4_exp", batches, args.repeats)
-
-    print(f"train step, {args.batch_size} FLAN-like examples per step, {device_name}, fp32, {args.threads} thread(s)")
-    print(f"{'model':9} {'padded tok/s':>13} {'packed tok/s':>13} {'packed/padded':>14} {'ideal':>7} {'of ideal':>9} "
-          f"{'loss diff':>10}")
-    print(f"{'qwen4_exp':9} {result['modes']['padded']['tokens_per_s']:13.0f} "
-          f"{result['modes']['packcollate']['tokens_per_s']:13.0f} {result['packed_speedup']:13.2f}x "
-          f"{result['ideal_speedup']:6.2f}x {result['fraction_of_ideal']:9.2f} {result['first_loss_diff']:10.2e}")
-    out = {
-        "benchmark": "qwen4_exp_step",
-        "device": device_name,
-        "dtype": "float32",
-        "command": "python benchmarks/qwen4_exp_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": {"median_length": recurrent_step.MEDIAN_LENGTH, "sigma": recurrent_step.SIGMA,
-                 "clip": [recurrent_step.MIN_LENGTH, recurrent_step.MAX_LENGTH], "batch_size": args.batch_size,
-                 "batches": args.batches},
-        "threads": args.threads,
-        "versions": library_versions("torch", "transformers"),
-        "models": {"qwen4_exp": result},
-    }
-    save_result(out, (args.out or Path("benchmarks/results") / device_name) / "qwen4_exp_step_float32.json")
-    return out
+    return recurrent_step.run("qwen4_exp_step", __file__, __doc__, argv, recurrent_step.VOCAB, batches=2, batch_size=8,
+                              models={"qwen4_exp": qwen4_exp_config})
 
 
 if __name__ == "__main__":

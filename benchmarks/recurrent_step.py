@@ -88,19 +88,9 @@ def bench_model(name: str, batches: list[list[dict]], repeats: int) -> dict:
             "params": sum(p.numel() for p in runs["padded"]["model"].parameters()), "modes": results}
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    common.add_batch_arguments(parser, batches=4, batch_size=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shared machine has 2 cores)")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device name>/")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device_name = f"cpu-{platform.machine()}"
-    batches = common.flan_like_batches(args.batches, args.batch_size, VOCAB)
-    results = {name: bench_model(name, batches, args.repeats) for name in args.models}
-
-    print(f"train step, {args.batch_size} FLAN-like examples per step, {device_name}, fp32, {args.threads} thread(s)")
+def print_models(results: dict[str, dict], batch_size: int, device_name: str, threads: int) -> None:
+    """The table of `bench_model` results, one row a model."""
+    print(f"train step, {batch_size} FLAN-like examples per step, {device_name}, fp32, {threads} thread(s)")
     print(f"{'model':9} {'padded tok/s':>13} {'packed tok/s':>13} {'packed/padded':>14} {'ideal':>7} {'of ideal':>9} "
           f"{'loss diff':>10}")
     for name, r in results.items():
@@ -108,18 +98,41 @@ def main(argv=None) -> dict:
               f"{r['packed_speedup']:13.2f}x {r['ideal_speedup']:6.2f}x {r['fraction_of_ideal']:9.2f} "
               f"{r['first_loss_diff']:10.2e}")
 
+
+def run(benchmark: str, script: str, doc: str, argv, vocab: int, batches: int, batch_size: int,
+        models: dict | None = None) -> dict:
+    """A step benchmark's `main`: parse `argv` (`--models` when `models` is None: `CONFIGS`), time every model on
+    the same FLAN-like batches of ids in `[3, vocab)`, print the table, save `<benchmark>_float32.json`.
+    `models`: name -> config function of a one-family benchmark (`qwen4_exp_step.py`, `blt_step.py`)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if models is None:
+        parser.add_argument("--models", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    common.add_batch_arguments(parser, batches=batches, batch_size=batch_size)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shared machine has 2 cores)")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device name>/")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device_name = f"cpu-{platform.machine()}"
+    CONFIGS.update(models or {})
+    data = common.flan_like_batches(args.batches, args.batch_size, vocab)
+    results = {name: bench_model(name, data, args.repeats) for name in (models or args.models)}
+    print_models(results, args.batch_size, device_name, args.threads)
     out = {
-        "benchmark": "recurrent_step",
+        "benchmark": benchmark,
         "device": device_name,
         "dtype": "float32",
-        "command": common.command_line(__file__, argv),
-        "data": common.flan_data(args.batch_size, args.batches),
+        "command": common.command_line(script, argv),
+        "data": common.flan_data(args.batch_size, args.batches, vocab=vocab),
         "threads": args.threads,
         "versions": library_versions("torch", "transformers"),
         "models": results,
     }
-    common.save_step_result(out, args.out, device_name, "recurrent_step_float32.json")
+    common.save_step_result(out, args.out, device_name, f"{benchmark}_float32.json")
     return out
+
+
+def main(argv=None) -> dict:
+    return run("recurrent_step", __file__, __doc__, argv, VOCAB, batches=4, batch_size=16)
 
 
 if __name__ == "__main__":

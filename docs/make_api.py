@@ -35,6 +35,8 @@ PUBLIC = [
     ("packcollate.backend.restart", ["token_mixers", "internal_attention_layers", "stateful_classes", "uses_kernels",
                                      "run_per_example"]),
     ("packcollate.backend.buckets", ["plan_buckets", "bucket_plan"]),
+    ("packcollate.backend.patches", ["prepare_patching_models", "patch_layout", "PatchLayout",
+                                     "restarted_hash_embeddings"]),
     ("packcollate.objectives.segments", ["segment_sum", "segment_mean", "segment_last", "segment_last_index",
                                          "token_logprobs", "to_padded", "from_padded", "padding_mask", "segment_ids"]),
     ("packcollate.objectives.losses", ["sequence_weighted_loss", "count_loss_examples", "per_example_token_loss",

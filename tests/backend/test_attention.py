@@ -497,23 +497,34 @@ def test_misshapen_logit_terms_are_refused_in_one_line(term, shape):
 
 
 @pytest.mark.parametrize("flash_kwargs", [True, False])
-def test_byte_patching_models_refuse_packed_batches(flash_kwargs):
+def test_byte_patching_models_refuse_packed_batches_until_prepared(flash_kwargs):
     """BLT pools bytes into patches over the packed row (a patch can hold bytes of two examples) and runs its
-    global transformer over the row's patches: it refuses at its first packed attention call, in one line naming
-    the layer, whether the layout comes as cu_seq_lens or as position_ids only (then nothing else would see the
-    packing: its global transformer mixed the examples by 6 logits). Padded batches still run."""
+    global transformer over the row's patches. Unprepared, it refuses at its first packed forward in one line,
+    whether the layout comes as cu_seq_lens or as position_ids only; its attention layers refuse a packed call too
+    (the last line, should a forward reach them without the mask function). Prepared, padded batches run and packed
+    ones are exact (tests/backend/test_patches.py)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from packcollate.errors import NotPreparedError
 
     if "blt" not in CONFIG_MAPPING:
         pytest.skip("this transformers has no BLT")
     model = tiny_model("blt")
     batch = PackedCollator(return_flash_attn_kwargs=flash_kwargs)(features())
-    with pytest.raises(ValueError, match="BltSelfAttention belongs to a model that pools its tokens into patches") as info:
+    with pytest.raises(NotPreparedError, match="pools its tokens into patches") as info:
         model(**batch, use_cache=False)
+    assert "\n" not in str(info.value)
+    layer = model.model.local_encoder.layers[0].self_attn
+    q = torch.randn(1, layer.num_heads, 8, layer.head_dim)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(UnsupportedError, match="BltSelfAttention belongs to a model that pools its tokens into patches "
+                                               "and was not prepared") as info:
+        attention.packcollate_attention(layer, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5,
+                                        max_length_k=5)
     assert "\n" not in str(info.value)
     padded = packcollate.PaddedCollator()(features())
     with torch.no_grad():
-        assert model(**padded, use_cache=False).logits.shape[:2] == padded["input_ids"].shape
+        assert packcollate.prepare(model)(**padded, use_cache=False).logits.shape[:2] == padded["input_ids"].shape
 
 
 # BigBird-Pegasus builds its decoder self-attention with is_causal=False and relies on transformers' 4-D causal

@@ -62,6 +62,7 @@ from .kernels import (
     window_mask,
 )
 from .mask import packcollate_mask
+from .patches import is_prepared, pools_into_patches
 from .sequence_parallel import shard_of_call, ulysses_attention
 from .traced import chunk_size, traceable_attention
 
@@ -222,24 +223,18 @@ def _logit_terms(module, query, key, s_aux, kwargs: dict) -> LogitTerms:
     return LogitTerms(bias, sinks if sinks is not None else s_aux)
 
 
-#: Config attributes of models that pool their tokens into patches and run a transformer over the patches
-#: (BLT's byte patches): `patching_mode` on the model's config, `cross_attn_k` on its local encoder's and decoder's.
-PATCHING_CONFIG_KEYS = ("patching_mode", "cross_attn_k")
-
-
 def _refuse_patching_models(module, batch: int, layout: SequenceLayout | None) -> None:
-    """Refuse a packed call (more sequences than rows) of a layer of a model that pools tokens into patches:
-    its patches and its patch transformer span the packed row, whatever reaches this layer."""
-    config = getattr(module, "config", None)
-    if layout is None or layout.full_rows or not any(getattr(config, key, None) is not None for key in PATCHING_CONFIG_KEYS):
+    """Refuse a packed call (more sequences than rows) of a layer of a model that pools tokens into patches
+    and that `prepare` did not give its per-example patches (`patches.py`): its patches and its patch
+    transformer would span the packed row."""
+    if layout is None or layout.full_rows or is_prepared(module) or not pools_into_patches(getattr(module, "config", None)):
         return
     if len(layout.lengths()) > batch:
         raise UnsupportedError(
             f"attn_implementation='packcollate': {type(module).__name__} belongs to a model that pools its tokens into "
-            f"patches (BLT: entropy patching starts patches only at the row's first two bytes, so one patch can hold "
-            f"bytes of two examples; its global transformer numbers and attends the whole row's patches, and its "
-            f"decoder's one-patch shift crosses example boundaries): packed examples cannot be kept apart; train it "
-            f"with padding (PaddedCollator)"
+            f"patches and was not prepared (entropy patching starts patches only at the row's first two bytes, so one "
+            f"patch can hold bytes of two examples; its global transformer numbers and attends the whole row's "
+            f"patches): call packcollate.prepare(model), which gives each packed example its own patches"
         )
 
 

@@ -19,6 +19,9 @@ DeepSeek-V3.2, DeepSeek-V4, Doge, …) need one example's mask; for them `prepar
 - the checkpointed units holding them (transformers' `GradientCheckpointingLayer`) get their checkpoint
   function wrapped at each forward: what it checkpoints runs, then and again when backward recomputes
   it, inside the `PackedForward` of that forward, however many forwards ran in between;
+- a model that pools its tokens into patches (BLT) gets `patches.prepare_patching_models`: each packed
+  example its own n-gram hashes and patches, its global transformer in patch units, its decoder's patch shift
+  inside the example;
 - a vision-language model's vision tower gets `collate.vision.shield_vision_tower` (the text's
   packing kwargs never reach it);
 - `generate`'s own mask building (compileable caches) runs inside the model's forward state.
@@ -49,7 +52,7 @@ from ..collate.vision import shield_vision_tower
 from ..errors import BackendRefused, NotPreparedError, UnsupportedError
 from ..layout import BACKEND_NAME, layout_of_inputs
 from ..unwrap import unwrap_model
-from . import restart, state
+from . import patches, restart, state
 from .state import PackedForward
 
 
@@ -80,7 +83,8 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     # what each config needs, known before any forward (a dict lookup when traced); a modeling file that
     # defines stateful layers (perhaps only in another tower) gets the hooks too: its mask function checks them
     flagged = any(restart.stateful_classes(type(config)) for config in configs)
-    if restarted or flagged:
+    patching = any(patches.is_patching_model(module) for module in model.modules())
+    if restarted or flagged or patching:
         per_bucket = restart.attention_per_bucket(model)  # the model's masks are its own layers', not a tower's only
         units = _checkpointed_units(model, [name for name, _, _ in restarted])
         for module in model.modules():
@@ -92,6 +96,7 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
                     own = getattr(module, "create_masks_for_generate", None)  # a model's own, else transformers'
                     module.__dict__["_packcollate_create_masks"] = (own or create_masks_for_generate, per_bucket)
                     module.create_masks_for_generate = types.MethodType(_create_masks_inside, module)
+    patches.prepare_patching_models(model)  # after the hooks above: its model's hook reads the forward they enter
     shield_vision_tower(model)
     return model
 
@@ -267,7 +272,9 @@ def check_prepared(model: torch.nn.Module) -> None:
     state-space models included, which no mask function ever sees)."""
     missing = sorted({type(layer).__name__ for _, layer in [*restart.token_mixers(model),
                                                              *restart.per_bucket_attention_layers(model)]
-                      if not restart.is_restarted(layer)})
+                      if not restart.is_restarted(layer)}
+                     | {type(module).__name__ for module in model.modules()
+                        if patches.is_patching_model(module) and not patches.is_prepared(module)})
     if missing:
         raise NotPreparedError(
             f"{type(unwrap_model(model)).__name__}: {', '.join(missing)} would carry one packed example's state into "
@@ -290,6 +297,9 @@ def require_prepared(config) -> None:
         what = f"{', '.join(needs.row_counting)} number the packed row's tokens in their forward, not each example's"
     elif needs.positions:
         what = f"{', '.join(needs.positions)} number the packed row's tokens, not each example's"
+    elif needs.patching:
+        what = ("it pools its tokens into patches, which must follow each example: its n-gram hashes, entropy "
+                "patches, global transformer and decoder's patch shift")
     elif needs.mask_readers:
         what = (f"{', '.join(needs.mask_readers)} read the 4-D attention mask themselves and must see one example's "
                 f"mask, not the packed row's")

@@ -62,6 +62,7 @@ from ..errors import UnsupportedError
 from ..layout import PACKING_KEYS, SequenceLayout, example_index
 from . import state
 from .buckets import RECURRENT_COST, SAME_LENGTH_COST, bucket_plan
+from .patches import pools_into_patches
 from .traced import chunk_size
 
 # class names of layers that carry state along the sequence (Mamba mixers, short convolutions, gated
@@ -300,6 +301,7 @@ class StatefulClasses:
             causal LM takes no `position_ids`).
         row_counting: class names of its attention layers that number their tokens themselves
             (`counts_row_positions`: Inkling, Llama 4's attention temperature).
+        patching: its model pools tokens into patches (BLT: `patches.pools_into_patches`).
     """
 
     mixers: tuple[str, ...] = ()
@@ -307,9 +309,11 @@ class StatefulClasses:
     mask_readers: tuple[str, ...] = ()
     positions: tuple[str, ...] = ()
     row_counting: tuple[str, ...] = ()
+    patching: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.mixers or self.internal or self.mask_readers or self.positions or self.row_counting)
+        return bool(self.mixers or self.internal or self.mask_readers or self.positions or self.row_counting
+                    or self.patching)
 
 
 # config class -> what its models need `prepare` for (read once per class; a dict lookup, so that
@@ -355,8 +359,10 @@ def _read_stateful_classes(config_class: type) -> StatefulClasses:
     readers = [cls.__name__ for cls in attention if names_interface(cls) and any(
         reads_attention_mask(inner) for inner in classes
         if inner is cls or re.search(rf"\b{re.escape(inner.__name__)}\(", sources[cls]))]
+    configs = vars(sys.modules.get(config_class.__module__, module)).values()
+    patching = any(isinstance(value, type) and pools_into_patches(value) for value in configs)
     return StatefulClasses(tuple(sorted(mixers)), internal, tuple(sorted(readers)), tuple(sorted(positions)),
-                           tuple(sorted(cls.__name__ for cls in attention if counts_row_positions(cls))))
+                           tuple(sorted(cls.__name__ for cls in attention if counts_row_positions(cls))), patching)
 
 
 # ---------------------------------------------------------------------------------------------

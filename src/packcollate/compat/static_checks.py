@@ -161,13 +161,21 @@ def check_position_offset(config: PretrainedConfig, model: torch.nn.Module | Non
     )
 
 
+def _cross_attention(name: str, module: torch.nn.Module) -> bool:
+    """Attention over another sequence (an encoder's states, BLT's patches), whose `is_causal=False` says nothing
+    about how the tokens attend to each other."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return "CrossAttention" in type(module).__name__ or "cross" in last or last == "encoder_attn"
+
+
 def check_attention_direction(model: torch.nn.Module | None) -> Finding:
     """Say when the tiny copy's attention is bidirectional (`is_causal=False` on its attention layers,
     e.g. BERT with `is_decoder=False`): packed is still exact, but each token sees its whole example,
     later tokens included, which next-token training would read as the answer."""
     if model is None:
         return Finding("causality", OK, "unknown (no tiny copy)")
-    bidirectional = sorted({type(m).__name__ for m in model.modules() if getattr(m, "is_causal", None) is False})
+    bidirectional = sorted({type(m).__name__ for name, m in model.named_modules()
+                            if getattr(m, "is_causal", None) is False and not _cross_attention(name, m)})
     if not bidirectional:
         return Finding("causality", OK, "causal: each token attends to the earlier tokens of its example")
     is_decoder = getattr(model.config, "is_decoder", None)
