@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 import packcollate  # noqa: F401  (registers the backend)
 from packcollate import PackedCollator
+from packcollate.integrations import join_torchrun
 from packcollate.integrations.sequence_parallel import (
     prepare_sequence_parallel,
     sequence_parallel_forward,
@@ -112,14 +113,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if "RANK" not in os.environ:
-        raise SystemExit("launch with torchrun: torchrun --nproc_per_node 2 benchmarks/sequence_parallel.py")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = join_torchrun("benchmarks/sequence_parallel.py")
+    cuda = device.type == "cuda"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     model = build_model(args.vocab, device)

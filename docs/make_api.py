@@ -46,7 +46,7 @@ PUBLIC = [
     ("packcollate.compat", ["CompatReport", "Finding", "tiny_config", "compare_packed_unpacked", "Equivalence"]),
     ("packcollate.compat.guard", ["assert_packing_safe", "assert_sequence_scores_safe"]),
     ("packcollate.compat.configs", ["context_length"]),
-    ("packcollate.integrations", ["PackedTrainer", "PackingTrainerMixin", "PackingGuardCallback", "count_label_tokens",
+    ("packcollate.integrations", ["PackedTrainer", "PackingTrainerMixin", "PackingGuardCallback", "count_label_tokens", "join_torchrun",
                                   "micro_batches"]),
     ("packcollate.integrations.trl", ["PackedSFTTrainer", "PackedDPOTrainer", "PackedRewardTrainer",
                                       "PackedGRPOTrainer", "PackedRLOOTrainer"]),

@@ -11,7 +11,6 @@ multiplied by the world size because FSDP averages gradients over ranks.
 """
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader
 
 import packcollate  # noqa: F401
 from packcollate import PackedCollator, TokenBudgetBatchSampler
-from packcollate.integrations import count_label_tokens, micro_batches
+from packcollate.integrations import count_label_tokens, join_torchrun, micro_batches
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=10, help="optimizer steps")
@@ -30,14 +29,7 @@ parser.add_argument("--max-tokens", type=int, default=2048, help="token budget o
 parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
 args = parser.parse_args()
 
-if "RANK" not in os.environ:
-    raise SystemExit("launch with torchrun: torchrun --nproc_per_node 2 examples/fsdp2_loop.py")
-cuda = torch.cuda.is_available()
-dist.init_process_group("nccl" if cuda else "gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-if cuda:
-    torch.cuda.set_device(device)
+rank, world, device = join_torchrun("examples/fsdp2_loop.py")
 
 model = tiny_model().to(device)
 for layer in model.model.layers:

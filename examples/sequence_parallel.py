@@ -14,7 +14,6 @@ the last line says whether they are equal.
 
 import argparse
 import copy
-import os
 
 import torch
 import torch.distributed as dist
@@ -22,6 +21,7 @@ from _common import arithmetic_features, tiny_model
 from torch.nn.parallel import DistributedDataParallel
 
 from packcollate import PackedCollator
+from packcollate.integrations import join_torchrun
 from packcollate.integrations.sequence_parallel import (
     prepare_sequence_parallel,
     sequence_parallel_forward,
@@ -35,14 +35,7 @@ parser.add_argument("--chain", type=int, default=6, help="arithmetic problems ch
 parser.add_argument("--examples-per-row", type=int, default=4)
 args = parser.parse_args()
 
-if "RANK" not in os.environ:
-    raise SystemExit("launch with torchrun: torchrun --nproc_per_node 2 examples/sequence_parallel.py")
-cuda = torch.cuda.is_available()
-dist.init_process_group("nccl" if cuda else "gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-if cuda:
-    torch.cuda.set_device(device)
+rank, world, device = join_torchrun("examples/sequence_parallel.py")
 
 
 def long_examples(n: int, chain: int) -> list[dict]:

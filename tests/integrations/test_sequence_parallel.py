@@ -135,10 +135,15 @@ def test_head_counts_the_group_does_not_split_are_refused_in_one_line():
         kv_repeats(12, 3, 2)
 
 
-@pytest.mark.parametrize("model_type", ["lfm2", "qwen3_5_text"])
-def test_layers_that_carry_state_are_refused_before_the_first_step(one_rank, model_type):
+@pytest.mark.parametrize("model_type, layer", [
+    ("lfm2", "Lfm2ShortConv"), ("qwen3_5_text", "Qwen3_5GatedDeltaNet"),
+    ("deepseek_v32", "DeepseekV32Attention"),  # reads the 4-D mask: runs per example
+    ("bart", "BartLearnedPositionalEmbedding"),  # numbers the row's tokens itself
+    ("blt", "BltModel"),  # pools the row's bytes into patches
+])
+def test_layers_that_must_see_each_example_whole_are_refused_before_the_first_step(one_rank, model_type, layer):
     model = build_prepared(model_type)
-    with pytest.raises(UnsupportedError, match="carry state along the sequence") as error:
+    with pytest.raises(UnsupportedError, match=f"carry state along the sequence.*{layer}") as error:
         prepare_sequence_parallel(model)
     assert "\n" not in str(error.value)
 

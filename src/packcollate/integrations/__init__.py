@@ -7,7 +7,8 @@
   (`callbacks`).
 - The checks a trainer runs before its first step, each given the trainer (`preflight`): mask
   columns, split lengths, the launch.
-- `count_label_tokens`, `micro_batches`: the token-mean loss in plain PyTorch / accelerate loops
+- `count_label_tokens`, `micro_batches`: the token-mean loss in plain PyTorch / accelerate loops;
+  `join_torchrun`: a torchrun process's group, rank and device
   (`packcollate.integrations.loops`).
 - `prepare_sequence_parallel`, `shard_packed_batch`, `sequence_parallel_forward`,
   `sequence_parallel_loss`, `count_shard_targets`: one packed row split across a sequence-parallel
@@ -15,7 +16,7 @@
 """
 
 from .callbacks import PackingGuardCallback
-from .loops import count_label_tokens, micro_batches
+from .loops import count_label_tokens, join_torchrun, micro_batches
 from .sequence_parallel import (
     count_shard_targets,
     prepare_sequence_parallel,
@@ -30,6 +31,7 @@ __all__ = [
     "PackingGuardCallback",
     "PackingTrainerMixin",
     "count_label_tokens",
+    "join_torchrun",
     "count_shard_targets",
     "micro_batches",
     "prepare_sequence_parallel",

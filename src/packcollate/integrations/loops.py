@@ -16,6 +16,7 @@ its token losses and divide by that count, and undo DDP's averaging of gradients
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -48,3 +49,19 @@ def micro_batches(loader: Iterable[dict], accumulation_steps: int) -> Iterator[l
             step = []
     if step:
         yield step
+
+
+def join_torchrun(script: str) -> tuple[int, int, torch.device]:
+    """This process of a `torchrun` launch: joins the process group (nccl on CUDA, gloo on CPU) and returns its
+    rank, the world size and its device (`cuda:LOCAL_RANK`, made current, or the CPU). Outside torchrun, exits
+    with the command that launches `script` on 2 processes."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        raise SystemExit(f"launch with torchrun: torchrun --nproc_per_node 2 {script}")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ..backend import restart
+from ..backend.patches import is_patching_model
 from ..backend.sequence_parallel import (
     SequenceShard,
     keep_shard_when_recomputed,
@@ -66,6 +67,17 @@ def _group_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def whole_row_layers(model: torch.nn.Module) -> list[str]:
+    """Class names of the layers of `model` that must see each packed example whole, in one call: token mixers,
+    attention computed inside the model or run per example (mask readers, layers numbering their tokens
+    themselves), positional embeddings numbering the row, and models pooling tokens into patches (BLT). Split
+    across ranks, each would see one shard only."""
+    layers = [*restart.token_mixers(model), *restart.internal_attention_layers(model),
+              *restart.per_bucket_attention_layers(model), *restart.row_position_embeddings(model)]
+    return sorted({type(layer).__name__ for _, layer in layers}
+                  | {type(module).__name__ for module in model.modules() if is_patching_model(module)})
+
+
 def prepare_sequence_parallel(model: torch.nn.Module, group=None) -> torch.nn.Module:
     """Check that `model` (bare or wrapped) can run split across `group` and mark it; returns `model`.
 
@@ -75,8 +87,7 @@ def prepare_sequence_parallel(model: torch.nn.Module, group=None) -> torch.nn.Mo
     _, size = _group_size(group)
     inner = unwrap_model(model)
     name = type(inner).__name__
-    stateful = sorted({type(layer).__name__ for _, layer in [*restart.token_mixers(model),
-                                                              *restart.internal_attention_layers(model)]})
+    stateful = whole_row_layers(model)
     if stateful:
         raise UnsupportedError(
             f"sequence parallelism: {name} has layers that carry state along the sequence or attend inside the "
@@ -332,8 +343,7 @@ def deepspeed_sequence_parallel(trainer) -> int:
     if trl is not None and trl != "SFTTrainer":
         raise UnsupportedError(f"{where}: TRL's {trl} under DeepSpeed's Ulysses is not proven equal to one process; "
                                f"expected PackedTrainer or PackedSFTTrainer: train it without sequence parallelism")
-    stateful = sorted({type(layer).__name__ for _, layer in [*restart.token_mixers(model),
-                                                              *restart.internal_attention_layers(model)]})
+    stateful = whole_row_layers(model)
     if stateful:
         raise UnsupportedError(f"{where}: {name} has layers that carry state along the sequence or attend inside "
                                f"the model ({', '.join(stateful)}); each rank would see one shard: train it unsplit")
