@@ -159,14 +159,16 @@ def test_patch_layout_equals_the_model_alone(lengths, quantile, max_patch_length
 _PROPERTY_MODEL = blt(threshold=1.0).model if "blt" in CONFIG_MAPPING else None
 
 
+@pytest.mark.parametrize("flash_kwargs", [True, False])
 @pytest.mark.parametrize("given_cache", [True, False])
-def test_with_a_cache_equals_each_example_alone(given_cache):
+def test_with_a_cache_equals_each_example_alone(given_cache, flash_kwargs):
     """transformers' BLT builds its own cache from a config it cannot read (`BltConfig` has no
     `num_hidden_layers`: `use_cache=True` raises in transformers 5.24 and 5.25 on every backend); a packed forward
     gets a plain one. With it or with the user's, the packed forward that fills it equals each example alone (no
-    cache, eager), and so does its backward (`exact`)."""
+    cache, eager), forward and backward, also with `position_ids` only (with a cache transformers' mask does not
+    look for packed sequences, and BLT's layers get no `position_ids`: the hooks hand them `cu_seq_lens`)."""
     model = blt()
-    batch = PackedCollator()(features())
+    batch = PackedCollator(return_flash_attn_kwargs=flash_kwargs)(features())
     def cache():
         return {"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())} if given_cache else {}
 

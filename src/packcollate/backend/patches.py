@@ -224,7 +224,12 @@ def _before_patching_model(model, args, kwargs):
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         kwargs["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    return (), {**kwargs, "input_ids": None, "inputs_embeds": embeddings, "patch_lengths": patches.lengths,
+    # the bytes' layout travels to the local encoder's and decoder's attention in the kwargs, whatever the
+    # collator emitted: their layers get no position_ids, and with a cache transformers' mask does not look for
+    # packed sequences
+    lengths = {"cu_seq_lens_q": layout.cu_seq_lens, "cu_seq_lens_k": layout.cu_seq_lens,
+               "max_length_q": layout.max_length, "max_length_k": layout.max_length}
+    return (), {**kwargs, **lengths, "input_ids": None, "inputs_embeds": embeddings, "patch_lengths": patches.lengths,
                 PATCHES: patches}
 
 
