@@ -44,6 +44,7 @@ from ..layout import (
     layout_of_call,
     traced_sequence_ids,
 )
+from . import state
 from .kernels import (
     EXACT,
     FLASH_VARLEN,
@@ -93,14 +94,17 @@ def _same_example(batch: int, seq: int, device, kwargs: dict) -> torch.Tensor | 
 
 
 def _chunked_layout(module, query, key, kwargs: dict) -> SequenceLayout | None:
-    """A chunked-attention layer's layout from the examples (`cu_seq_lens`, else `position_ids`), chunked
-    from each example's start, or None (not a chunked layer, or no examples given: the mask decides).
+    """A chunked-attention layer's layout from the examples (`cu_seq_lens`, else `position_ids`, else the prepared
+    model's call in progress), chunked from each example's start, or None (not a chunked layer, or no examples
+    given: the mask decides).
 
     transformers' chunked mask counts chunks from each example's start only when it sees the packing
     (no cache, recent versions); otherwise its chunks run across the packed row."""
     chunk = chunk_size(module)
     batch, seq = query.shape[0], query.shape[2]
-    examples = layout_of_call(batch, seq, None, kwargs) if chunk and key.shape[2] == seq else None
+    if not chunk or key.shape[2] != seq:
+        return None
+    examples = layout_of_call(batch, seq, None, kwargs) or state.called_layout(batch, seq)
     if examples is None:
         return None
     return examples.derived(("chunked", chunk), lambda: examples.chunked(chunk))

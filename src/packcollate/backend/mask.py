@@ -125,6 +125,19 @@ def _refuse_bidirectional(config, mask_function, batch: int, length: int, device
         )
 
 
+def _layout_starts(batch: int, length: int, device) -> torch.Tensor | None:
+    """`(B, S)` bool, True at every sequence start of the prepared model's call in progress on these tokens
+    (`state.called_layout`), or None outside one. transformers looks for packed sequences in `position_ids` only
+    without a cache, and some layers get neither `cu_seq_lens` nor `position_ids` (GPTBigCode, Persimmon, CTRL):
+    with a cache this map is all they are told."""
+    layout = state.called_layout(batch, length)
+    if layout is None:
+        return None
+    first = layout.cu_seq_lens[:-1].long()
+    index = (first if layout.token_index is None else layout.token_index[first]).to(device)
+    return torch.zeros(batch * length, dtype=torch.bool, device=device).index_fill(0, index, True).view(batch, length)
+
+
 def packcollate_mask(
     batch_size: int,
     q_length: int,
@@ -179,6 +192,11 @@ def packcollate_mask(
         allowed = _adjacent_allowed(mask_function, batch_size, q_length, device)
         if allowed is not None and (compiling or not bool(allowed.all())):
             starts[:, 1:] = ~allowed
+            packed = True
+    if not compiling and q_length > 1:  # the prepared model's call: its layout, which a cache hides from transformers
+        called = _layout_starts(batch_size, q_length, device)
+        if called is not None:
+            starts |= called
             packed = True
     padded = padding is not None and (compiling or not bool(padding.all()))
     if not packed and not padded:

@@ -78,23 +78,17 @@ class PatchLayout:
 
     Attributes:
         lengths: `(1, P)` int64 patch lengths in bytes, example after example (an empty patch is 0).
-        example: `(P,)` int64, the example of each patch.
         cu_patches: `(E+1,)` int32, the first patch of each example, then `P`.
         positions: `(1, P)` int64, each patch's index in its example.
         max_patches: the most patches of one example.
-        byte_patch: `(N,)` int64, the patch holding each byte.
-        byte_example: `(N,)` int64, the example of each byte.
         decoder_patch: `(N,)` int64, the patch each byte's decoder cross-attention reads.
         cross_attn_k: `k`, slots per patch in the cross-attention layers.
     """
 
     lengths: torch.Tensor
-    example: torch.Tensor
     cu_patches: torch.Tensor
     positions: torch.Tensor
     max_patches: int
-    byte_patch: torch.Tensor
-    byte_example: torch.Tensor
     decoder_patch: torch.Tensor
     cross_attn_k: int
 
@@ -174,17 +168,15 @@ def patch_layout(model: torch.nn.Module, input_ids: torch.Tensor, layout: Sequen
     n_patches = patch_lengths.shape[1]
     starts_in_row = torch.cumsum(patch_lengths[0], 0) - patch_lengths[0]
     byte = torch.arange(n_bytes, device=device)
-    byte_patch = torch.searchsorted(starts_in_row, byte, right=True) - 1
     # alone, byte t reads patch #{k >= 1: start_k <= t + length_0} - 1 (at least 0); in the row, counted
     # over its own example's patches
     first = patch_lengths[0][cu_patches[:-1].clamp(max=n_patches - 1)][byte_example]
     reached = torch.minimum(torch.searchsorted(starts_in_row, byte + first, right=True), cu_patches[1:][byte_example])
     decoder_patch = torch.maximum(reached - 2, cu_patches[:-1][byte_example])
     return PatchLayout(
-        lengths=patch_lengths, example=example, cu_patches=cu_patches.to(torch.int32),
+        lengths=patch_lengths, cu_patches=cu_patches.to(torch.int32),
         positions=(torch.arange(n_patches, device=device) - cu_patches[:-1][example])[None],
-        max_patches=int(counts.max()), byte_patch=byte_patch, byte_example=byte_example,
-        decoder_patch=decoder_patch, cross_attn_k=int(config.cross_attn_k),
+        max_patches=int(counts.max()), decoder_patch=decoder_patch, cross_attn_k=int(config.cross_attn_k),
     )
 
 

@@ -79,23 +79,22 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
                  + [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, kind) for name, layer in attention])
     for _, layer, kind in restarted:
         restart.restart_layer(layer, kind)
-    configs = [module.config for module in model.modules() if isinstance(getattr(module, "config", None), PretrainedConfig)]
-    # what each config needs, known before any forward (a dict lookup when traced); a modeling file that
-    # defines stateful layers (perhaps only in another tower) gets the hooks too: its mask function checks them
-    flagged = any(restart.stateful_classes(type(config)) for config in configs)
-    patching = any(patches.is_patching_model(module) for module in model.modules())
-    if restarted or flagged or patching:
-        per_bucket = restart.attention_per_bucket(model)  # the model's masks are its own layers', not a tower's only
-        units = _checkpointed_units(model, [name for name, _, _ in restarted])
-        for module in model.modules():
-            if isinstance(module, PreTrainedModel) and not module.__dict__.get("_packcollate_forward_hooks"):
-                module.register_forward_pre_hook(functools.partial(_before_model, per_bucket, units), with_kwargs=True)
-                module.register_forward_hook(_after_model, with_kwargs=True, always_call=True)
-                module.__dict__["_packcollate_forward_hooks"] = True
-                if callable(getattr(module, "prepare_inputs_for_generation", None)):  # it can generate
-                    own = getattr(module, "create_masks_for_generate", None)  # a model's own, else transformers'
-                    module.__dict__["_packcollate_create_masks"] = (own or create_masks_for_generate, per_bucket)
-                    module.create_masks_for_generate = types.MethodType(_create_masks_inside, module)
+    for module in model.modules():  # what each config needs, read now: a dict lookup when traced
+        if isinstance(getattr(module, "config", None), PretrainedConfig):
+            restart.stateful_classes(type(module.config))
+    # every model: the layout of its call reaches the mask function too, which with a cache (transformers then
+    # looks for no packed sequences) is the only carrier layers that get neither cu_seq_lens nor position_ids see
+    per_bucket = restart.attention_per_bucket(model)  # the model's masks are its own layers', not a tower's only
+    units = _checkpointed_units(model, [name for name, _, _ in restarted])
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and not module.__dict__.get("_packcollate_forward_hooks"):
+            module.register_forward_pre_hook(functools.partial(_before_model, per_bucket, units), with_kwargs=True)
+            module.register_forward_hook(_after_model, with_kwargs=True, always_call=True)
+            module.__dict__["_packcollate_forward_hooks"] = True
+            if callable(getattr(module, "prepare_inputs_for_generation", None)):  # it can generate
+                own = getattr(module, "create_masks_for_generate", None)  # a model's own, else transformers'
+                module.__dict__["_packcollate_create_masks"] = (own or create_masks_for_generate, per_bucket)
+                module.create_masks_for_generate = types.MethodType(_create_masks_inside, module)
     patches.prepare_patching_models(model)  # after the hooks above: its model's hook reads the forward they enter
     shield_vision_tower(model)
     return model

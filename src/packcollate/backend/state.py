@@ -51,6 +51,16 @@ def current() -> PackedForward | None:
     return stack[-1] if stack else None
 
 
+def called_layout(batch: int, length: int) -> SequenceLayout | None:
+    """The packed layout of the prepared model's call in progress when it is over these `(B, S)` tokens (on the
+    packcollate backend), else None: what a layer that gets no layout of its own is part of (with a cache,
+    transformers looks for no packed sequences)."""
+    packed = current()
+    if packed is None or not packed.active or packed.shape != (batch, length):
+        return None
+    return packed.layout
+
+
 def push(state: PackedForward | None) -> None:
     """Enter `state` (None: a call that knows no layout, e.g. an unrecorded recomputation)."""
     _STACK.set((*_STACK.get(), state))
