@@ -2,6 +2,7 @@
 a `(B, S)` sequence map found from `position_ids`, never an `S x S` matrix; layers flagged bidirectional under a
 mask that is causal somewhere get transformers' own mask, and the backend keeps packed examples apart inside it."""
 
+import pytest
 import torch
 
 import packcollate  # noqa: F401
@@ -68,3 +69,42 @@ def test_layers_flagged_bidirectional_under_a_causal_mask_get_transformers_mask(
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # no data-dependent check while tracing
     assert backend_mask.flagged_layers_under_causal_mask(config, both_ways, 1, 9, "cpu")
     assert not backend_mask.flagged_layers_under_causal_mask(model.config, both_ways, 1, 9, "cpu")
+
+
+# Families whose attention layers get neither cu_seq_lens nor position_ids (GPTBigCode, Persimmon, CTRL), or that
+# chunk or restart from the examples they are told of (Llama 4, Whisper's decoder): with a cache, transformers looks
+# for no packed sequences in position_ids, so only the prepared model's own call can tell the mask where they are.
+@pytest.mark.parametrize("model_type", ["gpt_bigcode", "persimmon", "ctrl", "llama4_text", "whisper"])
+def test_a_cache_does_not_hide_the_packing_when_position_ids_are_its_only_carrier(model_type):
+    from packcollate import PackedCollator
+    from packcollate.compat import compare_packed_unpacked
+    from tests.helpers import build_prepared
+
+    model = build_prepared(model_type)
+    features = [{"input_ids": list(range(3, 3 + n))} for n in (11, 27, 5, 19)]
+    for use_cache in (True, False):
+        result = compare_packed_unpacked(model, features, collator=PackedCollator(return_flash_attn_kwargs=False),
+                                         reference_attn_implementation="eager", use_cache=use_cache)
+        assert result.max_logit_diff <= 1e-4 and result.max_grad_rel_diff <= 1e-3, (use_cache, result)
+
+
+def test_the_prepared_call_layout_reaches_the_mask_only_for_its_own_tokens():
+    """The map comes from the call in progress on these `(B, S)` tokens: another shape (a tower's, BLT's patches)
+    or no prepared call gets none."""
+    from packcollate.backend import state
+    from packcollate.backend.state import PackedForward
+    from packcollate.layout import from_cu_seq_lens
+
+    layout = from_cu_seq_lens(torch.tensor([0, 3, 8], dtype=torch.int32), 5, 1, 8)
+    assert backend_mask._layout_starts(1, 8, "cpu") is None
+    state.push(PackedForward(True, (1, 8), layout))
+    try:
+        assert backend_mask._layout_starts(1, 8, "cpu")[0].nonzero().flatten().tolist() == [0, 3]
+        assert backend_mask._layout_starts(1, 7, "cpu") is None
+    finally:
+        state.pop()
+    state.push(PackedForward(False, (1, 8), layout))  # another backend: as it is
+    try:
+        assert backend_mask._layout_starts(1, 8, "cpu") is None
+    finally:
+        state.pop()

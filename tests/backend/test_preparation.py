@@ -62,12 +62,21 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
-def test_import_adds_nothing_to_models_and_prepare_nothing_to_models_without_state():
+def test_import_adds_nothing_to_models_and_prepare_only_layout_hooks_to_models_without_state():
     """A model built after `import packcollate` and never prepared has no packcollate hook or forward; a
-    prepared Llama (nothing carries state, its attention goes through the backend) has none either."""
-    for model in (build("mamba2", prepared=False), build("llama")):
-        assert not any(module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__
-                       for module in model.modules())
+    prepared Llama (nothing carries state, its attention goes through the backend) gets only the hooks that hand
+    its calls' layout to the mask function, on its transformers models, and no layer's forward is replaced."""
+    from transformers import PreTrainedModel
+
+    unprepared = build("mamba2", prepared=False)
+    assert not any(module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__
+                   for module in unprepared.modules())
+    llama = build("llama")
+    hooked = [type(module).__name__ for module in llama.modules() if module._forward_pre_hooks or module._forward_hooks]
+    assert hooked == ["LlamaForCausalLM", "LlamaModel"]
+    assert all(isinstance(module, PreTrainedModel) for module in llama.modules()
+               if module._forward_pre_hooks or module._forward_hooks)
+    assert not any("forward" in module.__dict__ for module in llama.modules())
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_5_text", "lfm2", "bloom"])

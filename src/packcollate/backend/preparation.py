@@ -7,7 +7,11 @@ Layers that carry state along the sequence (Mamba mixers, short convolutions, ga
 or compute attention inside the model (BLOOM, MPT, GPT-Neo, …) do not call the backend, and layers
 that read the 4-D mask themselves (sparse-attention indexers, block biases, dynamic masks:
 DeepSeek-V3.2, DeepSeek-V4, Doge, …) need one example's mask; for them `prepare(model)`
-(idempotent; returns the model) changes that one model:
+(idempotent; returns the model) changes that one model. For every model it also hands the mask
+function the layout of the call: with a cache transformers looks for no packed sequences in
+`position_ids`, and the attention layers of some families get neither `cu_seq_lens_*` nor
+`position_ids` (GPTBigCode, Persimmon, CTRL), so without it a batch whose only carrier is
+`position_ids` (transformers' `DataCollatorWithFlattening` default) would mix examples there:
 
 - each such layer gets the forward of `restart.restart_layer`: its packed examples run apart (so do
   attention layers that number their tokens themselves, Inkling's log-scaled queries, and positional
@@ -15,7 +19,8 @@ DeepSeek-V3.2, DeepSeek-V4, Doge, …) need one example's mask; for them `prepar
 - every transformers model inside it (the causal LM, its decoder, a VLM's text model) gets a
   forward pre-hook and a forward hook that push and pop the call's `PackedForward` (its `(B, S)`
   tokens and their layout, `layout.layout_of_inputs`): the layout travels with the call
-  (`backend.state`), per thread, never in a process global;
+  (`backend.state`), per thread, never in a process global, and the mask function marks its
+  sequence starts (`mask._layout_starts`);
 - the checkpointed units holding them (transformers' `GradientCheckpointingLayer`) get their checkpoint
   function wrapped at each forward: what it checkpoints runs, then and again when backward recomputes
   it, inside the `PackedForward` of that forward, however many forwards ran in between;
@@ -61,8 +66,8 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     apart on the packcollate backend (see the module docstring); idempotent, returns `model`.
 
     Works on the bare model or any wrapper holding it as a submodule (PEFT, torch.compile, DDP,
-    FSDP, accelerate). Nothing changes for a model without such layers, nor while a prepared model
-    runs on another backend. `attn_implementation`: switch the model to that backend first
+    FSDP, accelerate). A model without such layers only hands its calls' layout to the mask function;
+    nothing changes while a prepared model runs on another backend. `attn_implementation`: switch the model to that backend first
     (`set_attn_implementation`), e.g. `"packcollate"` for families that pick an attention class by
     backend name when built and know only their own (GPT-Neo, and Falcon up to transformers 5.24:
     build them with their default attention, then `prepare(model, attn_implementation="packcollate")`).
@@ -79,17 +84,20 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
                  + [(name, layer, "mixer") for name, layer in mixers] + [(name, layer, kind) for name, layer in attention])
     for _, layer, kind in restarted:
         restart.restart_layer(layer, kind)
-    for module in model.modules():  # what each config needs, read now: a dict lookup when traced
-        if isinstance(getattr(module, "config", None), PretrainedConfig):
-            restart.stateful_classes(type(module.config))
     # every model: the layout of its call reaches the mask function too, which with a cache (transformers then
     # looks for no packed sequences) is the only carrier layers that get neither cu_seq_lens nor position_ids see
     per_bucket = restart.attention_per_bucket(model)  # the model's masks are its own layers', not a tower's only
     units = _checkpointed_units(model, [name for name, _, _ in restarted])
+    # layers that cannot run without the layout (under torch.compile too); the others only gain the cache's map,
+    # which a traced mask does without (no graph break: `_traced`)
+    needed = bool(restarted) or any(patches.is_patching_model(module) for module in model.modules()) or any(
+        restart.stateful_classes(type(module.config)) for module in model.modules()
+        if isinstance(getattr(module, "config", None), PretrainedConfig))
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and not module.__dict__.get("_packcollate_forward_hooks"):
-            module.register_forward_pre_hook(functools.partial(_before_model, per_bucket, units), with_kwargs=True)
-            module.register_forward_hook(_after_model, with_kwargs=True, always_call=True)
+            module.register_forward_pre_hook(functools.partial(_before_model, per_bucket, units, needed),
+                                             with_kwargs=True)
+            module.register_forward_hook(functools.partial(_after_model, needed), with_kwargs=True, always_call=True)
             module.__dict__["_packcollate_forward_hooks"] = True
             if callable(getattr(module, "prepare_inputs_for_generation", None)):  # it can generate
                 own = getattr(module, "create_masks_for_generate", None)  # a model's own, else transformers'
@@ -177,10 +185,18 @@ def _refuse_unshifted_labels(model, kwargs: dict) -> None:
         )
 
 
-def _before_model(attention_per_bucket: bool, units: list, model, args, kwargs):
+def _traced(needed: bool) -> bool:
+    """A traced call (`torch.compile`) of a model whose layers do without the layout: its hooks do nothing."""
+    return not needed and torch.compiler.is_compiling()
+
+
+def _before_model(attention_per_bucket: bool, units: list, needed: bool, model, args, kwargs):
     """Model-level pre-hook: the outermost call sets the packed forward; an inner model (the decoder of
     a causal LM) refines it only when its call carries the layout. The checkpointed `units` holding
-    restarted layers will recompute with it (`_InPackedForward`)."""
+    restarted layers will recompute with it (`_InPackedForward`). `needed`: some layer of the model cannot
+    run without it."""
+    if _traced(needed):
+        return
     _keep_layout_when_recomputed(units)
     outer = state.current()
     try:
@@ -201,8 +217,9 @@ def _before_model(attention_per_bucket: bool, units: list, model, args, kwargs):
     state.push(outer)
 
 
-def _after_model(model, args, kwargs, output):
-    state.pop()
+def _after_model(needed: bool, model, args, kwargs, output):
+    if not _traced(needed):
+        state.pop()
 
 
 def _create_masks_inside(self, *args, **kwargs):
