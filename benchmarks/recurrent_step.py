@@ -73,8 +73,9 @@ def build(config, implementation: str):
     return packcollate.prepare(model)
 
 
-def bench_model(name: str, batches: list[list[dict]], repeats: int) -> dict:
-    config = CONFIGS[name]()
+def bench_model(config_of, batches: list[list[dict]], repeats: int) -> dict:
+    """One model (`config_of()` builds its config) padded vs packed, on `batches`."""
+    config = config_of()
     runs = {}
     for mode, (collator_class, implementation) in MODES.items():
         model = build(config, implementation)
@@ -113,9 +114,9 @@ def run(benchmark: str, script: str, doc: str, argv, vocab: int, batches: int, b
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device_name = f"cpu-{platform.machine()}"
-    CONFIGS.update(models or {})
+    configs = models or {name: CONFIGS[name] for name in args.models}
     data = common.flan_like_batches(args.batches, args.batch_size, vocab)
-    results = {name: bench_model(name, data, args.repeats) for name in (models or args.models)}
+    results = {name: bench_model(config_of, data, args.repeats) for name, config_of in configs.items()}
     print_models(results, args.batch_size, device_name, args.threads)
     out = {
         "benchmark": benchmark,

@@ -78,7 +78,7 @@ def test_packed_equals_each_example_alone(variant, flash_kwargs):
     patches after some examples; every byte a patch (the tiny config's threshold) with an empty patch after every
     example; `max_patch_length` splitting patches and dropping empty ones; no entropy model (every byte a patch,
     plus one empty patch); and the encoder's cross-attention after every layer (an empty patch's query is then not
-    zero: it must average its own example's bytes, not the row's). With `cu_seq_lens` or `position_ids` only."""
+    zero, and it averages the whole row: harmless, as no byte reads it). With `cu_seq_lens` or `position_ids` only."""
     model = {
         "entropy": lambda: blt(),
         "entropy-every-byte": lambda: blt(threshold=1.0),

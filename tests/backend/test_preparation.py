@@ -272,3 +272,85 @@ def test_a_restarted_layer_called_with_a_layout_outside_its_model_refuses():
     with pytest.raises(UnsupportedError, match="outside a forward of its prepared model"):
         mixer(hidden, seq_idx=torch.zeros(1, 10, dtype=torch.int32))
     mixer(hidden)  # a plain call: one sequence, as the layer itself runs it
+
+
+def _padded_packed_row(features: list[list[int]], pad: int = 3) -> dict:
+    """One row holding `features` one after another, then `pad` pads marked in `attention_mask`; `position_ids`
+    restart at every example (a pad segment, TRL's padded packing): no `cu_seq_lens`."""
+    ids = sum(features, [])
+    positions = sum((list(range(len(f))) for f in features), [])
+    return {"input_ids": torch.tensor([ids + [0] * pad]), "position_ids": torch.tensor([positions + list(range(pad))]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * pad])}
+
+
+@pytest.mark.parametrize("model_type", ["gpt_bigcode", "llama"])
+def test_a_padded_row_holding_several_examples_keeps_them_apart(model_type):
+    """transformers looks for packed `position_ids` only without an `attention_mask`, and GPTBigCode's attention
+    gets no `position_ids`: the prepared model's call tells the mask where its examples start (it mixed them by
+    0.25 logits before), with and without a cache. A left-padded row whose positions run on is one sequence."""
+    model = build(model_type)
+    features = [list(range(3, 10)), list(range(20, 25)), list(range(40, 49))]
+    batch = _padded_packed_row(features)
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([f]), use_cache=False).logits[0] for f in features])
+        for use_cache in (False, True):
+            packed = model(**batch, use_cache=use_cache).logits[0, :alone.shape[0]]
+            assert float((packed - alone).abs().max()) <= 1e-4, use_cache
+        left = {"input_ids": torch.tensor([[0, 0] + features[0]]), "attention_mask": torch.tensor([[0, 0] + [1] * 7]),
+                "position_ids": torch.tensor([[1, 1] + list(range(7))])}
+        torch.testing.assert_close(model(**left, use_cache=False).logits[0, 2:], alone[:7], atol=1e-4, rtol=0)
+
+
+def test_a_padded_row_holding_several_examples_is_refused_where_layers_run_them_apart():
+    """Layers that carry state run their examples apart on unpadded packed rows only: one line, not a mix."""
+    model = build("qwen3_5_text")
+    batch = _padded_packed_row([list(range(3, 10)), list(range(20, 25))])
+    with pytest.raises(ValueError, match="a padded batch whose rows hold several packed examples") as info:
+        model(**batch, use_cache=False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_prepared_token_classifier_takes_its_per_token_labels():
+    """Only language models (they generate) must shift their labels: a token classifier reads them per token."""
+    from transformers import AutoModelForTokenClassification, BertConfig
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    model = packcollate.prepare(AutoModelForTokenClassification.from_config(config, attn_implementation="packcollate"))
+    batch = PackedCollator()([{"input_ids": list(range(3, 10)), "labels": [0, 1, 2, 0, 1, 2, 0]},
+                              {"input_ids": list(range(20, 25)), "labels": [2, 1, 0, 2, 1]}])
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_a_prepared_model_pickles():
+    """`torch.save(model)` of a whole prepared model (hooks are module-level functions)."""
+    import io
+
+    model = build("llama")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    batch = PackedCollator()(proof_features())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_checkpointed_chunked_layers_recompute_with_their_forwards_layout():
+    """Llama 4's chunked layers read the call's layout when nothing else carries it (position_ids only, a cache):
+    recomputed under gradient checkpointing they read the same one, so the gradients match the unchecked step."""
+    from transformers import DynamicCache
+
+    batch = PackedCollator(return_flash_attn_kwargs=False)(
+        [{"input_ids": list(range(3, 24))}, {"input_ids": list(range(30, 35))}, {"input_ids": list(range(40, 59))}])
+    grads = []
+    for checkpointing in (False, True):
+        model = build("llama4_text")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(**batch, cache=DynamicCache(config=model.config)).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -149,8 +149,7 @@ def patch_layout(model: torch.nn.Module, input_ids: torch.Tensor, layout: Sequen
     if config.patching_mode == "entropy" and getattr(model, "patcher", None) is not None:
         positions = torch.arange(n_bytes, device=device) - cu[byte_example]
         with torch.no_grad():
-            entropies = model.patcher(input_ids, position_ids=positions[None], patch_size=config.patch_size,
-                                      threshold=config.patching_threshold)[0][0]
+            entropies = model.patcher(input_ids, position_ids=positions[None])[0][0]  # its own patch lengths: unused
         before = (cu[:-1][slot_example] + slot_local - 1).clamp(0, n_bytes - 1)
         starts |= (slot_local >= 2) & (entropies[before] > config.patching_threshold)
     else:
@@ -205,8 +204,8 @@ def _before_patching_model(model, args, kwargs):
         _refuse(model, "from input_ids (its n-gram hashes and entropy patches read the bytes), got inputs_embeds")
     if kwargs.get("patch_lengths") is not None:
         _refuse(model, "when it cuts them itself, got patch_lengths for the whole packed row")
-    if input_ids.shape[0] != 1 or layout.token_index is not None:
-        _refuse(model, f"over one packed row without padding, got input_ids of shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] != 1:
+        _refuse(model, f"over one packed row, got input_ids of shape {tuple(input_ids.shape)}")
     patches = patch_layout(model, input_ids, layout)
     embeddings = restarted_hash_embeddings(model, input_ids, layout)
     use_cache = kwargs.get("use_cache")

@@ -55,7 +55,7 @@ import torch
 
 from ..collate.vision import shield_vision_tower
 from ..errors import BackendRefused, NotPreparedError, UnsupportedError
-from ..layout import BACKEND_NAME, layout_of_inputs
+from ..layout import BACKEND_NAME, SequenceLayout, from_sequence_map, layout_of_inputs
 from ..unwrap import unwrap_model
 from . import patches, restart, state
 from .state import PackedForward
@@ -87,7 +87,8 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
     # every model: the layout of its call reaches the mask function too, which with a cache (transformers then
     # looks for no packed sequences) is the only carrier layers that get neither cu_seq_lens nor position_ids see
     per_bucket = restart.attention_per_bucket(model)  # the model's masks are its own layers', not a tower's only
-    units = _checkpointed_units(model, [name for name, _, _ in restarted])
+    # every checkpointed unit: layers read the call's layout when recomputed too (chunked attention)
+    units = [unit for unit in model.modules() if hasattr(unit, "gradient_checkpointing")]
     # layers that cannot run without the layout (under torch.compile too); the others only gain the cache's map,
     # which a traced mask does without (no graph break: `_traced`)
     needed = bool(restarted) or any(patches.is_patching_model(module) for module in model.modules()) or any(
@@ -99,7 +100,8 @@ def prepare(model: torch.nn.Module, attn_implementation: str | None = None) -> t
                                              with_kwargs=True)
             module.register_forward_hook(functools.partial(_after_model, needed), with_kwargs=True, always_call=True)
             module.__dict__["_packcollate_forward_hooks"] = True
-            if callable(getattr(module, "prepare_inputs_for_generation", None)):  # it can generate
+            # it can generate, and its mask function checks that it is prepared
+            if needed and callable(getattr(module, "prepare_inputs_for_generation", None)):
                 own = getattr(module, "create_masks_for_generate", None)  # a model's own, else transformers'
                 module.__dict__["_packcollate_create_masks"] = (own or create_masks_for_generate, per_bucket)
                 module.create_masks_for_generate = types.MethodType(_create_masks_inside, module)
@@ -176,13 +178,36 @@ def loss_without_shift(model_class: type) -> bool:
 
 def _refuse_unshifted_labels(model, kwargs: dict) -> None:
     """A packed batch's labels follow the shifted convention (`labels[t] = input_ids[t]`, the model shifts): a
-    model that does not shift would learn to copy its input."""
-    if isinstance(kwargs.get("labels"), torch.Tensor) and loss_without_shift(type(model)):
+    language model (it can generate) that does not shift would learn to copy its input. Per-token heads (token
+    classification) read their labels unshifted by design."""
+    if (isinstance(kwargs.get("labels"), torch.Tensor) and callable(getattr(model, "prepare_inputs_for_generation", None))
+            and loss_without_shift(type(model))):
         raise UnsupportedError(
             f"{type(model).__name__} computes its loss without shifting the labels (labels[t] is the target of "
             f"logits[t]), while packcollate's labels are the tokens themselves (the model shifts them): it would learn "
             f"to copy its input; pass no labels and compute the shifted token loss from the logits yourself"
         )
+
+
+def _packed_padded_rows(model, needed: bool, shape: tuple[int, int], kwargs: dict) -> SequenceLayout | None:
+    """The layout of a padded batch (`_padded`) whose rows hold several examples, as its `position_ids` restart
+    among the real tokens (a pad segment marked in `attention_mask`, TRL's padded packing), or None when each row
+    holds one (left-padded generation numbers its real tokens on). transformers' mask looks for packed sequences
+    only without an `attention_mask`: the mask function marks these (`mask._layout_starts`). Layers that run their
+    examples apart (`needed`) do so on unpadded rows only: refused in one line."""
+    position_ids = kwargs.get("position_ids")
+    if not (isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == shape[1]):
+        return None
+    layout = from_sequence_map(kwargs["attention_mask"], *shape, None, position_ids.expand(shape[0], -1))
+    if len(layout.lengths()) <= shape[0]:
+        return None
+    if needed:
+        raise UnsupportedError(
+            f"{type(model).__name__}: a padded batch whose rows hold several packed examples (position_ids restart "
+            f"inside its attention_mask's real tokens); this model's layers that carry state or pool tokens run their "
+            f"examples apart only on unpadded packed rows: use PackedCollator (no padding), or one example per row"
+        )
+    return layout
 
 
 def _traced(needed: bool) -> bool:
@@ -202,7 +227,9 @@ def _before_model(attention_per_bucket: bool, units: list, needed: bool, model, 
     try:
         shape = _tokens_shape(args, kwargs)
         active = getattr(getattr(model, "config", None), "_attn_implementation", None) == BACKEND_NAME
-        layout = layout_of_inputs(*shape, kwargs) if shape is not None and active and not _padded(kwargs) else None
+        layout = None
+        if shape is not None and shape[1] > 1 and active:  # a decoding step holds one token a row: nothing packed
+            layout = _packed_padded_rows(model, needed, shape, kwargs) if _padded(kwargs) else layout_of_inputs(*shape, kwargs)
         if outer is None and layout is not None:
             _refuse_unshifted_labels(model, kwargs)
     except BaseException:
@@ -259,13 +286,6 @@ class _InPackedForward:
                 state.pop()
 
         return self.checkpoint(run, *args, **kwargs)
-
-
-def _checkpointed_units(model: torch.nn.Module, restarted: list[str]) -> list[torch.nn.Module]:
-    """The modules of `model` that transformers checkpoints (`gradient_checkpointing` flag) and that hold a
-    restarted layer."""
-    return [unit for name, unit in model.named_modules()
-            if hasattr(unit, "gradient_checkpointing") and any(layer.startswith(name + ".") for layer in restarted)]
 
 
 def _keep_layout_when_recomputed(units: list[torch.nn.Module]) -> None:

@@ -175,16 +175,18 @@ def _backend_model(model, backend: str):
 def _run_trial(model, proof: Proof, backend: str, use_cache: bool) -> Trial:
     """The packed batch through `backend`; on the packcollate backend, also the batch that carries its layout in
     `position_ids` only (the worse of the two is the verdict: both routes must keep the examples apart)."""
-    batches = [proof.batch] + ([proof.positions_only] if backend == BACKEND_NAME and proof.positions_only else [])
+    batches = {"": proof.batch}
+    if backend == BACKEND_NAME and proof.positions_only is not None:
+        batches["position_ids only: "] = proof.positions_only
     trials = []
-    try:
-        if backend in HALF_PRECISION_BACKENDS:
-            return half_precision_trial(model, proof, use_cache)
-        for batch in batches:
+    for carrier, batch in batches.items():
+        try:
+            if backend in HALF_PRECISION_BACKENDS:
+                return half_precision_trial(model, proof, use_cache)
             packed = packed_run(model, batch, proof.n_real, use_cache)
-            trials.append(trial_of(use_cache, compare_runs(packed, proof.reference), (LOGIT_TOLERANCE, GRAD_TOLERANCE)))
-    except Exception as error:  # noqa: BLE001 - a backend that raises is unsupported
-        return Trial(use_cache, UNSUPPORTED, error=one_line(error))
+        except Exception as error:  # noqa: BLE001 - a backend that raises is unsupported
+            return Trial(use_cache, UNSUPPORTED, error=carrier + one_line(error))
+        trials.append(trial_of(use_cache, compare_runs(packed, proof.reference), (LOGIT_TOLERANCE, GRAD_TOLERANCE)))
     return max(trials, key=lambda trial: (trial.verdict != EXACT, trial.max_logit_diff))
 
 

@@ -61,7 +61,7 @@ def join_torchrun(script: str) -> tuple[int, int, torch.device]:
         raise SystemExit(f"launch with torchrun: torchrun --nproc_per_node 2 {script}")
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device

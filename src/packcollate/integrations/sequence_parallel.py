@@ -90,8 +90,8 @@ def prepare_sequence_parallel(model: torch.nn.Module, group=None) -> torch.nn.Mo
     stateful = whole_row_layers(model)
     if stateful:
         raise UnsupportedError(
-            f"sequence parallelism: {name} has layers that carry state along the sequence or attend inside the "
-            f"model ({', '.join(stateful)}); split across ranks each would see one shard only: train it unsplit"
+            f"sequence parallelism: {name} has layers that carry state along the sequence or must see each packed "
+            f"example whole ({', '.join(stateful)}); split across ranks each would see one shard only: train it unsplit"
         )
     config = inner.config
     backend = getattr(config, "_attn_implementation", None)
@@ -345,8 +345,9 @@ def deepspeed_sequence_parallel(trainer) -> int:
                                f"expected PackedTrainer or PackedSFTTrainer: train it without sequence parallelism")
     stateful = whole_row_layers(model)
     if stateful:
-        raise UnsupportedError(f"{where}: {name} has layers that carry state along the sequence or attend inside "
-                               f"the model ({', '.join(stateful)}); each rank would see one shard: train it unsplit")
+        raise UnsupportedError(f"{where}: {name} has layers that carry state along the sequence or must see each "
+                               f"packed example whole ({', '.join(stateful)}); each rank would see one shard: train it "
+                               f"unsplit")
     backend = getattr(inner.config, "_attn_implementation", None)
     if backend != BACKEND_NAME:
         raise UnsupportedError(f"{where}: {name} runs attn_implementation={backend!r}; DeepSpeed's Ulysses gives it no "
