@@ -108,6 +108,15 @@ def example_index(cu_seq_lens: torch.Tensor, total: int | None = None) -> torch.
     return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1], output_size=total)
 
 
+def example_positions(cu_seq_lens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Position of every token in its example `(N,)` int64 from `(k+1,)` offsets: `[0 … l_0-1, 0 … l_1-1, …]`
+    (`positions`' torch twin)."""
+    cu = torch.as_tensor(cu_seq_lens).long()
+    total = int(cu[-1]) if total is None else total
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+    return torch.arange(total, device=cu.device) - starts
+
+
 # ---------------------------------------------------------------------------------------------
 # Derive (torch)
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnsupportedError
-from ..layout import BACKEND_NAME, PACKING_KEYS, SequenceLayout, example_index
+from ..layout import BACKEND_NAME, PACKING_KEYS, SequenceLayout, example_index, example_positions
 from . import state
 
 #: Config attributes of models that pool their tokens into patches and run a transformer over the patches
@@ -143,13 +143,12 @@ def patch_layout(model: torch.nn.Module, input_ids: torch.Tensor, layout: Sequen
     n_bytes, n_examples, device = input_ids.shape[1], lengths.numel(), input_ids.device
     byte_example = example_index(cu, n_bytes)
     # candidate starts: example e's n_e + 1 slots, local positions 0 … n_e
-    slot_example = example_index(torch.cat([cu.new_zeros(1), torch.cumsum(lengths + 1, 0)]), n_bytes + n_examples)
-    slot_local = torch.arange(n_bytes + n_examples, device=device) - (cu[:-1] + torch.arange(n_examples, device=device))[slot_example]
+    slots = torch.cat([cu.new_zeros(1), torch.cumsum(lengths + 1, 0)])
+    slot_example, slot_local = example_index(slots, n_bytes + n_examples), example_positions(slots, n_bytes + n_examples)
     starts = slot_local <= 1
     if config.patching_mode == "entropy" and getattr(model, "patcher", None) is not None:
-        positions = torch.arange(n_bytes, device=device) - cu[byte_example]
-        with torch.no_grad():
-            entropies = model.patcher(input_ids, position_ids=positions[None])[0][0]  # its own patch lengths: unused
+        with torch.no_grad():  # its own patch lengths: unused
+            entropies = model.patcher(input_ids, position_ids=example_positions(cu, n_bytes)[None])[0][0]
         before = (cu[:-1][slot_example] + slot_local - 1).clamp(0, n_bytes - 1)
         starts |= (slot_local >= 2) & (entropies[before] > config.patching_threshold)
     else:
@@ -174,7 +173,7 @@ def patch_layout(model: torch.nn.Module, input_ids: torch.Tensor, layout: Sequen
     decoder_patch = torch.maximum(reached - 2, cu_patches[:-1][byte_example])
     return PatchLayout(
         lengths=patch_lengths, cu_patches=cu_patches.to(torch.int32),
-        positions=(torch.arange(n_patches, device=device) - cu_patches[:-1][example])[None],
+        positions=example_positions(cu_patches, n_patches)[None],
         max_patches=int(counts.max()), decoder_patch=decoder_patch, cross_attn_k=int(config.cross_attn_k),
     )
 

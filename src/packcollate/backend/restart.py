@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnsupportedError
-from ..layout import PACKING_KEYS, SequenceLayout, example_index
+from ..layout import PACKING_KEYS, SequenceLayout, example_index, example_positions
 from . import state
 from .buckets import RECURRENT_COST, SAME_LENGTH_COST, bucket_plan
 from .patches import pools_into_patches
@@ -623,10 +623,8 @@ def run_positions_per_example(forward, args: tuple, kwargs: dict, layout: Sequen
             and (out.dim() == 2 or out.shape[0] in (1, batch))):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TypeError(f"expected positions (B|1, {width}, D) or ({width}, D), got {got}")
-    cu = layout.cu_seq_lens.long()
-    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=int(cu[-1]))
-    in_example = torch.arange(starts.numel(), device=starts.device) - starts
-    flat = torch.zeros(batch * seq, dtype=torch.long, device=starts.device)
+    in_example = example_positions(layout.cu_seq_lens)
+    flat = torch.zeros(batch * seq, dtype=torch.long, device=in_example.device)
     flat = flat.index_copy(0, layout.token_index, in_example) if layout.token_index is not None else in_example
     index = flat.view(batch, seq).to(out.device)
     table = out if out.dim() == 2 else out.expand(batch, -1, -1)

@@ -51,7 +51,7 @@ from ..backend.sequence_parallel import (
 )
 from ..collate.text import PackedCollator
 from ..errors import InputError, LayoutError, MissingKeyError, UnsupportedError
-from ..layout import BACKEND_NAME, FLASH_KWARGS, IGNORE_INDEX, example_index
+from ..layout import BACKEND_NAME, FLASH_KWARGS, IGNORE_INDEX, example_index, example_positions
 from ..unwrap import unwrap_model
 
 #: The key of a shard batch that holds its `SequenceShard` (not a model input).
@@ -156,7 +156,7 @@ def shard_packed_batch(batch: dict, group=None) -> dict:
     start, stop = bounds[rank], bounds[rank + 1]
     positions = batch.get("position_ids")
     if positions is None:
-        positions = (torch.arange(total) - torch.repeat_interleave(cu[:-1].long(), lengths.long()))[None]
+        positions = example_positions(cu, total)[None]
     positions = torch.as_tensor(positions)
     if positions.shape[-1] != total:
         raise LayoutError(f"shard_packed_batch: position_ids: expected {total} positions, got shape {tuple(positions.shape)}")
